@@ -1,0 +1,46 @@
+# Everyday commands. `make demo` and `make test` are the README's two set-up commands: each
+# creates the virtual environment and installs everything first when needed.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# Stage commands call `python -m stages.<name>`: put the venv first so DVC runs them with it.
+export PATH := $(abspath $(BIN)):$(PATH)
+# DVC would try to phone home and check for updates; these machines have no internet.
+export DVC_NO_ANALYTICS := 1
+export DVC_NO_UPDATER := 1
+
+.PHONY: install demo test test-fast lint format params clean mlflow-ui
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install CharaForge with every dependency
+
+demo: install  ## run the whole pipeline on the built-in demo set
+	$(BIN)/dvc repro
+	@echo "Report: reports/selection.html (summary in reports/selection.md)"
+
+test: install  ## lint, then the whole test suite, slow end-to-end tests included
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+test-fast: install  ## the fast tests only
+	$(BIN)/pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+params: install  ## recompose params.yaml from conf/ (dvc repro never does)
+	$(BIN)/charaforge params
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db)
+
+clean:  ## remove pipeline outputs (not the venv)
+	rm -rf data reports/plots reports/selection.* reports/metrics.json

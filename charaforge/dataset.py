@@ -1,0 +1,218 @@
+"""Dataset: the metadata table, captions, a deterministic train/val split and the exports.
+
+One row per kept image. Columns (docs/data-contracts.md):
+`image_id, image_path, character, outfit, pose_tag, style, tags, source, split, notes, caption`.
+
+- character: `data.character` for every row (the dataset is one character's).
+- outfit / pose_tag: the image's tags that match OUTFIT_WORDS / POSE_TAGS, in tag order, joined
+  with ", " ("" when none match). A tag matches the outfit vocabulary when its last word (or the
+  whole tag) is an item of clothing, so "blue dress" is an outfit.
+- style: "photo" when a tag is in PHOTO_TAGS, else "illustration".
+- tags: list[str], the tagger's tags. source: the source file the image was ingested from.
+- split: "val" when a uniform number drawn from hash(seed, image_id) is below val_fraction, else
+  "train"; with at least two images and val_fraction > 0, each split gets at least one image.
+- notes: "; "-joined remarks a person should see ("no person detected", "no tags", ...).
+- caption: `caption_template` with {trigger}, {character} and {tags} filled in.
+
+Exports: `kohya/<repeats>_<trigger>/` holds the train split (image + .txt caption: kohya trains on
+every image in the folder, so validation images stay out); `imagefolder/{train,val}/` holds
+both splits with `metadata.jsonl` lines `{"file_name", "text"}` (Hugging Face imagefolder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from charaforge.config import DatasetConfig
+from charaforge.dedupe import kept_rows
+from charaforge.ingest import portable_path
+from charaforge.io import atomic_path, derive_seed, write_bytes, write_parquet, write_text
+
+log = logging.getLogger(__name__)
+
+METADATA_COLUMNS = [
+    "image_id",
+    "image_path",
+    "character",
+    "outfit",
+    "pose_tag",
+    "style",
+    "tags",
+    "source",
+    "split",
+    "notes",
+    "caption",
+]
+OUTFIT_WORDS = frozenset(
+    {
+        "dress", "skirt", "shirt", "blouse", "sweater", "hoodie", "jacket", "coat", "suit",
+        "spacesuit", "uniform", "serafuku", "kimono", "yukata", "armor", "bikini", "swimsuit",
+        "leotard", "pants", "shorts", "jeans", "overalls", "apron", "cape", "cloak", "robe",
+        "bodysuit", "pajamas", "tuxedo", "vest", "scarf", "hat",
+    }
+)  # fmt: skip
+POSE_TAGS = (
+    "standing", "sitting", "kneeling", "lying", "squatting", "walking", "running", "jumping",
+    "arms up", "arms at sides", "arms behind back", "arms behind head", "crossed arms",
+    "outstretched arms", "hand on hip", "hands on hips", "waving", "v", "peace sign",
+)  # fmt: skip
+PHOTO_TAGS = frozenset({"photo", "photo (medium)", "photorealistic", "realistic", "real life"})
+
+
+@dataclass
+class DatasetSummary:
+    images: int
+    train: int
+    val: int
+    without_person: int
+    without_tags: int
+
+
+def outfit_of(tags: list[str]) -> str:
+    return ", ".join(t for t in tags if t in OUTFIT_WORDS or t.rsplit(" ", 1)[-1] in OUTFIT_WORDS)
+
+
+def pose_tag_of(tags: list[str]) -> str:
+    vocabulary = set(POSE_TAGS)
+    return ", ".join(t for t in tags if t in vocabulary)
+
+
+def style_of(tags: list[str]) -> str:
+    return "photo" if any(t in PHOTO_TAGS for t in tags) else "illustration"
+
+
+def split_of(image_ids: list[str], seed: int, val_fraction: float) -> list[str]:
+    """train/val per image from a hash of (seed, image_id): stable when images come and go."""
+    draws = [derive_seed(seed, "split", image_id) / 2**63 for image_id in image_ids]
+    splits = ["val" if draw < val_fraction else "train" for draw in draws]
+    if len(splits) >= 2 and val_fraction > 0:
+        if "val" not in splits:
+            splits[min(range(len(draws)), key=draws.__getitem__)] = "val"
+        if "train" not in splits:
+            splits[max(range(len(draws)), key=draws.__getitem__)] = "train"
+    return splits
+
+
+def caption_of(template: str, trigger: str, character: str, tags: list[str]) -> str:
+    text = template.format(trigger=trigger, character=character, tags=", ".join(tags))
+    # An empty field leaves separators behind ("aoi_cf, "): tidy them away.
+    text = re.sub(r"(\s*,\s*)+", ", ", text)
+    return text.strip().strip(",").strip()
+
+
+def build_metadata(
+    rows: pd.DataFrame,
+    tags: pd.DataFrame,
+    poses: pd.DataFrame,
+    config: DatasetConfig,
+    character: str,
+    trigger: str,
+    seed: int,
+    images_dir: str,
+) -> pd.DataFrame:
+    """The metadata table for the kept manifest rows, sorted by source path."""
+    tags_of = dict(zip(tags["image_id"], tags["tags"], strict=True))
+    person_of = dict(zip(poses["image_id"], poses["has_person"], strict=True))
+    rows = rows.sort_values("source_path").reset_index(drop=True)
+    records = []
+    for row in rows.itertuples():
+        image_tags = [str(t) for t in tags_of.get(row.image_id, [])]
+        notes = []
+        if not person_of.get(row.image_id, False):
+            notes.append("no person detected")
+        if not image_tags:
+            notes.append("no tags")
+        records.append(
+            {
+                "image_id": row.image_id,
+                "image_path": f"{images_dir}/{row.image_id}.png",
+                "character": character,
+                "outfit": outfit_of(image_tags),
+                "pose_tag": pose_tag_of(image_tags),
+                "style": style_of(image_tags),
+                "tags": image_tags,
+                "source": row.source_path,
+                "notes": "; ".join(notes),
+                "caption": caption_of(config.caption_template, trigger, character, image_tags),
+            }
+        )
+    table = pd.DataFrame(records, columns=[c for c in METADATA_COLUMNS if c != "split"])
+    table.insert(
+        METADATA_COLUMNS.index("split"),
+        "split",
+        split_of(table["image_id"].tolist(), seed, config.val_fraction),
+    )
+    return table[METADATA_COLUMNS]
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+
+
+def build_dataset(
+    ingest_dir: str | Path,
+    dedupe_dir: str | Path,
+    tag_dir: str | Path,
+    pose_dir: str | Path,
+    out_dir: str | Path,
+    config: DatasetConfig,
+    character: str,
+    trigger: str,
+    seed: int,
+) -> DatasetSummary:
+    """Write metadata.parquet, images/, kohya/ and imagefolder/ under `out_dir`."""
+    out_dir = Path(out_dir)
+    manifest = pd.read_parquet(Path(ingest_dir) / "manifest.parquet")
+    dedupe_table = pd.read_parquet(Path(dedupe_dir) / "dedupe.parquet")
+    tags = pd.read_parquet(Path(tag_dir) / "tags.parquet")
+    poses = pd.read_parquet(Path(pose_dir) / "keypoints.parquet")
+    rows = kept_rows(manifest, dedupe_table)
+    images_dir = portable_path(out_dir / "images")
+    table = build_metadata(rows, tags, poses, config, character, trigger, seed, images_dir)
+    source_of = dict(zip(rows["image_id"], rows["image_path"], strict=True))
+    payload = {image_id: Path(source_of[image_id]).read_bytes() for image_id in table["image_id"]}
+
+    with atomic_path(out_dir / "images") as folder:
+        folder.mkdir(parents=True)
+        for image_id, data in payload.items():
+            write_bytes(folder / f"{image_id}.png", data)
+    with atomic_path(out_dir / "kohya") as folder:
+        concept = folder / f"{config.kohya_repeats}_{trigger}"
+        concept.mkdir(parents=True)
+        for row in table[table["split"] == "train"].itertuples():
+            write_bytes(concept / f"{row.image_id}.png", payload[row.image_id])
+            write_text(concept / f"{row.image_id}.txt", row.caption + "\n")
+    with atomic_path(out_dir / "imagefolder") as folder:
+        for split in ("train", "val"):
+            (folder / split).mkdir(parents=True)
+            part = table[table["split"] == split]
+            for row in part.itertuples():
+                write_bytes(folder / split / f"{row.image_id}.png", payload[row.image_id])
+            lines = [
+                {"file_name": f"{r.image_id}.png", "text": r.caption} for r in part.itertuples()
+            ]
+            write_text(folder / split / "metadata.jsonl", _jsonl(lines))
+    write_parquet(out_dir / "metadata.parquet", table)
+
+    summary = DatasetSummary(
+        images=len(table),
+        train=int((table["split"] == "train").sum()),
+        val=int((table["split"] == "val").sum()),
+        without_person=int(table["notes"].str.contains("no person detected").sum()),
+        without_tags=int((table["tags"].map(len) == 0).sum()),
+    )
+    log.info(
+        "dataset: %d images (%d train, %d val), %d without a person, %d without tags",
+        summary.images,
+        summary.train,
+        summary.val,
+        summary.without_person,
+        summary.without_tags,
+    )
+    return summary

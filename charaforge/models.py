@@ -1,0 +1,306 @@
+"""The base model: a tiny SD-shaped stand-in built from a seed, or a reference to real weights.
+
+The stand-in uses the very classes of Stable Diffusion 1.5 (UNet2DConditionModel, AutoencoderKL,
+CLIPTextModel, a real CLIP BPE tokenizer, SD1.5's noise schedule) with random weights, so every
+code path (training, LoRA files, sampling) is the real one on a machine with no weights and no
+GPU. Real weights are only ever found locally: a diffusers folder, a name under $AI_CACHE_ROOT,
+or a hub id already in the local Hugging Face cache. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from charaforge.config import ConfigError, ModelConfig
+from charaforge.io import atomic_path, derive_seed, write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_JSON = "model.json"
+PIPELINE_DIR = "pipeline"
+
+# SD1.5's noise schedule (its scheduler_config.json); the stand-in trains and samples on it.
+SD15_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+# CLIP's vocabulary: 256 byte symbols, the same with </w>, 48894 merges, 2 special tokens.
+CLIP_VOCAB_SIZE = 49408
+CLIP_MERGES = CLIP_VOCAB_SIZE - 256 * 2 - 2
+CLIP_MAX_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What data/base/model.json says about the base model."""
+
+    family: str
+    source: str
+    stand_in: bool
+    path: str | None
+    resolution: int
+
+    @property
+    def display_name(self) -> str:
+        """A short model name for image metadata (no machine paths)."""
+        if self.stand_in:
+            return f"charaforge-stand-in-{self.family}"
+        return Path(self.path or self.family).name
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_determinism() -> None:
+    """Deterministic kernels where torch has them (CPU results are then bit-reproducible)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+# --- the stand-in -------------------------------------------------------------------------------
+
+
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary and merges, derived from the file open_clip ships (offline).
+
+    This is how CLIP builds its 49408-token vocabulary: the byte-level symbols, the same with the
+    end-of-word marker, one token per merge, then the two special tokens.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_MERGES + 1]]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [symbol + "</w>" for symbol in symbols]
+    tokens += ["".join(merge) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    if len(tokens) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"derived {len(tokens)} CLIP tokens, expected {CLIP_VOCAB_SIZE}")
+    return {token: index for index, token in enumerate(tokens)}, merges  # type: ignore[return-value]
+
+
+def build_clip_tokenizer() -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocabulary()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def _seeded(seed: int, build: Any) -> Any:
+    """Build a module from a private RNG state so the global one is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_stand_in_pipeline(family: str, seed: int, resolution: int) -> Any:
+    """A tiny SD-shaped pipeline with random weights; the same seed gives the same bytes."""
+    if family == "sdxl":
+        raise ConfigError("model.family: the sdxl stand-in is not implemented yet (use sd15)")
+    if family != "sd15":
+        raise ConfigError(f"model.family: unknown family {family!r}")
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # Four VAE blocks: 8x down-sampling as in SD, so the UNet works on resolution/8 latents.
+    vae = _seeded(
+        derive_seed(seed, "stand_in", family, "vae"),
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=4,
+            sample_size=resolution,
+            scaling_factor=0.18215,
+        ),
+    )
+    unet = _seeded(
+        derive_seed(seed, "stand_in", family, "unet"),
+        lambda: UNet2DConditionModel(
+            sample_size=resolution // 8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    text_encoder = _seeded(
+        derive_seed(seed, "stand_in", family, "text_encoder"), lambda: CLIPTextModel(text_config)
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SD15_SCHEDULE),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def save_stand_in(pipeline: Any, out_dir: str | Path) -> None:
+    """Save in the diffusers layout, plus vocab.json/merges.txt as SD1.5 repositories carry them."""
+    out_dir = Path(out_dir)
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    vocab, merges = clip_vocabulary()
+    tokenizer_dir = out_dir / "tokenizer"
+    (tokenizer_dir / "vocab.json").write_text(
+        json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    lines = ["#version: 0.2", *(" ".join(merge) for merge in merges)]
+    (tokenizer_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# --- real weights -------------------------------------------------------------------------------
+
+
+def resolve_pretrained(path: str) -> Path:
+    """Find real weights locally: a folder, a name under $AI_CACHE_ROOT, or the local HF cache."""
+    tried = []
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        return candidate
+    tried.append(f"local folder {candidate}")
+    cache_root = os.environ.get("AI_CACHE_ROOT")
+    if cache_root and not candidate.is_absolute():
+        under_cache = Path(cache_root) / path
+        if under_cache.is_dir():
+            return under_cache
+        tried.append(f"$AI_CACHE_ROOT/{path}")
+    else:
+        tried.append(
+            "$AI_CACHE_ROOT (not set)" if not cache_root else "$AI_CACHE_ROOT (path is absolute)"
+        )
+    if path.count("/") == 1 and not candidate.is_absolute():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(path, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            tried.append(f"hub id {path} in the local Hugging Face cache")
+    raise ConfigError(
+        f"model.path: base model {path!r} not found locally (tried: {'; '.join(tried)}). "
+        "Nothing is downloaded: put a diffusers folder there, or use model=tiny_sd15."
+    )
+
+
+# --- data/base ----------------------------------------------------------------------------------
+
+
+def write_base(model: ModelConfig, out_dir: str | Path = "data/base") -> BaseInfo:
+    """Write data/base: model.json, plus the stand-in pipeline in diffusers layout."""
+    if model.family != "sd15":
+        raise ConfigError(f"model.family: {model.family} is not implemented yet (use sd15)")
+    stand_in = model.source == "stand_in"
+    info = BaseInfo(
+        family=model.family,
+        source=model.source,
+        stand_in=stand_in,
+        path=None if stand_in else model.path,
+        resolution=model.resolution,
+    )
+    if not stand_in:
+        resolved = resolve_pretrained(str(model.path))
+        log.info("base model %s found at %s", model.path, resolved)
+    with atomic_path(out_dir) as temp:
+        temp.mkdir(parents=True)
+        if stand_in:
+            set_determinism()
+            pipeline = build_stand_in_pipeline(model.family, model.stand_in_seed, model.resolution)
+            save_stand_in(pipeline, temp / PIPELINE_DIR)
+        payload = {
+            "family": info.family,
+            "source": info.source,
+            "stand_in": info.stand_in,
+            "path": info.path,
+            "resolution": info.resolution,
+        }
+        write_json(temp / MODEL_JSON, payload)
+    log.info("base model written to %s (stand_in=%s)", out_dir, stand_in)
+    return info
+
+
+def read_base_info(base_dir: str | Path = "data/base") -> BaseInfo:
+    path = Path(base_dir) / MODEL_JSON
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run the `base` stage first)")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return BaseInfo(
+        family=raw["family"],
+        source=raw["source"],
+        stand_in=bool(raw["stand_in"]),
+        path=raw.get("path"),
+        resolution=int(raw["resolution"]),
+    )
+
+
+def load_base_pipeline(
+    base_dir: str | Path = "data/base", device: torch.device | None = None
+) -> Any:
+    """The base StableDiffusionPipeline in float32, safety checker off, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    set_determinism()
+    # Loading a five-component pipeline is instant here; its progress bars are only noise.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    info = read_base_info(base_dir)
+    if info.family != "sd15":
+        raise ConfigError(f"model.family: {info.family} is not implemented yet (use sd15)")
+    location = (
+        Path(base_dir) / PIPELINE_DIR if info.stand_in else resolve_pretrained(str(info.path))
+    )
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        location, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device or default_device())

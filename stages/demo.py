@@ -1,0 +1,22 @@
+"""DVC stage `demo`: generate the built-in demo set (ground truth for the data stages)."""
+
+from charaforge import demo
+from charaforge.stage import StageContext, run_stage
+
+
+def body(ctx: StageContext) -> None:
+    data = ctx.params.data
+    summary = demo.make_demo_set("data/demo", data.demo, data.character, ctx.params.seed)
+    ctx.run.log_metrics(
+        {
+            "images": summary.images,
+            "near_duplicates": summary.duplicates,
+            "broken_files": summary.broken,
+            "photos": summary.photos,
+        }
+    )
+    ctx.run.log_artifact("data/demo/ground_truth.json")
+
+
+if __name__ == "__main__":
+    run_stage("demo", body, sections=("data",))

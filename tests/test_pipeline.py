@@ -1,0 +1,187 @@
+"""The whole pipeline through real DVC, real MLflow and real models (stand-ins), as a user runs it.
+
+Slow: one full `dvc repro` of the demo in a fresh copy of the repository, a second from scratch
+for byte-identity, and partial re-runs. Still run in CI (`make test`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+STAGES = [
+    "demo",
+    "ingest",
+    "dedupe",
+    "tag",
+    "pose",
+    "dataset",
+    "base",
+    "train",
+    "generate",
+    "score",
+    "report",
+]
+
+
+def _env() -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        DVC_NO_UPDATER="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+    )
+    return env
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 900) -> str:
+    result = subprocess.run(
+        args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    return _run([str(Path(sys.executable).parent / "dvc"), *args], cwd)
+
+
+def _stages_run(output: str) -> set[str]:
+    return {name for name in STAGES if f"Running stage '{name}'" in output}
+
+
+def _fresh_copy(repo_root: Path, destination: Path) -> Path:
+    """A clean clone as a new user gets it: the files git would carry, committed."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for relative in filter(None, listed):
+        source = repo_root / relative
+        if source.is_file():
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    _run(["git", "init", "-q"], destination)
+    _run(["git", "add", "-A"], destination)
+    _run(["git", "commit", "-q", "-m", "fresh clone"], destination)
+    return destination
+
+
+def _lock_outputs(lock_path: Path) -> dict[str, str]:
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8"))
+    hashes = {}
+    for name, stage in lock["stages"].items():
+        for out in stage.get("outs", []):
+            hashes[f"{name}:{out['path']}"] = out["md5"]
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    workdir = _fresh_copy(repo_root, tmp_path_factory.mktemp("clone_a"))
+    output = _dvc(workdir, "repro")
+    return {
+        "path": workdir,
+        "first_output": output,
+        "first_lock": (workdir / "dvc.lock").read_text(encoding="utf-8"),
+    }
+
+
+def test_repro_runs_every_stage_and_writes_the_report(pipeline_repo: dict) -> None:
+    assert _stages_run(pipeline_repo["first_output"]) == set(STAGES)
+    workdir: Path = pipeline_repo["path"]
+    for name in ("selection.md", "selection.html", "metrics.json"):
+        assert (workdir / "reports" / name).stat().st_size > 0
+    metrics = json.loads((workdir / "reports" / "metrics.json").read_text())
+    assert metrics["champion"]["candidate"] in {"r4_lr1e-3", "r8_lr3e-4"}
+    assert "stand-in" in (workdir / "reports" / "selection.md").read_text().lower()
+
+
+def test_second_repro_runs_no_stage(pipeline_repo: dict) -> None:
+    output = _dvc(pipeline_repo["path"], "repro")
+    assert _stages_run(output) == set(), output
+
+
+def test_mlflow_store_holds_every_stage_run(pipeline_repo: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    workdir: Path = pipeline_repo["path"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("charaforge")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    by_stage = {run.data.tags["charaforge.stage"]: run for run in runs}
+    assert set(by_stage) == set(STAGES)
+    for run in runs:
+        assert run.data.tags["mlflow.source.git.commit"] != "unknown"
+        assert run.data.tags["dvc.experiment"] == "workspace"
+        assert "seed" in run.data.params
+    train = by_stage["train"]
+    assert "train.max_steps" in train.data.params
+    history = client.get_metric_history(train.info.run_id, "r4_lr1e-3/loss")
+    assert len(history) >= 2
+    assert by_stage["report"].data.metrics, "report must log the champion's metrics"
+
+
+def test_metrics_and_plots_show(pipeline_repo: dict) -> None:
+    workdir: Path = pipeline_repo["path"]
+    metrics = json.loads(_dvc(workdir, "metrics", "show", "--json"))
+    assert "reports/metrics.json" in json.dumps(metrics)
+    plots = json.loads(_dvc(workdir, "plots", "show", "--json"))
+    assert any("train_loss" in key for key in plots), plots.keys()
+
+
+def test_changing_an_eval_parameter_reruns_only_generate_score_report(
+    pipeline_repo: dict,
+) -> None:
+    workdir: Path = pipeline_repo["path"]
+    params_path = workdir / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["eval"]["seeds"] = [5]
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    output = _dvc(workdir, "repro")
+    assert _stages_run(output) == {"generate", "score", "report"}, output
+
+
+def test_exp_run_with_set_param(pipeline_repo: dict) -> None:
+    workdir: Path = pipeline_repo["path"]
+    _run(["git", "checkout", "--", "params.yaml"], workdir)
+    _run(["git", "add", "-A"], workdir)
+    _run(["git", "commit", "-q", "-m", "after first run"], workdir)
+    output = _dvc(workdir, "exp", "run", "-S", "eval.lora_scales=[0.0,0.75]")
+    assert _stages_run(output) == {"generate", "score", "report"}, output
+    composed = yaml.safe_load((workdir / "params.yaml").read_text())
+    assert composed["eval"]["lora_scales"] == [0.0, 0.75], "Hydra composition must apply -S"
+    shown = json.loads(_dvc(workdir, "exp", "show", "--json"))
+    assert "0.75" in json.dumps(shown)
+
+
+def test_two_runs_from_scratch_are_byte_identical(
+    pipeline_repo: dict, repo_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    second = _fresh_copy(repo_root, tmp_path_factory.mktemp("clone_b"))
+    _dvc(second, "repro")
+    first_lock = tmp_path_factory.mktemp("locks") / "dvc.lock"
+    first_lock.write_text(pipeline_repo["first_lock"], encoding="utf-8")
+    first, again = _lock_outputs(first_lock), _lock_outputs(second / "dvc.lock")
+    assert first.keys() == again.keys()
+    differing = sorted(key for key in first if first[key] != again[key])
+    assert not differing, f"outputs differ between two runs from scratch: {differing}"

@@ -1,0 +1,601 @@
+"""Scoring (CLIP-I / CLIP-T on the open_clip stand-in) and the model selection report.
+
+Inputs are synthesised in tmp_path exactly as docs/data-contracts.md describes them: real PNG
+files drawn with PIL, the index / metadata parquet tables, the train summary and base model.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from charaforge import report, scoring
+from charaforge.config import ClipConfig, ConfigError, ReportConfig, ScoreConfig
+from charaforge.io import sha256_bytes, write_json, write_parquet
+from charaforge.stage import run_stage
+
+TRIGGER = "aoi_cf"
+PROMPTS = [f"{TRIGGER}, 1girl, red hair, standing", f"{TRIGGER}, 1girl, red hair, sitting"]
+CANDIDATES = {"r4_lr1e-3": [4, 8], "r8_lr3e-4": [4, 8]}
+SCALES = [0.5, 1.0]
+SEEDS = [0, 1]
+
+
+def _drawing(seed: int, size: int = 64) -> Image.Image:
+    """A small character-like drawing whose colours and layout depend on `seed`."""
+    rng = np.random.default_rng(seed)
+    background = tuple(int(v) for v in rng.integers(150, 256, 3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    x, y = (int(v) for v in rng.integers(8, 24, 2))
+    draw.ellipse([x, y, x + 24, y + 24], fill=(230, 190, 160))  # face
+    draw.rectangle([x - 4, y - 6, x + 28, y + 4], fill=(200, 30, 30))  # red hair
+    draw.rectangle(
+        [x + 4, y + 24, x + 20, size - 2], fill=tuple(int(v) for v in rng.integers(0, 256, 3))
+    )
+    return image
+
+
+def _save_png(root: Path, relative: str, image: Image.Image) -> tuple[str, str]:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return relative, sha256_bytes(path.read_bytes())[:16]
+
+
+def _make_dataset(root: Path, n_train: int = 4, n_val: int = 2) -> None:
+    rows = []
+    for number in range(n_train + n_val):
+        image = _drawing(1000 + number)
+        relative, image_id = _save_png(root, f"data/dataset/images/tmp{number}.png", image)
+        final = f"data/dataset/images/{image_id}.png"
+        (root / relative).rename(root / final)
+        rows.append(
+            {
+                "image_id": image_id,
+                "image_path": final,
+                "character": "aoi",
+                "outfit": "school uniform",
+                "pose_tag": "standing",
+                "style": "anime",
+                "tags": ["1girl", "red hair"],
+                "source": "demo",
+                "split": "train" if number < n_train else "val",
+                "notes": "",
+                "caption": f"{TRIGGER}, 1girl, red hair",
+            }
+        )
+    write_parquet(root / "data/dataset/metadata.parquet", pd.DataFrame(rows))
+
+
+def _sweep_rows() -> list[dict]:
+    """candidate x step x scale x prompt x seed, with scale 0 rendered once as `base`, step 0."""
+    combos = [("base", 0, 0.0)] + [
+        (name, step, scale)
+        for name, steps in CANDIDATES.items()
+        for step in steps
+        for scale in SCALES
+    ]
+    rows = []
+    for candidate, step, scale in combos:
+        for prompt_index, prompt in enumerate(PROMPTS):
+            for seed in SEEDS:
+                rows.append(
+                    {
+                        "candidate": candidate,
+                        "step": step,
+                        "lora_scale": scale,
+                        "prompt_index": prompt_index,
+                        "prompt": prompt,
+                        "seed": seed,
+                    }
+                )
+    return rows
+
+
+def _make_generate(root: Path) -> pd.DataFrame:
+    rows = []
+    for number, row in enumerate(_sweep_rows()):
+        name = "_".join(
+            str(row[k]) for k in ("candidate", "step", "lora_scale", "prompt_index", "seed")
+        )
+        relative, image_id = _save_png(root, f"data/generate/images/{name}.png", _drawing(number))
+        rows.append({"image_id": image_id, "image_path": relative, **row})
+    index = pd.DataFrame(rows)[list(scoring.INDEX_COLUMNS)]
+    write_parquet(root / "data/generate/index.parquet", index)
+    return index
+
+
+def _make_train_and_base(root: Path, stand_in: bool = True) -> None:
+    candidates = [
+        {
+            "name": name,
+            "rank": 4,
+            "alpha": 4,
+            "learning_rate": 1e-3,
+            "checkpoints": steps,
+            "final_loss": 0.1,
+        }
+        for name, steps in CANDIDATES.items()
+    ]
+    write_json(root / "data/train/summary.json", {"candidates": candidates, "stand_in": stand_in})
+    write_json(
+        root / "data/base/model.json",
+        {
+            "family": "sd15",
+            "source": "stand_in" if stand_in else "pretrained",
+            "stand_in": stand_in,
+            "path": None,
+            "resolution": 64,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    _make_dataset(root)
+    _make_generate(root)
+    _make_train_and_base(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def embedder() -> scoring.ClipEmbedder:
+    return scoring.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
+
+
+def _score_config(batch_size: int = 16) -> ScoreConfig:
+    return ScoreConfig(
+        clip=ClipConfig(source="stand_in", model_name="ViT-B-32"), batch_size=batch_size
+    )
+
+
+def _score(
+    repo: Path, out: Path, batch_size: int = 16, generate: Path | None = None
+) -> pd.DataFrame:
+    return scoring.score_sweep(
+        generate or repo / "data/generate",
+        repo / "data/dataset",
+        _score_config(batch_size),
+        TRIGGER,
+        out,
+        root=repo,
+    )
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def test_identical_image_has_clip_i_one(embedder: scoring.ClipEmbedder) -> None:
+    image = _drawing(7)
+    generated = embedder.embed_images([image])
+    references = embedder.embed_images([image.copy(), image.copy()])
+    assert scoring.clip_i_scores(generated, references)[0] == pytest.approx(1.0, abs=1e-5)
+    other = embedder.embed_images([_drawing(8)])
+    assert scoring.clip_i_scores(other, references)[0] < 1.0 - 1e-4
+
+
+def test_stand_in_is_deterministic_and_seeded(embedder: scoring.ClipEmbedder) -> None:
+    images = [_drawing(seed) for seed in range(3)]
+    again = scoring.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
+    np.testing.assert_array_equal(embedder.embed_images(images), again.embed_images(images))
+    other_seed = scoring.load_clip(
+        ClipConfig(source="stand_in", model_name="ViT-B-32", stand_in_seed=1)
+    )
+    assert not np.allclose(embedder.embed_images(images), other_seed.embed_images(images))
+
+
+def test_permuting_a_batch_permutes_the_embeddings(embedder: scoring.ClipEmbedder) -> None:
+    images = [_drawing(seed) for seed in range(12)]
+    order = np.random.default_rng(0).permutation(len(images))
+    plain = embedder.embed_images(images, batch_size=12)
+    permuted = embedder.embed_images([images[i] for i in order], batch_size=12)
+    np.testing.assert_allclose(permuted, plain[order], atol=1e-6, rtol=0)
+    texts = ["1girl, red hair", "a cat", "1girl, sitting"]
+    text_plain = embedder.embed_texts(texts)
+    np.testing.assert_allclose(
+        embedder.embed_texts(texts[::-1]), text_plain[::-1], atol=1e-6, rtol=0
+    )
+
+
+def test_strip_trigger() -> None:
+    assert scoring.strip_trigger("aoi_cf, 1girl, red hair", "aoi_cf") == "1girl, red hair"
+    assert scoring.strip_trigger("1girl,  aoi_cf ,red hair,", "aoi_cf") == "1girl, red hair"
+    assert scoring.strip_trigger("photo of AOI_CF standing", "aoi_cf") == "photo of standing"
+    # Only the whole word goes: a tag that merely contains the trigger is kept.
+    assert scoring.strip_trigger("aoi_cfx, aoi_cf", "aoi_cf") == "aoi_cfx"
+    assert scoring.strip_trigger("a+b, cat", "a+b") == "cat"
+
+
+def test_score_sweep_outputs(repo: Path, tmp_path: Path) -> None:
+    scores = _score(repo, tmp_path / "score")
+    index = pd.read_parquet(repo / "data/generate/index.parquet")
+    table = pd.read_parquet(tmp_path / "score/scores.parquet")
+    assert list(table.columns) == [*scoring.INDEX_COLUMNS, "clip_i", "clip_t"]
+    pd.testing.assert_frame_equal(table[list(scoring.INDEX_COLUMNS)], index)
+    pd.testing.assert_frame_equal(table, scores)
+    assert table[["clip_i", "clip_t"]].abs().le(1.0).all().all()
+    scorers = json.loads((tmp_path / "score/scorers.json").read_text())
+    for metric in ("clip_i", "clip_t"):
+        info = scorers[metric]
+        assert info["stand_in"] is True
+        assert info["scale"] == "raw cosine, -1..1"
+        assert info["model"] == scoring.STAND_IN_NAME
+        assert {"resize", "crop", "mean", "std"} <= set(info["preprocessing"])
+    assert "4 images" in scorers["clip_i"]["references"]  # the train split only
+    assert str(tmp_path) not in (tmp_path / "score/scorers.json").read_text()
+
+
+def test_clip_t_uses_the_prompt_without_trigger(
+    repo: Path, tmp_path: Path, embedder: scoring.ClipEmbedder
+) -> None:
+    scores = _score(repo, tmp_path / "score")
+    first = scores.iloc[0]
+    image = embedder.embed_images([repo / first["image_path"]])
+    stripped = embedder.embed_texts([scoring.strip_trigger(first["prompt"], TRIGGER)])
+    with_trigger = embedder.embed_texts([first["prompt"]])
+    assert first["clip_t"] == pytest.approx(float(image[0] @ stripped[0]), abs=1e-6)
+    assert first["clip_t"] != pytest.approx(float(image[0] @ with_trigger[0]), abs=1e-6)
+
+
+def test_batch_size_and_row_order_do_not_change_scores(repo: Path, tmp_path: Path) -> None:
+    reference = _score(repo, tmp_path / "b16", batch_size=16)
+    for batch_size in (1, 5):
+        other = _score(repo, tmp_path / f"b{batch_size}", batch_size=batch_size)
+        np.testing.assert_allclose(
+            other[["clip_i", "clip_t"]], reference[["clip_i", "clip_t"]], atol=1e-6, rtol=0
+        )
+    # Same sweep, rows shuffled: the scores move with their rows and nothing else changes.
+    shuffled_dir = tmp_path / "shuffled_generate"
+    index = pd.read_parquet(repo / "data/generate/index.parquet")
+    order = np.random.default_rng(1).permutation(len(index))
+    write_parquet(shuffled_dir / "index.parquet", index.iloc[order])
+    shuffled = _score(repo, tmp_path / "shuffled", generate=shuffled_dir)
+    expected = reference.iloc[order].reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        shuffled.drop(columns=["clip_i", "clip_t"]), expected.drop(columns=["clip_i", "clip_t"])
+    )
+    np.testing.assert_allclose(
+        shuffled[["clip_i", "clip_t"]], expected[["clip_i", "clip_t"]], atol=1e-6, rtol=0
+    )
+
+
+def test_score_sweep_is_byte_deterministic(repo: Path, tmp_path: Path) -> None:
+    _score(repo, tmp_path / "a")
+    _score(repo, tmp_path / "b")
+    for name in ("scores.parquet", "scorers.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_pretrained_weights_missing_fail_clearly(tmp_path: Path) -> None:
+    config = ClipConfig(
+        source="pretrained", model_name="ViT-B-32", path=str(tmp_path / "nope.safetensors")
+    )
+    with pytest.raises(ConfigError, match="score.clip.path.*not found"):
+        scoring.load_clip(config)
+    with pytest.raises(ValueError, match="path"):
+        ClipConfig(source="pretrained", model_name="ViT-B-32")
+
+
+def test_pretrained_weights_load_from_a_local_file(
+    embedder: scoring.ClipEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pretrained path, on a checkpoint of the stand-in architecture found via AI_CACHE_ROOT."""
+    torch.save(embedder.model.state_dict(), tmp_path / "tiny_clip.pt")
+    monkeypatch.setenv("AI_CACHE_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    config = ClipConfig(source="pretrained", model_name=scoring.STAND_IN_NAME, path="tiny_clip.pt")
+    loaded = scoring.load_clip(config)
+    assert loaded.stand_in is False
+    assert loaded.description["weights"] == "tiny_clip.pt"
+    assert len(loaded.description["weights_sha256"]) == 64
+    images = [_drawing(seed) for seed in range(3)]
+    np.testing.assert_array_equal(loaded.embed_images(images), embedder.embed_images(images))
+    np.testing.assert_array_equal(loaded.embed_texts(["1girl"]), embedder.embed_texts(["1girl"]))
+
+
+def test_scoring_speed(repo: Path, tmp_path: Path, record_property) -> None:  # noqa: ANN001
+    """Time to score the 36-image sweep with the stand-in (model build included)."""
+    import time
+
+    started = time.perf_counter()
+    scores = _score(repo, tmp_path / "score")
+    elapsed = time.perf_counter() - started
+    record_property("seconds_for_images", f"{elapsed:.2f}s/{len(scores)}")
+    assert elapsed < 30
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _synthetic_scores(root: Path, best: tuple[str, int, float], noise: float = 0.002) -> None:
+    """A scores table where `best` is clearly ahead (others 0.30, best 0.60, small noise)."""
+    index = pd.read_parquet(root / "data/generate/index.parquet")
+    rng = np.random.default_rng(0)
+    is_best = (
+        (index["candidate"] == best[0])
+        & (index["step"] == best[1])
+        & (index["lora_scale"] == best[2])
+    ).to_numpy()
+    level = np.where(is_best, 0.60, 0.30)
+    scores = index.assign(
+        clip_i=level + rng.normal(0, noise, len(index)),
+        clip_t=level + rng.normal(0, noise, len(index)),
+    )
+    _write_scores(root, scores)
+
+
+def _write_scores(root: Path, scores: pd.DataFrame, stand_in: bool = True) -> None:
+    write_parquet(root / "data/score/scores.parquet", scores)
+    info = {"model": "charaforge-tiny-clip", "scale": "raw cosine, -1..1", "stand_in": stand_in}
+    write_json(root / "data/score/scorers.json", {"clip_i": info, "clip_t": info})
+
+
+def _report(root: Path, out: Path, seed: int = 1234, **overrides) -> report.Selection:  # noqa: ANN003
+    config = ReportConfig(**{"weights": {"clip_i": 0.5, "clip_t": 0.5}, "title": "T", **overrides})
+    return report.report_selection(
+        root / "data/score",
+        root / "data/generate",
+        root / "data/train",
+        config,
+        out,
+        root / "data/base",
+        seed=seed,
+        root=root,
+    )
+
+
+@pytest.fixture
+def report_repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    _make_generate(root)
+    _make_train_and_base(root)
+    return root
+
+
+def test_report_names_the_known_best_row(report_repo: Path, tmp_path: Path) -> None:
+    _synthetic_scores(report_repo, ("r8_lr3e-4", 4, 1.0))
+    selection = _report(report_repo, tmp_path / "reports")
+    assert (
+        selection.champion["candidate"],
+        selection.champion["step"],
+        selection.champion["lora_scale"],
+    ) == ("r8_lr3e-4", 4, 1.0)
+    assert not selection.statistical_tie
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    champion = metrics["champion"]
+    assert set(champion) == {
+        "candidate",
+        "step",
+        "lora_scale",
+        "clip_i",
+        "clip_t",
+        "composite",
+        "ci_low",
+        "ci_high",
+        "n_images",
+    }
+    assert champion["candidate"] == "r8_lr3e-4" and champion["n_images"] == len(PROMPTS) * len(
+        SEEDS
+    )
+    assert champion["ci_low"] <= champion["composite"] <= champion["ci_high"]
+    assert champion["composite"] == pytest.approx(0.60, abs=0.01)
+    assert metrics["baseline_composite"] == pytest.approx(0.30, abs=0.01)
+    assert metrics["stand_in"] is True and metrics["statistical_tie"] is False
+    table = selection.table
+    assert table["rank"].tolist() == list(range(1, len(table) + 1))
+    assert table.iloc[0]["candidate"] == "r8_lr3e-4"
+    assert "base" in table["candidate"].tolist()  # the baseline row is shown
+    curve = pd.read_csv(tmp_path / "reports/plots/score_by_step/r8_lr3e-4.csv")
+    assert curve.columns[:5].tolist() == ["step", "lora_scale", "composite", "clip_i", "clip_t"]
+    assert curve["step"].tolist() == [4, 8] and curve.loc[0, "lora_scale"] == 1.0
+    assert sorted(p.name for p in (tmp_path / "reports/plots/score_by_step").iterdir()) == [
+        "r4_lr1e-3.csv",
+        "r8_lr3e-4.csv",
+    ]
+
+
+def test_base_row_is_baseline_never_champion(report_repo: Path, tmp_path: Path) -> None:
+    _synthetic_scores(report_repo, ("base", 0, 0.0))
+    selection = _report(report_repo, tmp_path / "reports")
+    assert selection.table.iloc[0]["candidate"] == "base"
+    assert selection.champion["lora_scale"] > 0
+
+
+def test_tie_prefers_smaller_scale_then_earlier_step(report_repo: Path, tmp_path: Path) -> None:
+    index = pd.read_parquet(report_repo / "data/generate/index.parquet")
+    key = list(zip(index["candidate"], index["step"], index["lora_scale"], strict=True))
+    # Top mean: r4 step 8 scale 1.0 (0.52); r4 step 8 scale 0.5 and r8 step 4 scale 0.5 are within
+    # noise of it (0.51); everything else is far below. Rule: smallest scale, then earliest step.
+    levels = {("r4_lr1e-3", 8, 1.0): 0.52, ("r4_lr1e-3", 8, 0.5): 0.51, ("r8_lr3e-4", 4, 0.5): 0.51}
+    wiggle = np.tile([0.03, -0.03], len(index) // 2)
+    level = np.array([levels.get(k, 0.2) for k in key]) + wiggle
+    _write_scores(report_repo, index.assign(clip_i=level, clip_t=level))
+    selection = _report(report_repo, tmp_path / "reports")
+    assert (
+        selection.provisional["candidate"],
+        selection.provisional["step"],
+        selection.provisional["lora_scale"],
+    ) == ("r4_lr1e-3", 8, 1.0)
+    assert selection.statistical_tie and len(selection.tied) == 3
+    assert (
+        selection.champion["candidate"],
+        selection.champion["step"],
+        selection.champion["lora_scale"],
+    ) == ("r8_lr3e-4", 4, 0.5)
+    markdown = (tmp_path / "reports/selection.md").read_text()
+    assert "Statistical tie" in markdown
+    assert "smallest LoRA scale, then the earliest step" in markdown
+    assert json.loads((tmp_path / "reports/metrics.json").read_text())["statistical_tie"] is True
+
+
+def test_bootstrap_ci_is_deterministic_and_seeded() -> None:
+    values = np.random.default_rng(3).normal(0.3, 0.05, 6)
+    first = report.bootstrap_ci(values, 1000, 0.95, seed=11)
+    assert first == report.bootstrap_ci(values, 1000, 0.95, seed=11)
+    assert first != report.bootstrap_ci(values, 1000, 0.95, seed=12)
+    assert first[0] < values.mean() < first[1]
+    narrower = report.bootstrap_ci(values, 1000, 0.5, seed=11)
+    assert first[0] < narrower[0] < narrower[1] < first[1]
+
+
+def test_unknown_weight_is_a_config_error(report_repo: Path, tmp_path: Path) -> None:
+    _synthetic_scores(report_repo, ("r8_lr3e-4", 4, 1.0))
+    with pytest.raises(ConfigError, match=r"report.weights: unknown metric\(s\) \['arcface'\]"):
+        _report(report_repo, tmp_path / "reports", weights={"clip_i": 1.0, "arcface": 1.0})
+    assert not (tmp_path / "reports").exists()  # failed before writing anything
+
+
+def test_html_is_self_contained(report_repo: Path, tmp_path: Path) -> None:
+    _synthetic_scores(report_repo, ("r8_lr3e-4", 4, 1.0))
+    _report(report_repo, tmp_path / "reports")
+    page = (tmp_path / "reports/selection.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, flags=re.IGNORECASE)
+    assert "http://" not in page and "https://" not in page
+    sources = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", page)
+    assert len(re.findall(r"<img\b", page)) == len(sources)
+    assert all(src.startswith("data:image/png;base64,") for src in sources)
+    # One plot + each candidate's sheet: its own images and the base column.
+    per_candidate = len(PROMPTS) * len(SEEDS) * (4 + 1)
+    assert len(sources) == 1 + len(CANDIDATES) * per_candidate
+    assert "<link" not in page and "<script" not in page
+    assert "Computed with stand-in models" in page
+    assert str(tmp_path) not in page
+
+
+def test_stand_in_banner_only_when_something_is_a_stand_in(
+    report_repo: Path, tmp_path: Path
+) -> None:
+    _make_train_and_base(report_repo, stand_in=False)
+    index = pd.read_parquet(report_repo / "data/generate/index.parquet")
+    _write_scores(report_repo, index.assign(clip_i=0.3, clip_t=0.3), stand_in=False)
+    _report(report_repo, tmp_path / "real")
+    assert "stand-in" not in (tmp_path / "real/selection.md").read_text()
+    assert json.loads((tmp_path / "real/metrics.json").read_text())["stand_in"] is False
+    _make_train_and_base(report_repo, stand_in=True)  # base model is a stand-in, scorers are not
+    _report(report_repo, tmp_path / "base_stand_in")
+    assert (
+        "Computed with stand-in models (base model)"
+        in (tmp_path / "base_stand_in/selection.md").read_text()
+    )
+
+
+def test_report_files_are_byte_identical_across_runs(report_repo: Path, tmp_path: Path) -> None:
+    _synthetic_scores(report_repo, ("r4_lr1e-3", 8, 0.5), noise=0.05)
+    _report(report_repo, tmp_path / "a")
+    _report(report_repo, tmp_path / "b")
+    files = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
+    assert {str(p) for p in files} >= {"metrics.json", "selection.md", "selection.html"}
+    for relative in files:
+        assert (tmp_path / "a" / relative).read_bytes() == (
+            tmp_path / "b" / relative
+        ).read_bytes(), relative
+    # A different global seed changes the bootstrap draws (and so the CIs), not the means.
+    first = _report(report_repo, tmp_path / "c").table
+    other = _report(report_repo, tmp_path / "d", seed=99).table
+    pd.testing.assert_series_equal(first["composite"], other["composite"])
+    assert not np.array_equal(first[["ci_low", "ci_high"]], other[["ci_low", "ci_high"]])
+
+
+def test_score_then_report_end_to_end(repo: Path, tmp_path: Path) -> None:
+    """The real stand-in scores feed the report (what `score` then `report` do in the pipeline)."""
+    _score(repo, repo / "data/score")
+    selection = _report(repo, tmp_path / "reports")
+    assert selection.champion["lora_scale"] > 0
+    scorers = json.loads((repo / "data/score/scorers.json").read_text())
+    assert scorers["clip_i"]["stand_in"] is True
+    assert "Computed with stand-in models" in (tmp_path / "reports/selection.md").read_text()
+
+
+# --- the DVC stages ----------------------------------------------------------------------------
+
+
+def _stage_repo(tmp_path: Path, params_dict: dict, repo_root: Path, tracking: bool) -> Path:
+    """A working copy with synthetic inputs and a params.yaml that uses our conf/ groups."""
+    from safetensors.torch import save_file
+
+    root = tmp_path / "work"
+    _make_dataset(root)
+    _make_generate(root)
+    _make_train_and_base(root)
+    for name, steps in CANDIDATES.items():
+        for step in steps:
+            folder = root / "data/train" / name / f"checkpoint-{step}"
+            folder.mkdir(parents=True)
+            weights = {"lora_A.weight": torch.full((4, 8), float(step))}
+            save_file(weights, str(folder / "pytorch_lora_weights.safetensors"))
+    params = dict(params_dict)
+    params["score"] = yaml.safe_load((repo_root / "conf/score/stand_in.yaml").read_text())
+    params["report"] = yaml.safe_load((repo_root / "conf/report/default.yaml").read_text())
+    params["data"] = {**params["data"], "trigger": TRIGGER}
+    params["tracking"] = {
+        "enabled": tracking,
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+        "experiment": "test",
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    (root / ".git").mkdir()  # marks the repository root for tracking.repository_root()
+    return root
+
+
+def test_stages_run_on_the_conf_defaults(
+    tmp_path: Path, params_dict: dict, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stages import report as report_stage
+    from stages import score as score_stage
+
+    root = _stage_repo(tmp_path, params_dict, repo_root, tracking=False)
+    monkeypatch.chdir(root)
+    run_stage("score", score_stage.body, sections=("score", "data"))
+    run_stage("report", report_stage.body, sections=("report",))
+    assert len(pd.read_parquet("data/score/scores.parquet")) == len(_sweep_rows())
+    for name in ("metrics.json", "selection.md", "selection.html"):
+        assert (root / "reports" / name).is_file()
+    assert sorted(p.name for p in (root / "reports/plots/score_by_step").iterdir()) == [
+        f"{name}.csv" for name in sorted(CANDIDATES)
+    ]
+
+
+@pytest.mark.slow
+def test_report_stage_promotes_the_champion_in_mlflow(
+    tmp_path: Path, params_dict: dict, repo_root: Path
+) -> None:
+    import subprocess
+    import sys
+
+    root = _stage_repo(tmp_path, params_dict, repo_root, tracking=True)
+    env = {"PYTHONPATH": str(repo_root), "PATH": str(Path(sys.executable).parent)}
+    for stage in ("score", "report"):
+        done = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("charaforge-lora", "champion")
+    champion = json.loads((root / "reports/metrics.json").read_text())["champion"]
+    assert version.tags["candidate"] == champion["candidate"]
+    assert version.tags["step"] == str(champion["step"])
+    assert version.tags["stand_in"] == "True"
+    run = client.get_run(version.run_id)
+    assert run.data.tags["charaforge.stage"] == "report"
+    assert run.data.metrics["champion_composite"] == pytest.approx(champion["composite"], abs=1e-6)
+    artifacts = {item.path for item in client.list_artifacts(version.run_id, "champion")}
+    assert artifacts == {"champion/pytorch_lora_weights.safetensors"}
