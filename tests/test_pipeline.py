@@ -136,7 +136,7 @@ def test_mlflow_store_holds_every_stage_run(pipeline_repo: dict) -> None:
         assert "seed" in run.data.params
     train = by_stage["train"]
     assert "train.max_steps" in train.data.params
-    history = client.get_metric_history(train.info.run_id, "r4_lr1e-3/loss")
+    history = client.get_metric_history(train.info.run_id, "loss.r4_lr1e-3")
     assert len(history) >= 2
     assert by_stage["report"].data.metrics, "report must log the champion's metrics"
 
