@@ -146,7 +146,9 @@ def test_metrics_and_plots_show(pipeline_repo: dict) -> None:
     metrics = json.loads(_dvc(workdir, "metrics", "show", "--json"))
     assert "reports/metrics.json" in json.dumps(metrics)
     plots = json.loads(_dvc(workdir, "plots", "show", "--json"))
-    assert any("train_loss" in key for key in plots), plots.keys()
+    plotted = set(plots["data"])
+    assert any(key.startswith("reports/plots/train_loss/") for key in plotted), plotted
+    assert any(key.startswith("reports/plots/score_by_step/") for key in plotted), plotted
 
 
 def test_changing_an_eval_parameter_reruns_only_generate_score_report(
