@@ -13,7 +13,15 @@ from typing import Annotated
 import typer
 
 from charaforge.config import ConfigError
-from charaforge.engine import SCHEDULERS, GenerationEngine, adapter_name, lora_file, write_image
+from charaforge.engine import (
+    PRESETS,
+    SCHEDULERS,
+    GenerationEngine,
+    adapter_name,
+    lora_file,
+    write_image,
+)
+from charaforge.registry import LoraRegistry
 from charaforge.train import checkpoint_path
 
 log = logging.getLogger("charaforge")
@@ -75,17 +83,51 @@ def generate(
     lora: Annotated[
         list[str] | None,
         typer.Option(
-            help="PATH_OR_NAME[:SCALE]: a .safetensors file, a checkpoint folder, or a trained "
-            "candidate NAME or NAME@STEP under --train-dir. Repeat for several.",
+            help="NAME_OR_PATH[:SCALE]: a LoRA of --lora-dir by name (its trigger words are "
+            "added), a .safetensors file, a checkpoint folder, or a trained candidate NAME or "
+            "NAME@STEP under --train-dir. Repeat for several.",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Generator seed (torch.Generator('cpu')).")] = 0,
-    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 20,
-    guidance_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance.")] = 7.0,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images; image i uses seed + i (OUT gets -i suffixes).")
+    ] = 1,
+    preset: Annotated[
+        str, typer.Option(help=f"Quality preset ({', '.join(PRESETS)}): steps and guidance.")
+    ] = "standard",
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (over the preset).")] = (
+        None
+    ),
+    guidance_scale: Annotated[
+        float | None, typer.Option("--cfg", help="Classifier-free guidance (over the preset).")
+    ] = None,
     negative_prompt: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     scheduler: Annotated[str, typer.Option(help=f"One of {', '.join(SCHEDULERS)}.")] = "euler",
+    clip_skip: Annotated[int, typer.Option(min=1, help="A1111 clip skip (1 = last layer).")] = 1,
     width: Annotated[int | None, typer.Option(help="Width (default: the model's).")] = None,
     height: Annotated[int | None, typer.Option(help="Height (default: the model's).")] = None,
+    control_image: Annotated[
+        Path | None, typer.Option(help="ControlNet input: a skeleton/edge/depth map or a photo.")
+    ] = None,
+    control_type: Annotated[
+        str, typer.Option(help="openpose (a skeleton image), canny or depth.")
+    ] = "openpose",
+    control_from_photo: Annotated[
+        bool, typer.Option(help="Derive the canny/depth map from --control-image.")
+    ] = False,
+    depth_model: Annotated[
+        str | None, typer.Option(help="A local depth-estimation model (for depth from a photo).")
+    ] = None,
+    controlnet: Annotated[
+        str | None, typer.Option(help="A local ControlNet folder (required with real weights).")
+    ] = None,
+    init_image: Annotated[Path | None, typer.Option(help="Image-to-image: the start.")] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting mask (white = repaint).")] = None,
+    strength: Annotated[float, typer.Option(help="img2img / inpaint denoising strength.")] = 0.75,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    memory: Annotated[
+        str, typer.Option(help="device, model_cpu_offload or sequential_cpu_offload.")
+    ] = "device",
     out: Annotated[Path, typer.Option(help="Output PNG (a .json sidecar goes beside it).")] = Path(
         "charaforge.png"
     ),
@@ -95,36 +137,133 @@ def generate(
     train_dir: Annotated[Path, typer.Option(help="Where trained candidates live.")] = Path(
         "data/train"
     ),
+    lora_dir: Annotated[
+        Path | None, typer.Option(help="The LoRA folder (with an optional registry.yaml).")
+    ] = None,
 ) -> None:
-    """Render one image with the base model and any LoRAs, exactly as the sweep renders."""
+    """Render images with the base model and any LoRAs, exactly as the sweep renders."""
+    from charaforge import conditioning as cond
+    from charaforge.engine import Conditioning
+
     try:
-        engine = GenerationEngine(base, scheduler=scheduler)
+        controlnets = {control_type: controlnet} if controlnet else {}
+        engine = GenerationEngine(
+            base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
+        )
+        registry = LoraRegistry(lora_dir) if lora_dir else None
         scales: dict[str, float] = {}
         for spec in lora or []:
             reference, scale = parse_lora_spec(spec)
-            name, file = resolve_lora(reference, train_dir)
+            triggers: tuple[str, ...] = ()
+            if registry is not None and reference in registry.names():
+                entry = registry.get(reference)
+                name, file, triggers = entry.name, entry.file, entry.trigger_words
+            else:
+                name, file = resolve_lora(reference, train_dir)
             if name in scales:
                 name = adapter_name(f"{name}-{len(scales)}")
-            engine.load_lora(name, file)
+            engine.load_lora(name, file, trigger_words=triggers)
             scales[name] = scale
-        image = engine.render(
-            prompt,
-            seed,
-            loras=scales,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
+        conditioning = None
+        if control_image is not None:
+            image = cond.load_image(control_image)
+            if control_from_photo and control_type == "canny":
+                image = cond.canny_map(image)
+            elif control_from_photo and control_type == "depth":
+                image = cond.depth_map(image, depth_model)
+            conditioning = Conditioning("control", image, control_type=control_type)
+        elif init_image is not None:
+            kind = "inpaint" if mask is not None else "img2img"
+            conditioning = Conditioning(
+                kind,
+                cond.load_image(init_image),
+                mask=cond.mask_image(mask) if mask is not None else None,
+                strength=strength,
+            )
+        elif mask is not None:
+            raise ValueError("--mask needs --init-image")
+        images = engine.render_batch(
+            [
+                {
+                    "prompt": prompt,
+                    "seed": seed + offset,
+                    "loras": scales,
+                    "steps": steps,
+                    "guidance_scale": guidance_scale,
+                    "negative_prompt": negative_prompt,
+                    "width": width,
+                    "height": height,
+                    "preset": preset,
+                    "clip_skip": clip_skip,
+                    "conditioning": conditioning,
+                }
+                for offset in range(batch_size)
+            ]
         )
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+        log.error("%s", str(error).strip("'\""))
+        raise typer.Exit(2) from None
+    for offset, image in enumerate(images):
+        path = out if batch_size == 1 else out.with_name(f"{out.stem}-{offset}{out.suffix}")
+        write_image(path, image)
+        parameters = json.loads(image.info["charaforge"])
+        log.info(
+            "wrote %s (%s)",
+            path,
+            "stand-in model" if parameters["stand_in"] else parameters["model"],
+        )
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Listen address (loopback unless told).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port.")] = 7860,
+    base: Annotated[Path, typer.Option(help="The base model folder.")] = Path("data/base"),
+    lora_dir: Annotated[Path, typer.Option(help="The LoRA folder (registry.yaml).")] = Path(
+        "data/loras"
+    ),
+    device: Annotated[
+        list[str] | None, typer.Option(help="A device per worker (repeat); default auto.")
+    ] = None,
+    memory: Annotated[str, typer.Option(help="device, model_cpu_offload, ...")] = "device",
+    queue_size: Annotated[int, typer.Option(min=1, help="Requests waiting at most.")] = 8,
+    token_env: Annotated[
+        str, typer.Option(help="Environment variable holding the bearer token (if set).")
+    ] = "CHARAFORGE_TOKEN",
+    max_size: Annotated[int, typer.Option(help="Largest width/height.")] = 1024,
+    max_steps: Annotated[int, typer.Option(help="Most steps per request.")] = 100,
+    max_batch: Annotated[int, typer.Option(help="Most images per request.")] = 4,
+    cpu_threads: Annotated[
+        int | None, typer.Option(min=1, help="torch CPU threads per worker (default: torch's).")
+    ] = None,
+) -> None:
+    """Serve the generation engine over HTTP (OpenAPI schema at /docs and /openapi.json)."""
+    import os
+
+    from charaforge.server import ServerSettings
+    from charaforge.server import serve as run_server
+
+    settings = ServerSettings(
+        base_dir=base,
+        lora_dir=lora_dir,
+        devices=device or ["auto"],
+        memory=memory,
+        queue_size=queue_size,
+        token=os.environ.get(token_env) or None,
+        max_size=max_size,
+        max_steps=max_steps,
+        max_batch=max_batch,
+        cpu_threads=cpu_threads,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
+        log.warning("listening on %s without a bearer token (set $%s)", host, token_env)
+    try:
+        run_server(settings, host=host, port=port)
+    except ConfigError as error:
         log.error("%s", error)
         raise typer.Exit(2) from None
-    write_image(out, image)
-    parameters = json.loads(image.info["charaforge"])
-    log.info(
-        "wrote %s (%s)", out, "stand-in model" if parameters["stand_in"] else parameters["model"]
-    )
 
 
 @app.command()

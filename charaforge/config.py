@@ -68,9 +68,14 @@ class IngestConfig(_Strict):
 
 
 class DedupeConfig(_Strict):
-    hash: Literal["phash", "dhash", "whash", "average_hash"]
+    # colorhash: hash_size is its `binbits` (14 x binbits bits); the others hash_size^2 bits.
+    hash: Literal["phash", "dhash", "whash", "average_hash", "colorhash"]
     hash_size: int = Field(ge=4, le=32)
     threshold: int = Field(ge=0)
+    workers: int = Field(default=0, ge=0)  # hashing processes; 0: one per CPU core
+    # Near-duplicate search: multi-index hashing, all-pairs brute force, or whichever the cost
+    # model expects to be faster for the number of hashes (auto). All three give the same pairs.
+    search: Literal["auto", "mih", "brute"] = "auto"
 
     @model_validator(mode="after")
     def _whash_power_of_two(self) -> DedupeConfig:
@@ -81,15 +86,18 @@ class DedupeConfig(_Strict):
 
 class DatasetConfig(_Strict):
     val_fraction: float = Field(ge=0.0, lt=1.0)
+    # Fields: {trigger}, {character}, {outfit}, {pose}, {style}, {tags}; {tags} leaves out the
+    # tags another field of the template already placed.
     caption_template: str
     kohya_repeats: int = Field(ge=1)
+    card_top_tags: int = Field(default=20, ge=1)  # tags in the dataset card's table and plot
 
     @field_validator("caption_template")
     @classmethod
     def _known_fields(cls, value: str) -> str:
         import string
 
-        allowed = {"trigger", "character", "tags"}
+        allowed = {"trigger", "character", "outfit", "pose", "style", "tags"}
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
         except ValueError as error:
@@ -109,10 +117,56 @@ class DataConfig(_Strict):
     dataset: DatasetConfig
 
 
+class ClipTaggerConfig(_Strict):
+    """CLIP zero-shot tagging: each vocabulary tag is scored against a neutral baseline prompt."""
+
+    model: ClipConfig = Field(
+        default_factory=lambda: ClipConfig(source="stand_in", model_name="ViT-B-32")
+    )
+    vocabulary: list[str] = Field(default_factory=list)
+    prompt_template: str = "a picture of {tag}"
+    baseline_prompt: str = "a picture"
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_tags: int = Field(default=0, ge=0)  # 0: no limit
+    batch_size: int = Field(default=16, ge=1)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_tag_field(cls, value: str) -> str:
+        if "{tag}" not in value:
+            raise ValueError("must contain the field {tag}")
+        return value
+
+
+class Wd14Config(_Strict):
+    """A WD14-style ONNX tagger from local files (never downloaded)."""
+
+    # model.onnx; a relative path is also looked up under $AI_CACHE_ROOT at run time.
+    model_path: str | None = None
+    tags_path: str | None = None  # selected_tags.csv; default: beside model.onnx
+    include_rating: bool = False  # add the best rating tag ("rating:general", ...) to the tags
+    character_first: bool = True
+
+
 class TaggerConfig(_Strict):
-    backend: Literal["sidecar"]
+    backend: Literal["sidecar", "clip", "wd14"]
     general_threshold: float = Field(ge=0.0, le=1.0)
     character_threshold: float = Field(ge=0.0, le=1.0)
+    clip: ClipTaggerConfig = Field(default_factory=lambda: ClipTaggerConfig())
+    wd14: Wd14Config = Field(default_factory=lambda: Wd14Config())
+    # Applied to every backend's tags, in this order: replacements (a tag -> another tag, or ""
+    # to drop it), then the deny list, then the allow list (empty: allow everything).
+    replace: dict[str, str] = Field(default_factory=dict)
+    deny: list[str] = Field(default_factory=list)
+    allow: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _backend_inputs(self) -> TaggerConfig:
+        if self.backend == "clip" and not self.clip.vocabulary:
+            raise ValueError("tagger.clip.vocabulary must list at least one tag for backend 'clip'")
+        if self.backend == "wd14" and not self.wd14.model_path:
+            raise ValueError("tagger.wd14.model_path is required for backend 'wd14'")
+        return self
 
 
 class PoseConfig(_Strict):
@@ -128,14 +182,85 @@ class CandidateConfig(_Strict):
     rank: int = Field(ge=1)
     alpha: float = Field(gt=0)
     learning_rate: float = Field(ge=0)
+    # The text-encoder LoRA's own learning rate (train.text_encoder_lora); None: learning_rate.
+    text_encoder_learning_rate: float | None = Field(default=None, ge=0)
+
+
+class CaptionConfig(_Strict):
+    """Caption augmentation, as kohya's --shuffle_caption, --keep_tokens, --caption_dropout_rate."""
+
+    shuffle: bool = False
+    # The first `keep_tokens` comma-separated tags (the trigger) stay in place when shuffling.
+    keep_tokens: int = Field(default=1, ge=0)
+    # Probability of training a sample with the empty caption (unconditional), per sample.
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class BucketConfig(_Strict):
+    """Aspect-ratio buckets: sizes of about resolution**2 pixels, sides a multiple of the UNet's
+    down-sampling; each image goes to the bucket nearest its aspect ratio."""
+
+    enabled: bool = False
+    max_aspect: float = Field(default=2.0, ge=1.0, le=4.0)
+
+
+class CacheConfig(_Strict):
+    """Caches keyed by image content (or caption), model weights and resolution."""
+
+    latents: bool = True
+    text_encoder_outputs: bool = True
+    dir: str = Field(default="data/cache/train", min_length=1)
+
+
+class ValidationConfig(_Strict):
+    # Validation loss every N steps (and at every checkpoint); None: at checkpoints only.
+    every: int | None = Field(default=None, ge=1)
+    sample_prompts: list[str] = Field(default_factory=list)
+    sample_seeds: list[int] = Field(default_factory=lambda: [0])
+    sample_steps: int = Field(default=4, ge=1)
+    sample_guidance_scale: float = Field(default=5.0, ge=0)
+
+
+TARGET_PRESETS = ("attention", "attention_ff", "all")
 
 
 class TrainConfig(_Strict):
     batch_size: int = Field(ge=1)
     max_steps: int = Field(ge=1)
     checkpoint_every: int = Field(ge=1)
-    target_modules: list[str] = Field(min_length=1)
+    # A preset (attention | attention_ff | all: every Linear and Conv2d of the transformer and
+    # resnet blocks) or explicit module names, matched as peft matches them.
+    target_modules: Literal["attention", "attention_ff", "all"] | list[str]
     candidates: list[CandidateConfig] = Field(min_length=1)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    text_encoder_lora: bool = False
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = Field(default=1e-2, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = False
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; 5.0 is the paper's value); None: off.
+    min_snr_gamma: float | None = Field(default=None, gt=0)
+    noise_offset: float = Field(default=0.0, ge=0.0)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    buckets: BucketConfig = Field(default_factory=BucketConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    # Continue from the latest saved state of a run with the same configuration and data.
+    resume: bool = True
+    state_dir: str = Field(default="data/train_state", min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError(f"give a preset {list(TARGET_PRESETS)} or at least one module name")
+        return value
 
     @model_validator(mode="after")
     def _unique_names(self) -> TrainConfig:
@@ -143,6 +268,44 @@ class TrainConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"candidate names must be unique, got {names}")
         return self
+
+    @model_validator(mode="after")
+    def _cache_needs_fixed_captions(self) -> TrainConfig:
+        # Cached text-encoder outputs are per caption: they cannot follow shuffled or dropped
+        # captions, nor a text encoder that trains (kohya refuses the same combinations).
+        if self.cache.text_encoder_outputs:
+            if self.caption.shuffle or self.caption.dropout > 0:
+                raise ValueError(
+                    "train.cache.text_encoder_outputs cannot be used with caption shuffle or "
+                    "dropout (set train.cache.text_encoder_outputs=false)"
+                )
+            if self.text_encoder_lora:
+                raise ValueError(
+                    "train.cache.text_encoder_outputs cannot be used with "
+                    "train.text_encoder_lora (the text encoder changes)"
+                )
+        return self
+
+
+class SuiteConfig(_Strict):
+    """A CharaConsist prompt suite (`background#character#action` lines, blank-line groups)."""
+
+    file: str = Field(min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    # Render only the first `max_groups` groups (None: all): keeps the demo sweep small.
+    max_groups: int | None = Field(default=None, ge=1)
+
+
+class PoseEvalConfig(_Strict):
+    """Pose conditions: OpenPose skeletons of the pose stage through a ControlNet."""
+
+    enabled: bool = False
+    # How many skeletons (people found by the pose stage, in image_id order) condition images.
+    skeletons: int = Field(default=1, ge=1)
+    # Which eval.prompts (by position) and eval.seeds entries are rendered with each skeleton.
+    prompt_indices: list[int] = Field(default=[0], min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0)
 
 
 class EvalConfig(_Strict):
@@ -152,7 +315,37 @@ class EvalConfig(_Strict):
     lora_scales: list[float] = Field(min_length=1)
     steps: int = Field(ge=1)
     guidance_scale: float = Field(ge=0)
-    scheduler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "unipc"]
+    scheduler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+    # A1111 counting: 1 = the text encoder's last layer, 2 = the one before it.
+    clip_skip: int = Field(default=1, ge=1)
+    # Images per sampling loop; each image is byte-identical to its single render anyway.
+    batch_size: int = Field(default=4, ge=1, le=64)
+    suites: dict[str, SuiteConfig] = {}
+    pose: PoseEvalConfig = PoseEvalConfig()
+    # Contact-sheet columns: checkpoints (at the largest scale) or scales (at the last step).
+    grid_columns: Literal["step", "scale"] = "step"
+    # Local ControlNet folders per conditioning type (needed with a real base model only).
+    controlnets: dict[Literal["openpose", "canny", "depth"], str] = {}
+    # torch CPU threads for the sweep (null: torch's default, one per core). A fixed count keeps
+    # CPU output bytes independent of the machine; 1 avoids spin-waiting on shared cores.
+    cpu_threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("suites")
+    @classmethod
+    def _suite_names(cls, value: dict[str, SuiteConfig]) -> dict[str, SuiteConfig]:
+        import re
+
+        for name in value:
+            if not re.match(r"^[A-Za-z0-9_-]+$", name):
+                raise ValueError(f"suite name {name!r}: use letters, digits, '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _pose_prompts_exist(self) -> EvalConfig:
+        bad = [index for index in self.pose.prompt_indices if not 0 <= index < len(self.prompts)]
+        if bad:
+            raise ValueError(f"pose.prompt_indices {bad}: eval.prompts has {len(self.prompts)}")
+        return self
 
 
 class ClipConfig(_Strict):
@@ -168,8 +361,70 @@ class ClipConfig(_Strict):
         return self
 
 
+# Every per-image metric the score stage can write (charaforge.scoring.METRICS is this tuple).
+SCORE_METRICS = (
+    "clip_i",
+    "clip_t",
+    "arcface",
+    "face_detected",
+    "pose_oks",
+    "pose_pck_01",
+    "pose_pck_02",
+    "pose_detected",
+    "tag_precision",
+    "tag_recall",
+    "diversity",
+    "consistency_clip",
+    "consistency_arcface",
+    "nn_similarity",
+    "nn_phash_distance",
+    "memorised",
+)
+
+
+class FaceConfig(_Strict):
+    """ArcFace identity: detector, recognition model and the batch consistency threshold."""
+
+    detector_path: str | None = None  # a local insightface detector ONNX; None: MediaPipe
+    recognition: Literal["stand_in", "pretrained"] = "stand_in"
+    recognition_path: str | None = None
+    stand_in_seed: int = 0
+    min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_faces: int = Field(default=4, ge=1)
+    identity_threshold: float = Field(default=0.3, ge=-1.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _path_for_pretrained(self) -> FaceConfig:
+        if self.recognition == "pretrained" and not self.recognition_path:
+            raise ValueError("recognition_path is required when recognition is 'pretrained'")
+        return self
+
+
+class TagScoreConfig(_Strict):
+    """Tag consistency: which tags define the character, and the tagger that judges images."""
+
+    defining_fraction: float = Field(default=0.8, gt=0.0, le=1.0)
+    # "clip": CLIP zero-shot over the dataset's tag vocabulary on score.clip; "pipeline": the
+    # `tagger` section (not applicable when that is the sidecar reader).
+    tagger: Literal["clip", "pipeline"] = "clip"
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class MemorisationConfig(_Strict):
+    """When a generated image counts as a copy of its nearest training image."""
+
+    # CLIP cosine at or above this (used only with real CLIP weights: a stand-in's cosines are
+    # all high and would flag everything).
+    copy_threshold: float = Field(default=0.95, gt=0.0, le=1.0)
+    # 64-bit pHash Hamming distance at or below this (model-free, so it works with stand-ins).
+    phash_distance: int = Field(default=6, ge=0, le=64)
+
+
 class ScoreConfig(_Strict):
     clip: ClipConfig
+    face: FaceConfig = FaceConfig()
+    tags: TagScoreConfig = TagScoreConfig()
+    memorisation: MemorisationConfig = MemorisationConfig()
     batch_size: int = Field(ge=1)
 
 
@@ -180,6 +435,21 @@ class ReportConfig(_Strict):
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
     thumbnail_size: int = Field(default=96, ge=16, le=512)
     registered_model: str = Field(default="charaforge-lora", min_length=1)
+    # A row whose share of images at or above score.memorisation.copy_threshold exceeds this is
+    # memorising its training set and cannot be champion.
+    max_copy_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    # Pareto front axes: the first applicable identity metric, and prompt alignment.
+    pareto_identity: list[str] = Field(default=["arcface", "clip_i"], min_length=1)
+    pareto_alignment: str = "clip_t"
+
+    @field_validator("weights", "pareto_identity", "pareto_alignment")
+    @classmethod
+    def _known_metrics(cls, value: dict | list | str) -> dict | list | str:
+        names = [value] if isinstance(value, str) else list(value)
+        unknown = sorted(set(names) - set(SCORE_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(SCORE_METRICS)}")
+        return value
 
 
 class TrackingConfig(_Strict):

@@ -12,11 +12,14 @@ One row per kept image. Columns (docs/data-contracts.md):
 - split: "val" when a uniform number drawn from hash(seed, image_id) is below val_fraction, else
   "train"; with at least two images and val_fraction > 0, each split gets at least one image.
 - notes: "; "-joined remarks a person should see ("no person detected", "no tags", ...).
-- caption: `caption_template` with {trigger}, {character} and {tags} filled in.
+- caption: `caption_template` with {trigger}, {character}, {outfit}, {pose}, {style} and {tags}
+  filled in; {tags} holds the tags that no other field of the template already placed.
 
 Exports: `kohya/<repeats>_<trigger>/` holds the train split (image + .txt caption: kohya trains on
 every image in the folder, so validation images stay out); `imagefolder/{train,val}/` holds
 both splits with `metadata.jsonl` lines `{"file_name", "text"}` (Hugging Face imagefolder).
+The dataset card `README.md` gives the counts, the split rule, example captions and the most
+frequent tags with a bar chart (`tag_frequency.png`); `tag_frequency.csv` has every tag.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +36,14 @@ import pandas as pd
 from charaforge.config import DatasetConfig
 from charaforge.dedupe import kept_rows
 from charaforge.ingest import portable_path
-from charaforge.io import atomic_path, derive_seed, write_bytes, write_parquet, write_text
+from charaforge.io import (
+    atomic_path,
+    derive_seed,
+    write_bytes,
+    write_csv,
+    write_parquet,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +111,26 @@ def split_of(image_ids: list[str], seed: int, val_fraction: float) -> list[str]:
 
 
 def caption_of(template: str, trigger: str, character: str, tags: list[str]) -> str:
-    text = template.format(trigger=trigger, character=character, tags=", ".join(tags))
+    """The caption from `template`; {tags} holds the tags no other field of it placed."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    outfit, pose = outfit_of(tags), pose_tag_of(tags)
+    placed: set[str] = set()
+    if "outfit" in fields:
+        placed |= set(outfit.split(", "))
+    if "pose" in fields:
+        placed |= set(pose.split(", "))
+    style = style_of(tags)
+    if "style" in fields and style == "photo":
+        placed |= PHOTO_TAGS
+    rest = [tag for tag in tags if tag not in placed]
+    text = template.format(
+        trigger=trigger,
+        character=character,
+        outfit=outfit,
+        pose=pose,
+        style=style,
+        tags=", ".join(rest),
+    )
     # An empty field leaves separators behind ("aoi_cf, "): tidy them away.
     text = re.sub(r"(\s*,\s*)+", ", ", text)
     return text.strip().strip(",").strip()
@@ -199,6 +229,15 @@ def build_dataset(
             ]
             write_text(folder / split / "metadata.jsonl", _jsonl(lines))
     write_parquet(out_dir / "metadata.parquet", table)
+    ingest_summary = Path(ingest_dir) / "summary.json"
+    counts = {
+        "source files accepted by ingest": len(manifest),
+        "dropped by dedupe (exact and near-duplicates)": int((~dedupe_table["keep"]).sum()),
+    }
+    if ingest_summary.is_file():
+        report = json.loads(ingest_summary.read_text(encoding="utf-8"))
+        counts["quarantined by ingest"] = int(report.get("quarantined", 0))
+    write_card(out_dir, table, config, character, trigger, sorted(set(tags["tagger"])), counts)
 
     summary = DatasetSummary(
         images=len(table),
@@ -216,3 +255,111 @@ def build_dataset(
         summary.without_tags,
     )
     return summary
+
+
+def tag_frequency_plot(frequency: pd.DataFrame, images: int, title: str) -> bytes:
+    """A horizontal bar chart of tag counts (PNG bytes, no timestamp: same data, same bytes)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    height = 1.2 + 0.28 * max(len(frequency), 1)
+    figure, axis = plt.subplots(figsize=(6.4, height), dpi=100)
+    try:
+        ordered = frequency.iloc[::-1]
+        axis.barh(ordered["tag"], ordered["count"], color="#4878a8")
+        axis.set_xlabel(f"images with the tag (of {images})")
+        axis.set_xlim(0, max(images, 1))
+        axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="y", labelsize=8)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+    finally:
+        plt.close(figure)
+    return buffer.getvalue()
+
+
+def _markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_card(
+    out_dir: Path,
+    table: pd.DataFrame,
+    config: DatasetConfig,
+    character: str,
+    trigger: str,
+    taggers: list[str],
+    counts: dict[str, int],
+) -> None:
+    """README.md (the dataset card), tag_frequency.csv and tag_frequency.png under `out_dir`."""
+    from charaforge.tagging import tag_frequency
+
+    frequency = tag_frequency(table["tags"].tolist())
+    write_csv(out_dir / "tag_frequency.csv", frequency)
+    top = frequency.head(config.card_top_tags)
+    stand_in = any("stand-in" in name for name in taggers)
+    title = f"{character}: top {len(top)} tags" + (" (stand-in tagger)" if stand_in else "")
+    write_bytes(out_dir / "tag_frequency.png", tag_frequency_plot(top, len(table), title))
+
+    splits = table["split"].value_counts()
+    styles = table["style"].value_counts()
+    rows = [
+        ["images", len(table)],
+        ["train / val", f"{int(splits.get('train', 0))} / {int(splits.get('val', 0))}"],
+        *[[f"style: {name}", int(count)] for name, count in sorted(styles.items())],
+        ["no person detected", int(table["notes"].str.contains("no person detected").sum())],
+        ["without tags", int((table["tags"].map(len) == 0).sum())],
+        ["distinct tags", len(frequency)],
+        *[[name, value] for name, value in counts.items()],
+    ]
+    examples = table.head(3)["caption"].tolist()
+    warning = (
+        "\n> **Stand-in tagger**: the tags come from a model with random weights; they mean "
+        "nothing about the images.\n"
+        if stand_in
+        else ""
+    )
+    card = f"""# Dataset card: {character}
+
+A character LoRA training set built by CharaForge (ingest, dedupe, tag, pose, dataset stages).
+Trigger word: `{trigger}`. Tagger: {", ".join(f"`{name}`" for name in taggers) or "none"}.
+{warning}
+## Counts
+
+{_markdown_table(["", "count"], rows)}
+
+## Split
+
+Deterministic by content: an image is in `val` when a number drawn from hash(seed, image_id) is
+below {config.val_fraction}; adding or removing images never moves the others.
+
+## Captions
+
+Template `{config.caption_template}`. Examples:
+
+{chr(10).join(f"- `{caption}`" for caption in examples)}
+
+## Tag frequencies (top {len(top)})
+
+![tag frequencies](tag_frequency.png)
+
+{_markdown_table(["tag", "images", "fraction"], top.values.tolist())}
+
+Every tag: `tag_frequency.csv`.
+
+## Files
+
+- `metadata.parquet`: one row per image (`image_id, image_path, character, outfit, pose_tag,
+  style, tags, source, split, notes, caption`)
+- `images/`: the training images (RGB PNG, named by content hash)
+- `kohya/{config.kohya_repeats}_{trigger}/`: the train split with `.txt` captions (kohya sd-scripts)
+- `imagefolder/{{train,val}}/metadata.jsonl`: Hugging Face `imagefolder` layout
+"""
+    write_text(out_dir / "README.md", card)

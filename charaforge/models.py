@@ -1,10 +1,11 @@
 """The base model: a tiny SD-shaped stand-in built from a seed, or a reference to real weights.
 
-The stand-in uses the very classes of Stable Diffusion 1.5 (UNet2DConditionModel, AutoencoderKL,
-CLIPTextModel, a real CLIP BPE tokenizer, SD1.5's noise schedule) with random weights, so every
-code path (training, LoRA files, sampling) is the real one on a machine with no weights and no
-GPU. Real weights are only ever found locally: a diffusers folder, a name under $AI_CACHE_ROOT,
-or a hub id already in the local Hugging Face cache. Nothing is downloaded.
+The stand-ins use the very classes of Stable Diffusion 1.5 and SDXL (UNet2DConditionModel,
+AutoencoderKL, CLIPTextModel, SDXL's CLIPTextModelWithProjection, a real CLIP BPE tokenizer,
+SD's noise schedule) with random weights, so every code path (training, LoRA files, sampling)
+is the real one on a machine with no weights and no GPU. Real weights are only ever found
+locally: a diffusers folder, a name under $AI_CACHE_ROOT, or a hub id already in the local
+Hugging Face cache. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -95,11 +96,13 @@ def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
-def build_clip_tokenizer() -> Any:
+def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocabulary()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+    return CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH, pad_token=pad_token
+    )
 
 
 def _seeded(seed: int, build: Any) -> Any:
@@ -109,22 +112,29 @@ def _seeded(seed: int, build: Any) -> Any:
         return build()
 
 
-def build_stand_in_pipeline(family: str, seed: int, resolution: int) -> Any:
-    """A tiny SD-shaped pipeline with random weights; the same seed gives the same bytes."""
-    if family == "sdxl":
-        raise ConfigError("model.family: the sdxl stand-in is not implemented yet (use sd15)")
-    if family != "sd15":
-        raise ConfigError(f"model.family: unknown family {family!r}")
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
+def _clip_text_config(hidden_size: int) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        projection_dim=hidden_size,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+
+
+def _stand_in_vae(seed: int, family: str, resolution: int) -> Any:
+    from diffusers import AutoencoderKL
 
     # Four VAE blocks: 8x down-sampling as in SD, so the UNet works on resolution/8 latents.
-    vae = _seeded(
+    return _seeded(
         derive_seed(seed, "stand_in", family, "vae"),
         lambda: AutoencoderKL(
             in_channels=3,
@@ -136,9 +146,21 @@ def build_stand_in_pipeline(family: str, seed: int, resolution: int) -> Any:
             norm_num_groups=8,
             latent_channels=4,
             sample_size=resolution,
-            scaling_factor=0.18215,
+            scaling_factor=0.18215 if family == "sd15" else 0.13025,
         ),
     )
+
+
+def build_stand_in_pipeline(family: str, seed: int, resolution: int) -> Any:
+    """A tiny SD-shaped pipeline with random weights; the same seed gives the same bytes."""
+    if family == "sdxl":
+        return build_stand_in_sdxl(seed, resolution)
+    if family != "sd15":
+        raise ConfigError(f"model.family: unknown family {family!r}")
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae = _stand_in_vae(seed, family, resolution)
     unet = _seeded(
         derive_seed(seed, "stand_in", family, "unet"),
         lambda: UNet2DConditionModel(
@@ -154,21 +176,9 @@ def build_stand_in_pipeline(family: str, seed: int, resolution: int) -> Any:
             norm_num_groups=32,
         ),
     )
-    text_config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        hidden_act="quick_gelu",
-        projection_dim=32,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
     text_encoder = _seeded(
-        derive_seed(seed, "stand_in", family, "text_encoder"), lambda: CLIPTextModel(text_config)
+        derive_seed(seed, "stand_in", family, "text_encoder"),
+        lambda: CLIPTextModel(_clip_text_config(32)),
     )
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -184,17 +194,83 @@ def build_stand_in_pipeline(family: str, seed: int, resolution: int) -> Any:
     return pipeline
 
 
+# SDXL's micro-conditioning: six time ids (original size, crop corner, target size), each
+# embedded with this many channels, then concatenated with text_encoder_2's pooled projection.
+SDXL_TIME_EMBED_DIM = 8
+
+
+def build_stand_in_sdxl(seed: int, resolution: int) -> Any:
+    """A tiny SDXL-shaped pipeline: the SDXL classes and wiring, random weights.
+
+    As in SDXL: two text encoders (CLIPTextModel and CLIPTextModelWithProjection) whose
+    penultimate hidden states are concatenated for cross-attention, a pooled projection plus six
+    micro-conditioning time ids fed through the UNet's `text_time` additional embedding, linear
+    attention projections, the first down block without attention, and two transformer layers in
+    the deeper block.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    width_1, width_2 = 32, 32
+    vae = _stand_in_vae(seed, "sdxl", resolution)
+    unet = _seeded(
+        derive_seed(seed, "stand_in", "sdxl", "unet"),
+        lambda: UNet2DConditionModel(
+            sample_size=resolution // 8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=width_1 + width_2,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + width_2,
+            norm_num_groups=32,
+        ),
+    )
+    text_encoder = _seeded(
+        derive_seed(seed, "stand_in", "sdxl", "text_encoder"),
+        lambda: CLIPTextModel(_clip_text_config(width_1)),
+    )
+    text_encoder_2 = _seeded(
+        derive_seed(seed, "stand_in", "sdxl", "text_encoder_2"),
+        lambda: CLIPTextModelWithProjection(_clip_text_config(width_2)),
+    )
+    # SDXL's second tokenizer pads with "!" (open_clip's convention), the first with <|endoftext|>.
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SD15_SCHEDULE),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def save_stand_in(pipeline: Any, out_dir: str | Path) -> None:
     """Save in the diffusers layout, plus vocab.json/merges.txt as SD1.5 repositories carry them."""
     out_dir = Path(out_dir)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     vocab, merges = clip_vocabulary()
-    tokenizer_dir = out_dir / "tokenizer"
-    (tokenizer_dir / "vocab.json").write_text(
-        json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
     lines = ["#version: 0.2", *(" ".join(merge) for merge in merges)]
-    (tokenizer_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for tokenizer_dir in (out_dir / "tokenizer", out_dir / "tokenizer_2"):
+        if not tokenizer_dir.is_dir():
+            continue  # SD1.5 has one tokenizer, SDXL two
+        (tokenizer_dir / "vocab.json").write_text(
+            json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        (tokenizer_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 # --- real weights -------------------------------------------------------------------------------
@@ -236,8 +312,6 @@ def resolve_pretrained(path: str) -> Path:
 
 def write_base(model: ModelConfig, out_dir: str | Path = "data/base") -> BaseInfo:
     """Write data/base: model.json, plus the stand-in pipeline in diffusers layout."""
-    if model.family != "sd15":
-        raise ConfigError(f"model.family: {model.family} is not implemented yet (use sd15)")
     stand_in = model.source == "stand_in"
     info = BaseInfo(
         family=model.family,
@@ -281,11 +355,39 @@ def read_base_info(base_dir: str | Path = "data/base") -> BaseInfo:
     )
 
 
+def pipeline_location(base_dir: str | Path = "data/base") -> Path:
+    """The diffusers folder of the base model: the stand-in's copy, or the real weights found
+    locally (resolved at run time, so no machine path is stored)."""
+    info = read_base_info(base_dir)
+    if info.stand_in:
+        return Path(base_dir) / PIPELINE_DIR
+    return resolve_pretrained(str(info.path))
+
+
+def pipeline_class(family: str) -> Any:
+    """The diffusers pipeline class of a model family."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    classes = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+    if family not in classes:
+        raise ConfigError(f"model.family: unknown family {family!r}; one of {sorted(classes)}")
+    return classes[family]
+
+
+def _load_kwargs(family: str) -> dict[str, Any]:
+    if family == "sd15":
+        return {"dtype": torch.float32, "safety_checker": None, "requires_safety_checker": False}
+    # The invisible watermark would need a package we do not ship and alters pixels.
+    return {"dtype": torch.float32, "add_watermarker": False}
+
+
 def load_base_pipeline(
     base_dir: str | Path = "data/base", device: torch.device | None = None
 ) -> Any:
-    """The base StableDiffusionPipeline in float32, safety checker off, progress bars off."""
-    from diffusers import StableDiffusionPipeline
+    """The base pipeline in float32, progress bars off.
+
+    StableDiffusionPipeline (safety checker off) for sd15, StableDiffusionXLPipeline for sdxl.
+    """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -294,13 +396,7 @@ def load_base_pipeline(
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     info = read_base_info(base_dir)
-    if info.family != "sd15":
-        raise ConfigError(f"model.family: {info.family} is not implemented yet (use sd15)")
-    location = (
-        Path(base_dir) / PIPELINE_DIR if info.stand_in else resolve_pretrained(str(info.path))
-    )
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        location, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-    )
+    location = pipeline_location(base_dir)
+    pipeline = pipeline_class(info.family).from_pretrained(location, **_load_kwargs(info.family))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or default_device())

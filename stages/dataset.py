@@ -28,6 +28,8 @@ def body(ctx: StageContext) -> None:
         }
     )
     ctx.run.log_artifact("data/dataset/metadata.parquet")
+    ctx.run.log_artifact("data/dataset/README.md")
+    ctx.run.log_artifact("data/dataset/tag_frequency.png")
 
 
 if __name__ == "__main__":

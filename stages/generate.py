@@ -8,7 +8,12 @@ from charaforge.stage import StageContext, run_stage
 def body(ctx: StageContext) -> None:
     params = ctx.params
     ctx.tag_data_hash("data/train/summary.json")
-    engine = GenerationEngine("data/base", scheduler=params.eval.scheduler)
+    engine = GenerationEngine(
+        "data/base",
+        scheduler=params.eval.scheduler,
+        controlnets=dict(params.eval.controlnets),
+        cpu_threads=params.eval.cpu_threads,
+    )
     ctx.run.set_tags({"stand_in": engine.base.stand_in})
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})
     result = sweep.run_sweep(
@@ -19,6 +24,7 @@ def body(ctx: StageContext) -> None:
         resolution=params.model.resolution,
         seed=params.seed,
         out_dir="data/generate",
+        pose_dir="data/pose" if params.eval.pose.enabled else None,
     )
     ctx.run.log_metrics(
         {
@@ -28,6 +34,8 @@ def body(ctx: StageContext) -> None:
         }
     )
     ctx.run.log_artifact("data/generate/index.parquet")
+    for grid in result.grids:
+        ctx.run.log_artifact(str(grid))
 
 
 if __name__ == "__main__":

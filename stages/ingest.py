@@ -14,8 +14,10 @@ def body(ctx: StageContext) -> None:
             "unique_images": summary.unique_images,
             "quarantined": summary.quarantined,
             "ignored_files": summary.ignored,
+            **{f"quarantined_{kind}": count for kind, count in summary.quarantined_by_kind.items()},
         }
     )
+    ctx.run.log_artifact("data/ingest/summary.json")
     ctx.run.log_artifact("data/ingest/quarantine.parquet")
     ctx.run.log_artifact("data/ingest/manifest.parquet")
 

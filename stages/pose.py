@@ -17,6 +17,7 @@ def body(ctx: StageContext) -> None:
     )
     ctx.run.log_artifact("data/pose/keypoints.parquet")
     ctx.run.log_artifact("data/pose/skeletons", artifact_path="skeletons")
+    ctx.run.log_artifact("data/pose/openpose", artifact_path="openpose")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ def body(ctx: StageContext) -> None:
             "mean_tags_per_image": float(tag_counts.mean()) if len(table) else 0.0,
         }
     )
+    ctx.run.set_tags({"charaforge.tagger": ", ".join(sorted(set(table["tagger"])))})
     ctx.run.log_artifact("data/tag/tags.parquet")
+    ctx.run.log_artifact("data/tag/tag_frequency.csv")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,29 @@
-"""DVC stage `train`: train every LoRA candidate of the grid, with checkpoints and loss curves."""
+"""DVC stage `train`: train every LoRA candidate of the grid, with checkpoints and loss curves.
+
+A killed run resumes from the latest full training state in `train.state_dir` (a persistent
+folder DVC does not clear) and ends with the same bytes as an uninterrupted one.
+"""
+
+import tempfile
+from pathlib import Path
 
 from charaforge import models, train
+from charaforge.lora_files import kohya_file_name, stamp_metadata
 from charaforge.stage import StageContext, run_stage
+from charaforge.tracking import git_commit, repository_root
 
 
 def body(ctx: StageContext) -> None:
     ctx.tag_data_hash("data/dataset/metadata.parquet")
-    ctx.run.set_tags({"stand_in": models.read_base_info("data/base").stand_in})
+    info = models.read_base_info("data/base")
+    ctx.run.set_tags({"stand_in": info.stand_in, "model.family": info.family})
 
     def log_step(candidate: str, step: int, metrics: dict[str, float]) -> None:
-        logged = {
-            f"{key}.{candidate}": metrics[key] for key in ("loss", "val_loss") if key in metrics
-        }
-        ctx.run.log_metrics(logged, step=step)
+        ctx.run.log_metrics({f"{key}.{candidate}": value for key, value in metrics.items()}, step)
 
+    context = train.RunContext(
+        trigger=ctx.params.data.trigger, git_commit=git_commit(repository_root())
+    )
     results = train.train_all(
         "data/base",
         "data/dataset",
@@ -24,18 +34,29 @@ def body(ctx: StageContext) -> None:
         plots_dir="reports/plots/train_loss",
         on_step=log_step,
         trigger=ctx.params.data.trigger,
+        context=context,
     )
     for result in results:
         ctx.run.log_metrics(
             {
                 f"final_loss.{result.name}": result.final_loss,
-                f"seconds_per_step.{result.name}": result.seconds / ctx.params.train.max_steps,
+                f"seconds_per_step.{result.name}": result.seconds
+                / max(1, ctx.params.train.max_steps - result.resumed_from),
             }
         )
-        # The final LoRA, in both layouts (diffusers and kohya/A1111).
+        candidate_dir = Path("data/train") / result.name
+        ctx.run.log_artifact(candidate_dir / "samples", artifact_path=f"samples/{result.name}")
+        # The final LoRA in both layouts. The copies in MLflow also name the run that made them
+        # (the DVC outputs cannot: they must be byte-identical from run to run).
         last = result.checkpoints[-1]
-        folder = f"data/train/{result.name}/checkpoint-{last}"
-        ctx.run.log_artifact(folder, artifact_path=f"lora/{result.name}")
+        folder = candidate_dir / f"checkpoint-{last}"
+        with tempfile.TemporaryDirectory() as temp:
+            for name in (train.LORA_WEIGHTS, kohya_file_name(result.name, last)):
+                stamped = Path(temp) / name
+                stamp_metadata(
+                    folder / name, stamped, {"charaforge.mlflow_run_id": ctx.run.run_id or ""}
+                )
+                ctx.run.log_artifact(stamped, artifact_path=f"lora/{result.name}")
     ctx.run.log_artifact("data/train/summary.json")
 
 

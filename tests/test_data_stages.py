@@ -166,6 +166,7 @@ EXPECTED_REASONS = {
     "bomb.png": "decompression bomb",
     "huge_bomb.png": "decompression bomb",
     "dangling.png": "broken symlink",
+    "loop": "symlink loop",  # the folder link set/loop -> .. leads back to a folder already read
 }
 
 
@@ -324,6 +325,11 @@ def test_pose_stage_outputs(pipeline_root: Path, truth: dict) -> None:
     assert keypoints.set_index("image_id").loc[sorted(photo_ids), "has_person"].all()
     skeletons = {p.stem for p in (pipeline_root / "data/pose/skeletons").glob("*.png")}
     assert skeletons == set(keypoints.image_id[keypoints.has_person])
+    documents = {p.stem for p in (pipeline_root / "data/pose/openpose").glob("*.json")}
+    assert documents == skeletons
+    people = keypoints[keypoints.has_person]
+    assert people.openpose18.map(len).eq(18 * 3).all()
+    assert keypoints[~keypoints.has_person].openpose18.map(len).eq(0).all()
 
 
 # --- dataset -----------------------------------------------------------------------------------
@@ -344,6 +350,14 @@ def test_dataset_schema_split_and_exports(pipeline_root: Path, params: Params) -
     assert first["pose_tag"] == "standing, arms up"
     assert first["caption"].startswith(params.data.trigger + ", 1girl, solo, red hair")
     assert all((pipeline_root / path).is_file() for path in table.image_path)
+    card = (root / "README.md").read_text(encoding="utf-8")
+    assert f"| images | {len(table)} |" in card and "![tag frequencies](tag_frequency.png)" in card
+    assert "| quarantined by ingest | 3 |" in card
+    assert (root / "tag_frequency.png").is_file() and (root / "tag_frequency.csv").is_file()
+    ingest_summary = json.loads((pipeline_root / "data/ingest/summary.json").read_text())
+    assert sum(ingest_summary["quarantined_by_kind"].values()) == ingest_summary["quarantined"]
+    frequency = pd.read_csv(pipeline_root / "data/tag/tag_frequency.csv")
+    assert frequency.loc[0, "tag"] == "solo"  # every image is tagged solo
 
     trigger, repeats = params.data.trigger, params.data.dataset.kohya_repeats
     concept = root / "kohya" / f"{repeats}_{trigger}"
@@ -368,7 +382,7 @@ def test_split_keeps_both_sides_nonempty() -> None:
 
 def test_caption_template_is_checked_and_tidied() -> None:
     with pytest.raises(ValueError, match="unknown fields"):
-        DatasetConfig(val_fraction=0.2, caption_template="{trigger}, {style}", kohya_repeats=1)
+        DatasetConfig(val_fraction=0.2, caption_template="{trigger}, {hair}", kohya_repeats=1)
     assert dataset.caption_of("{trigger}, {tags}", "aoi_cf", "aoi", []) == "aoi_cf"
     assert dataset.caption_of("{character} ({trigger}), {tags}", "t", "aoi", ["a", "b"]) == (
         "aoi (t), a, b"

@@ -8,55 +8,37 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from engine_fixtures import (
+    PROMPT,
+    RENDER,
+    make_workspace,
+    one_thread,  # noqa: F401  (a fixture: pytest finds it by name)
+)
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from typer.testing import CliRunner
 
 from charaforge.cli import app
-from charaforge.config import ConfigError, EvalConfig, ModelConfig, TrainConfig
-from charaforge.engine import SCHEDULERS, GenerationEngine, read_sidecar, write_image
-from charaforge.models import write_base
+from charaforge.config import ConfigError, EvalConfig
+from charaforge.engine import (
+    PRESETS,
+    SCHEDULERS,
+    Conditioning,
+    GenerationEngine,
+    png_bytes,
+    read_sidecar,
+    write_image,
+)
 from charaforge.sweep import run_sweep
-from charaforge.train import checkpoint_path, train_all
+from charaforge.train import checkpoint_path
 
-RENDER = {"steps": 4, "guidance_scale": 5.0, "negative_prompt": "lowres"}
-PROMPT = "aoi_cf, 1girl, red hair"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/base (stand-in) and data/train (one candidate, alpha != rank, two checkpoints)."""
-    root = tmp_path_factory.mktemp("engine")
-    write_base(ModelConfig(family="sd15", source="stand_in", resolution=64), root / "base")
-    images = root / "dataset" / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for index in range(4):
-        image = Image.new("RGB", (64, 64), (200, 40 * index, 90))
-        ImageDraw.Draw(image).ellipse((16, 8 + index, 48, 40 + index), fill=(20, 20, 220))
-        image.save(images / f"{index}.png")
-        rows.append(
-            {"image_path": str(images / f"{index}.png"), "caption": PROMPT, "split": "train"}
-        )
-    pd.DataFrame(rows).to_parquet(root / "dataset" / "metadata.parquet")
-    train = TrainConfig(
-        batch_size=2,
-        max_steps=4,
-        checkpoint_every=2,
-        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-        candidates=[{"name": "r4", "rank": 4, "alpha": 8, "learning_rate": 0.05}],
-    )
-    train_all(
-        root / "base",
-        root / "dataset",
-        train,
-        64,
-        1,
-        root / "train",
-        root / "plots",
-        trigger="aoi_cf",
-    )
-    return root
+    return make_workspace(tmp_path_factory.mktemp("engine"))
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +213,155 @@ def test_cli_generate_renders_what_the_engine_renders(
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2
     assert "no candidate 'nobody'" in caplog.text
+
+
+def test_an_image_is_the_same_bytes_alone_and_in_a_batch(
+    engine: GenerationEngine, workspace: Path
+) -> None:
+    engine.load_lora("r4", checkpoint_path(workspace / "train" / "r4", 4))
+    try:
+        requests = [
+            {"prompt": prompt, "seed": seed, "loras": {"r4": 0.7}, "clip_skip": skip, **RENDER}
+            for prompt, seed, skip in [(PROMPT, 11, 1), ("aoi_cf, sitting", 12, 2), ("x", 13, 1)]
+        ]
+        batch = engine.render_batch(requests)
+        alone = [engine.render(**request) for request in requests]
+        assert [png_bytes(image) for image in batch] == [png_bytes(image) for image in alone]
+        # Fused batches run one forward for all images: equal only up to rounding.
+        engine.batch_mode = "fused"
+        try:
+            fused = engine.render_batch(requests)
+        finally:
+            engine.batch_mode = "exact"
+        for image, single in zip(fused, alone, strict=True):
+            difference = np.abs(np.asarray(image, float) - np.asarray(single, float))
+            assert difference.max() <= 2
+        with pytest.raises(ValueError, match="must share"):
+            engine.render_batch([{**requests[0], "loras": {}}, requests[1]])
+    finally:
+        engine.unload_lora("r4")
+
+
+def test_presets_clip_skip_karras_and_trigger_words(
+    engine: GenerationEngine, workspace: Path
+) -> None:
+    draft = engine.parameters(PROMPT, 0, preset="draft")
+    assert (draft["steps"], draft["guidance_scale"]) == (
+        PRESETS["draft"].steps,
+        PRESETS["draft"].guidance_scale,
+    )
+    assert engine.parameters(PROMPT, 0, preset="draft", steps=3)["steps"] == 3
+    base = engine.render(PROMPT, 1, **RENDER)
+    skipped = engine.render(PROMPT, 1, clip_skip=2, **RENDER)
+    assert _pixels(skipped) != _pixels(base)
+    assert "Clip skip: 2" in skipped.info["parameters"]
+    with pytest.raises(ValueError, match="clip_skip"):
+        engine.parameters(PROMPT, 0, clip_skip=3)  # the stand-in text encoder has 2 layers
+    karras = engine.render(PROMPT, 1, scheduler="dpmpp_2m_karras", **RENDER)
+    assert "Sampler: DPM++ 2M Karras" in karras.info["parameters"]
+    assert engine.pipeline.scheduler.config.use_karras_sigmas
+    engine.load_lora("r4", checkpoint_path(workspace / "train" / "r4", 2), ["aoi_cf", "red coat"])
+    try:
+        params = engine.parameters("1girl", 0, loras={"r4": 1.0})
+        assert params["prompt"] == "aoi_cf, red coat, 1girl"
+        assert params["trigger_words"] == ["aoi_cf", "red coat"]
+        assert engine.parameters("1girl", 0, loras={"r4": 0.0})["prompt"] == "1girl"
+    finally:
+        engine.unload_lora("r4")
+
+
+def _distance(image: Image.Image, other: Image.Image) -> float:
+    return float(np.abs(np.asarray(image, float) - np.asarray(other, float)).mean())
+
+
+def test_controlnet_img2img_and_inpainting(engine: GenerationEngine) -> None:
+    skeleton = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(skeleton).line((32, 8, 32, 56), fill=(255, 0, 0), width=4)
+    base = engine.render(PROMPT, 2, **RENDER)
+    pose = Conditioning("control", skeleton, source="abc")
+    posed = engine.render(PROMPT, 2, conditioning=pose, **RENDER)
+    assert _distance(posed, base) > 0.5
+    assert json.loads(posed.info["charaforge"])["conditioning"]["source"] == "abc"
+    batch = engine.render_batch(
+        [{"prompt": PROMPT, "seed": seed, "conditioning": pose, **RENDER} for seed in (2, 3)]
+    )
+    assert png_bytes(batch[0]) == png_bytes(posed)
+
+    light = Conditioning("img2img", base, strength=0.3)
+    strong = Conditioning("img2img", base, strength=1.0)
+    lightly = engine.render(PROMPT, 2, conditioning=light, **RENDER)
+    assert _distance(lightly, base) < _distance(
+        engine.render(PROMPT, 2, conditioning=strong, **RENDER), base
+    )
+    assert "Denoising strength: 0.3" in lightly.info["parameters"]
+
+    mask = Image.new("L", (64, 64))
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+    inpaint = Conditioning("inpaint", base, mask=mask, strength=1.0)
+    after = np.asarray(engine.render(PROMPT, 2, conditioning=inpaint, **RENDER), float)
+    before = np.asarray(base, float)
+    assert np.array_equal(after[:, 32:], before[:, 32:])  # outside the mask: untouched
+    assert np.abs(after[:, :32] - before[:, :32]).mean() > 1.0
+    with pytest.raises(ValueError, match="needs a mask"):
+        Conditioning("inpaint", base)
+
+
+def test_memory_modes_and_devices_are_checked_before_loading(workspace: Path) -> None:
+    with pytest.raises(ConfigError, match="memory: model_cpu_offload"):
+        GenerationEngine(workspace / "base", device="cpu", memory="model_cpu_offload")
+    with pytest.raises(ConfigError, match="memory:"):
+        GenerationEngine(workspace / "base", device="cpu", memory="lots")
+    with pytest.raises(ConfigError, match="not available"):
+        GenerationEngine(workspace / "base", device="cuda:7")
+
+
+def test_sdxl_stand_in_renders_batches_exactly_with_clip_skip_and_control(tmp_path: Path) -> None:
+    from charaforge.config import ModelConfig
+    from charaforge.models import write_base
+
+    write_base(ModelConfig(family="sdxl", source="stand_in", resolution=64), tmp_path / "xl")
+    xl = GenerationEngine(tmp_path / "xl", device="cpu")
+    assert xl.is_sdxl and xl.parameters("x", 0)["model"] == "charaforge-stand-in-sdxl"
+    requests = [
+        {"prompt": prompt, "seed": seed, "steps": 2, "guidance_scale": 5.0, "clip_skip": skip}
+        for prompt, seed, skip in [("a", 1, 1), ("b", 2, 2)]
+    ]
+    batch = xl.render_batch(requests)
+    assert [png_bytes(image) for image in batch] == [png_bytes(xl.render(**r)) for r in requests]
+    skeleton = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(skeleton).line((32, 8, 32, 56), fill=(255, 0, 0), width=4)
+    posed = xl.render(**requests[0], conditioning=Conditioning("control", skeleton))
+    assert _pixels(posed) != _pixels(batch[0])
+
+
+def test_cli_generate_with_registry_batch_and_inpainting(
+    engine: GenerationEngine, workspace: Path, tmp_path: Path
+) -> None:
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "aoi.safetensors").write_bytes(
+        checkpoint_path(workspace / "train" / "r4", 2).read_bytes()
+    )
+    (loras / "registry.yaml").write_text(
+        "loras:\n  hero:\n    file: aoi.safetensors\n    trigger_words: [hero_tok]\n"
+    )
+    start = tmp_path / "start.png"
+    engine.render(PROMPT, 1, **RENDER).save(start)
+    mask = Image.new("L", (64, 64))
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "cli.png"
+    args = ["generate", "1girl", "--seed", "4", "--steps", "2", "--batch-size", "2"]
+    args += ["--lora", "hero:0.5", "--lora-dir", str(loras), "--base", str(workspace / "base")]
+    args += ["--init-image", str(start), "--mask", str(tmp_path / "mask.png"), "--strength", "1"]
+    args += ["--scheduler", "dpmpp_2m_karras", "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first, second = read_sidecar(tmp_path / "cli-0.png"), read_sidecar(tmp_path / "cli-1.png")
+    assert (first["seed"], second["seed"]) == (4, 5)
+    assert first["prompt"] == "hero_tok, 1girl" and first["conditioning"]["kind"] == "inpaint"
+    kept = np.asarray(Image.open(tmp_path / "cli-0.png").convert("RGB"))[:, 32:]
+    assert np.array_equal(kept, np.asarray(Image.open(start).convert("RGB"))[:, 32:])
+
+    args[args.index(str(tmp_path / "mask.png"))] = str(tmp_path / "missing.png")
+    assert CliRunner().invoke(app, args).exit_code == 2

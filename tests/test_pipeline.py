@@ -44,6 +44,10 @@ def _env() -> dict[str, str]:
         GIT_AUTHOR_EMAIL="t@example.com",
         GIT_COMMITTER_NAME="t",
         GIT_COMMITTER_EMAIL="t@example.com",
+        # Fixed dates: two fresh clones of the same tree get the same commit id, which the LoRA
+        # files record as provenance.
+        GIT_AUTHOR_DATE="2026-01-01T00:00:00+00:00",
+        GIT_COMMITTER_DATE="2026-01-01T00:00:00+00:00",
     )
     return env
 

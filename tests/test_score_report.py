@@ -18,7 +18,15 @@ import yaml
 from PIL import Image, ImageDraw
 
 from charaforge import report, scoring
-from charaforge.config import ClipConfig, ConfigError, ReportConfig, ScoreConfig
+from charaforge.config import (
+    ClipConfig,
+    ConfigError,
+    PoseConfig,
+    ReportConfig,
+    ScoreConfig,
+    TaggerConfig,
+    TagScoreConfig,
+)
 from charaforge.io import sha256_bytes, write_json, write_parquet
 from charaforge.stage import run_stage
 
@@ -27,6 +35,7 @@ PROMPTS = [f"{TRIGGER}, 1girl, red hair, standing", f"{TRIGGER}, 1girl, red hair
 CANDIDATES = {"r4_lr1e-3": [4, 8], "r8_lr3e-4": [4, 8]}
 SCALES = [0.5, 1.0]
 SEEDS = [0, 1]
+SCORED = ["clip_i", "clip_t", "diversity", "nn_similarity"]
 
 
 def _drawing(seed: int, size: int = 64) -> Image.Image:
@@ -153,22 +162,35 @@ def embedder() -> scoring.ClipEmbedder:
     return scoring.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
 
 
-def _score_config(batch_size: int = 16) -> ScoreConfig:
+def _score_config(batch_size: int = 16, tags: TagScoreConfig | None = None) -> ScoreConfig:
     return ScoreConfig(
-        clip=ClipConfig(source="stand_in", model_name="ViT-B-32"), batch_size=batch_size
+        clip=ClipConfig(source="stand_in", model_name="ViT-B-32"),
+        batch_size=batch_size,
+        tags=tags or TagScoreConfig(),
     )
 
 
+POSE = PoseConfig(backend="mediapipe", model_complexity=1, min_detection_confidence=0.5)
+
+
 def _score(
-    repo: Path, out: Path, batch_size: int = 16, generate: Path | None = None
+    repo: Path,
+    out: Path,
+    batch_size: int = 16,
+    generate: Path | None = None,
+    tagger: TaggerConfig | None = None,
+    config: ScoreConfig | None = None,
 ) -> pd.DataFrame:
     return scoring.score_sweep(
         generate or repo / "data/generate",
         repo / "data/dataset",
-        _score_config(batch_size),
+        config or _score_config(batch_size),
         TRIGGER,
         out,
         root=repo,
+        pose_dir=repo / "data/pose",
+        pose_config=POSE,
+        tagger_config=tagger,
     )
 
 
@@ -220,19 +242,62 @@ def test_score_sweep_outputs(repo: Path, tmp_path: Path) -> None:
     scores = _score(repo, tmp_path / "score")
     index = pd.read_parquet(repo / "data/generate/index.parquet")
     table = pd.read_parquet(tmp_path / "score/scores.parquet")
-    assert list(table.columns) == [*scoring.INDEX_COLUMNS, "clip_i", "clip_t"]
+    columns = list(table.columns)
+    assert columns[: len(scoring.INDEX_COLUMNS)] == list(scoring.INDEX_COLUMNS)
+    assert sorted(columns[len(scoring.INDEX_COLUMNS) :]) == sorted(scoring.METRICS)
     pd.testing.assert_frame_equal(table[list(scoring.INDEX_COLUMNS)], index)
     pd.testing.assert_frame_equal(table, scores)
     assert table[["clip_i", "clip_t"]].abs().le(1.0).all().all()
     scorers = json.loads((tmp_path / "score/scorers.json").read_text())
-    for metric in ("clip_i", "clip_t"):
+    assert sorted(scorers) == sorted(scoring.METRICS)
+    for metric in ("clip_i", "clip_t", "diversity", "nn_similarity"):
         info = scorers[metric]
-        assert info["stand_in"] is True
-        assert info["scale"] == "raw cosine, -1..1"
+        assert info["stand_in"] is True and info["applicable"] is True
         assert info["model"] == scoring.STAND_IN_NAME
         assert {"resize", "crop", "mean", "std"} <= set(info["preprocessing"])
+    assert scorers["clip_i"]["scale"] == "raw cosine, -1..1"
     assert "4 images" in scorers["clip_i"]["references"]  # the train split only
+    # Drawings have no detectable face; the sweep has no pose column: those metrics are NaN and
+    # marked not applicable, nothing crashes.
+    assert scorers["arcface"]["applicable"] is False
+    assert scorers["arcface"]["images_without_face"] == len(index)
+    assert scorers["arcface"]["stand_in"] is True
+    assert table["face_detected"].eq(0.0).all() and table["arcface"].isna().all()
+    for metric in ("pose_oks", "pose_pck_01", "pose_pck_02", "pose_detected"):
+        assert scorers[metric]["applicable"] is False
+        assert "pose_image_id" in scorers[metric]["reason"]
+        assert table[metric].isna().all()
+    # Tags: CLIP zero-shot over the dataset's vocabulary, on the (stand-in) scoring CLIP.
+    assert scorers["tag_recall"]["applicable"] is True
+    assert scorers["tag_recall"]["defining_tags"] == ["1girl", "red hair"]
+    assert (
+        scorers["tag_recall"]["stand_in"] is True and "(stand-in)" in scorers["tag_recall"]["model"]
+    )
+    assert table[["tag_precision", "tag_recall"]].stack().between(0.0, 1.0).all()
     assert str(tmp_path) not in (tmp_path / "score/scorers.json").read_text()
+
+
+def test_tag_consistency_known_answers_through_the_scorer(repo: Path, tmp_path: Path) -> None:
+    # Threshold 0: every vocabulary tag is predicted, so recall and precision are 1 (the whole
+    # vocabulary, "1girl" and "red hair", is defining). Threshold 1: nothing is predicted.
+    few = tmp_path / "few_generate"  # four sweep images are enough here
+    write_parquet(few / "index.parquet", pd.read_parquet(repo / "data/generate/index.parquet")[:4])
+    everything = TagScoreConfig(threshold=0.0)
+    scores = _score(repo, tmp_path / "all", config=_score_config(tags=everything), generate=few)
+    assert scores["tag_recall"].eq(1.0).all() and scores["tag_precision"].eq(1.0).all()
+    nothing = TagScoreConfig(threshold=1.0)
+    scores = _score(repo, tmp_path / "none", config=_score_config(tags=nothing), generate=few)
+    assert scores["tag_recall"].eq(0.0).all() and scores["tag_precision"].isna().all()
+    # The pipeline's sidecar tagger cannot see pixels: not applicable, not an error.
+    sidecar = TaggerConfig(backend="sidecar", general_threshold=0.35, character_threshold=0.85)
+    config = _score_config(tags=TagScoreConfig(tagger="pipeline"))
+    scores = _score(repo, tmp_path / "sidecar", config=config, tagger=sidecar, generate=few)
+    scorers = json.loads((tmp_path / "sidecar/scorers.json").read_text())
+    assert (
+        scorers["tag_recall"]["applicable"] is False
+        and "sidecar" in scorers["tag_recall"]["reason"]
+    )
+    assert scores[["tag_precision", "tag_recall"]].isna().all().all()
 
 
 def test_clip_t_uses_the_prompt_without_trigger(
@@ -249,11 +314,9 @@ def test_clip_t_uses_the_prompt_without_trigger(
 
 def test_batch_size_and_row_order_do_not_change_scores(repo: Path, tmp_path: Path) -> None:
     reference = _score(repo, tmp_path / "b16", batch_size=16)
-    for batch_size in (1, 5):
+    for batch_size in (7,):
         other = _score(repo, tmp_path / f"b{batch_size}", batch_size=batch_size)
-        np.testing.assert_allclose(
-            other[["clip_i", "clip_t"]], reference[["clip_i", "clip_t"]], atol=1e-6, rtol=0
-        )
+        np.testing.assert_allclose(other[SCORED], reference[SCORED], atol=1e-6, rtol=0)
     # Same sweep, rows shuffled: the scores move with their rows and nothing else changes.
     shuffled_dir = tmp_path / "shuffled_generate"
     index = pd.read_parquet(repo / "data/generate/index.parquet")
@@ -262,11 +325,9 @@ def test_batch_size_and_row_order_do_not_change_scores(repo: Path, tmp_path: Pat
     shuffled = _score(repo, tmp_path / "shuffled", generate=shuffled_dir)
     expected = reference.iloc[order].reset_index(drop=True)
     pd.testing.assert_frame_equal(
-        shuffled.drop(columns=["clip_i", "clip_t"]), expected.drop(columns=["clip_i", "clip_t"])
+        shuffled.drop(columns=list(scoring.METRICS)), expected.drop(columns=list(scoring.METRICS))
     )
-    np.testing.assert_allclose(
-        shuffled[["clip_i", "clip_t"]], expected[["clip_i", "clip_t"]], atol=1e-6, rtol=0
-    )
+    np.testing.assert_allclose(shuffled[SCORED], expected[SCORED], atol=1e-6, rtol=0)
 
 
 def test_score_sweep_is_byte_deterministic(repo: Path, tmp_path: Path) -> None:
@@ -372,6 +433,7 @@ def test_report_names_the_known_best_row(report_repo: Path, tmp_path: Path) -> N
         "ci_low",
         "ci_high",
         "n_images",
+        "copy_fraction",
     }
     assert champion["candidate"] == "r8_lr3e-4" and champion["n_images"] == len(PROMPTS) * len(
         SEEDS
@@ -391,6 +453,17 @@ def test_report_names_the_known_best_row(report_repo: Path, tmp_path: Path) -> N
         "r4_lr1e-3.csv",
         "r8_lr3e-4.csv",
     ]
+    pareto = pd.read_csv(tmp_path / "reports/plots/pareto.csv")
+    assert pareto.columns[:5].tolist() == [
+        "candidate",
+        "step",
+        "lora_scale",
+        "identity",
+        "alignment",
+    ]
+    assert set(pareto["identity_metric"]) == {"clip_i"}  # arcface absent: the next identity metric
+    front = pareto[pareto["pareto"]]
+    assert front[["candidate", "step", "lora_scale"]].values.tolist() == [["r8_lr3e-4", 4, 1.0]]
 
 
 def test_base_row_is_baseline_never_champion(report_repo: Path, tmp_path: Path) -> None:
@@ -406,7 +479,17 @@ def test_tie_prefers_smaller_scale_then_earlier_step(report_repo: Path, tmp_path
     # Top mean: r4 step 8 scale 1.0 (0.52); r4 step 8 scale 0.5 and r8 step 4 scale 0.5 are within
     # noise of it (0.51); everything else is far below. Rule: smallest scale, then earliest step.
     levels = {("r4_lr1e-3", 8, 1.0): 0.52, ("r4_lr1e-3", 8, 0.5): 0.51, ("r8_lr3e-4", 4, 0.5): 0.51}
-    wiggle = np.tile([0.03, -0.03], len(index) // 2)
+    # Image-level noise with mean 0 in every row, but a different pattern per tied row, so the
+    # paired differences are noisy too (a constant difference would be a real one).
+    patterns = {
+        ("r4_lr1e-3", 8, 1.0): [0.03, -0.03, 0.02, -0.02],
+        ("r4_lr1e-3", 8, 0.5): [-0.03, 0.03, -0.02, 0.02],
+        ("r8_lr3e-4", 4, 0.5): [0.02, -0.02, -0.03, 0.03],
+    }
+    position = index.groupby(["candidate", "step", "lora_scale"]).cumcount().to_numpy()
+    wiggle = np.array(
+        [patterns.get(k, [0.03, -0.03, 0.03, -0.03])[p] for k, p in zip(key, position, strict=True)]
+    )
     level = np.array([levels.get(k, 0.2) for k in key]) + wiggle
     _write_scores(report_repo, index.assign(clip_i=level, clip_t=level))
     selection = _report(report_repo, tmp_path / "reports")
@@ -427,6 +510,25 @@ def test_tie_prefers_smaller_scale_then_earlier_step(report_repo: Path, tmp_path
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["statistical_tie"] is True
 
 
+def test_a_consistent_paired_advantage_is_not_a_tie(report_repo: Path, tmp_path: Path) -> None:
+    """Scale 1.0 beats scale 0.5 by 0.01 on every (prompt, seed) pair, under a prompt-to-prompt
+    spread of +-0.1: the rows' own CIs overlap, the paired difference does not include 0."""
+    index = pd.read_parquet(report_repo / "data/generate/index.parquet")
+    key = list(zip(index["candidate"], index["step"], index["lora_scale"], strict=True))
+    levels = {("r4_lr1e-3", 8, 1.0): 0.52, ("r4_lr1e-3", 8, 0.5): 0.51}
+    spread = np.array([0.1, -0.1, 0.05, -0.05])[
+        index.groupby(["candidate", "step", "lora_scale"]).cumcount().to_numpy()
+    ]
+    level = np.array([levels.get(k, 0.2) for k in key]) + spread
+    _write_scores(report_repo, index.assign(clip_i=level, clip_t=level))
+    selection = _report(report_repo, tmp_path / "reports")
+    assert (selection.champion["step"], selection.champion["lora_scale"]) == (8, 1.0)
+    assert not selection.statistical_tie
+    # The overlap test alone would have called it a tie and picked the smaller scale.
+    overlap_only = report.choose_champion(selection.table)
+    assert overlap_only.statistical_tie and overlap_only.champion["lora_scale"] == 0.5
+
+
 def test_bootstrap_ci_is_deterministic_and_seeded() -> None:
     values = np.random.default_rng(3).normal(0.3, 0.05, 6)
     first = report.bootstrap_ci(values, 1000, 0.95, seed=11)
@@ -437,7 +539,19 @@ def test_bootstrap_ci_is_deterministic_and_seeded() -> None:
     assert first[0] < narrower[0] < narrower[1] < first[1]
 
 
+def test_unknown_metric_names_fail_at_validation(params_dict: dict) -> None:
+    from charaforge.config import validate_params
+
+    params_dict["report"]["weights"] = {"clip_i": 1.0, "dino": 1.0}
+    params_dict["report"]["pareto_identity"] = ["arcfce"]
+    with pytest.raises(ConfigError) as error:
+        validate_params(params_dict)
+    assert "report.weights: Value error, unknown metric(s) ['dino']" in str(error.value)
+    assert "report.pareto_identity: Value error, unknown metric(s) ['arcfce']" in str(error.value)
+
+
 def test_unknown_weight_is_a_config_error(report_repo: Path, tmp_path: Path) -> None:
+    """A known metric the score stage did not produce (scorers.json lacks it) stops the report."""
     _synthetic_scores(report_repo, ("r8_lr3e-4", 4, 1.0))
     with pytest.raises(ConfigError, match=r"report.weights: unknown metric\(s\) \['arcface'\]"):
         _report(report_repo, tmp_path / "reports", weights={"clip_i": 1.0, "arcface": 1.0})
@@ -453,9 +567,9 @@ def test_html_is_self_contained(report_repo: Path, tmp_path: Path) -> None:
     sources = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", page)
     assert len(re.findall(r"<img\b", page)) == len(sources)
     assert all(src.startswith("data:image/png;base64,") for src in sources)
-    # One plot + each candidate's sheet: its own images and the base column.
+    # Two plots (score vs step, Pareto) + each candidate's sheet: its images and the base column.
     per_candidate = len(PROMPTS) * len(SEEDS) * (4 + 1)
-    assert len(sources) == 1 + len(CANDIDATES) * per_candidate
+    assert len(sources) == 2 + len(CANDIDATES) * per_candidate
     assert "<link" not in page and "<script" not in page
     assert "Computed with stand-in models" in page
     assert str(tmp_path) not in page
@@ -588,3 +702,280 @@ def test_report_stage_promotes_the_champion_in_mlflow(
     assert run.data.metrics["champion_composite"] == pytest.approx(champion["composite"], abs=1e-6)
     artifacts = {item.path for item in client.list_artifacts(version.run_id, "champion")}
     assert artifacts == {"champion/pytorch_lora_weights.safetensors"}
+
+
+# --- diversity, memorisation, tags: known answers -------------------------------------------
+
+
+def test_group_diversity_known_answers() -> None:
+    e = np.eye(4)
+    same = np.array([[1.0, 0, 0, 0]] * 2)
+    embeddings = np.vstack([same, e[:3], e[3:]])  # groups: a a b b b c
+    groups = ["a", "a", "b", "b", "b", "c"]
+    diversity = scoring.group_diversity(embeddings, groups)
+    np.testing.assert_allclose(diversity[:5], [0.0, 0.0, 1.0, 1.0, 1.0])  # identical; orthogonal
+    assert np.isnan(diversity[5])  # alone in its group
+    # Order of the rows does not matter: a permutation permutes the result.
+    order = [5, 2, 0, 4, 1, 3]
+    permuted = scoring.group_diversity(embeddings[order], [groups[i] for i in order])
+    np.testing.assert_allclose(permuted, diversity[order])
+
+
+def test_group_consistency_against_the_identity_shot() -> None:
+    e = np.eye(3)
+    embeddings = np.vstack([e[0], e[0], [0.6, 0.8, 0.0], e[1], e[2], [np.nan] * 3, e[2]])
+    groups = ["g1", "g1", "g1", "g2", "g2", "g2", None]
+    anchors = [True, False, False, True, False, False, True]
+    consistency = scoring.group_consistency(embeddings, groups, anchors)
+    assert np.isnan(consistency[[0, 3, 5, 6]]).all()  # identity shots, no embedding, no group
+    np.testing.assert_allclose(consistency[[1, 2, 4]], [1.0, 0.6, 0.0])
+    index = pd.DataFrame(
+        {
+            "candidate": ["r4", "r4", "base"],
+            "step": [4, 4, 0],
+            "lora_scale": [1.0, 1.0, 0.0],
+            "suite": ["fixed", "fixed", None],
+            "prompt_group": pd.array([0, 0, None], dtype="Int64"),
+            "identity_shot": [True, False, False],
+        }
+    )
+    keys, shots = scoring.suite_groups(index)
+    assert keys == ["r4|4|1|fixed|0", "r4|4|1|fixed|0", None] and shots == [True, False, False]
+    assert scoring.suite_groups(index.drop(columns=["identity_shot"])) == ([None] * 3, [False] * 3)
+
+
+def test_nearest_neighbour_similarity_finds_a_copy() -> None:
+    training = np.eye(3)
+    generated = np.array([[0.0, 1.0, 0.0], [0.6, 0.8, 0.0]])
+    np.testing.assert_allclose(
+        scoring.nearest_neighbour_similarity(generated, training), [1.0, 0.8]
+    )
+
+
+def test_defining_tags_and_tag_consistency_known_answers() -> None:
+    lists = [["1girl", "red hair", "sitting"], ["1girl", "red hair"], ["1girl", "smile"]]
+    assert scoring.defining_tags(lists, 0.6) == ["1girl", "red hair"]
+    assert scoring.defining_tags(lists, 1.0) == ["1girl"]
+    defining = {"1girl", "red hair"}
+    vocabulary = {"1girl", "red hair", "blonde hair", "sitting", "smile"}
+    # Found both defining tags and a wrong hair colour; "sitting" was asked for by the prompt.
+    precision, recall = scoring.tag_consistency(
+        ["1girl", "red hair", "blonde hair", "sitting", "cat"], defining, vocabulary, {"sitting"}
+    )
+    assert (precision, recall) == (pytest.approx(2 / 3), 1.0)
+    precision, recall = scoring.tag_consistency(["blonde hair"], defining, vocabulary, set())
+    assert (precision, recall) == (0.0, 0.0)
+    precision, recall = scoring.tag_consistency([], defining, vocabulary, set())
+    assert np.isnan(precision) and recall == 0.0
+
+
+# --- every scorer on one sweep with a real face, a conditioning pose and a model tagger ------
+
+
+@pytest.fixture(scope="module")
+def photo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Dataset: drawings + the astronaut photo (train); sweep: the photo, its mirror, drawings,
+    with the photo's pose as conditioning for some rows (the engine's pose_image_id contract)."""
+    import skimage.data
+
+    from charaforge.pose import PoseDetector
+
+    root = tmp_path_factory.mktemp("photo_repo")
+    _make_dataset(root, n_train=3, n_val=1)
+    metadata = pd.read_parquet(root / "data/dataset/metadata.parquet")
+    photo = Image.fromarray(skimage.data.astronaut()).resize((192, 192))
+    relative, photo_id = _save_png(root, "data/dataset/images/photo.png", photo)
+    row = metadata.iloc[0].to_dict() | {
+        "image_id": photo_id,
+        "image_path": relative,
+        "style": "photo",
+        "tags": ["photo", "1girl", "short hair"],
+        "split": "train",
+    }
+    write_parquet(
+        root / "data/dataset/metadata.parquet", pd.concat([metadata, pd.DataFrame([row])])
+    )
+    with PoseDetector(POSE) as detector:
+        pose = detector.detect(photo)
+    keypoints = {
+        "image_id": photo_id,
+        "has_person": pose.has_person,
+        "landmarks": pose.landmarks,
+        "coco17": pose.coco17,
+        "width": pose.width,
+        "height": pose.height,
+    }
+    write_parquet(root / "data/pose/keypoints.parquet", pd.DataFrame([keypoints]))
+    images = {
+        "photo": photo,
+        "mirror": photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "drawing": _drawing(5, 192),
+    }
+    rows = []
+    for seed, (name, image) in enumerate(images.items()):
+        for candidate, step, scale in (("base", 0, 0.0), ("r4", 4, 1.0)):
+            path, image_id = _save_png(root, f"data/generate/images/{candidate}_{name}.png", image)
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "image_path": path,
+                    "candidate": candidate,
+                    "step": step,
+                    "lora_scale": scale,
+                    "prompt_index": 0,
+                    "prompt": PROMPTS[0],
+                    "seed": seed,
+                    "pose_image_id": photo_id if name != "drawing" else None,
+                }
+            )
+    write_parquet(root / "data/generate/index.parquet", pd.DataFrame(rows))
+    return root
+
+
+def test_every_scorer_on_a_real_face_and_pose(photo_repo: Path, tmp_path: Path) -> None:
+    from charaforge.config import ClipTaggerConfig
+
+    vocabulary = ["1girl", "red hair", "long hair", "blue eyes", "standing", "short hair", "cat"]
+    tagger = TaggerConfig(
+        backend="clip",
+        general_threshold=0.35,
+        character_threshold=0.85,
+        clip=ClipTaggerConfig(vocabulary=vocabulary, threshold=0.0),  # every tag predicted
+    )
+    config = _score_config(tags=TagScoreConfig(tagger="pipeline"))
+    scores = _score(photo_repo, tmp_path / "score", tagger=tagger, config=config)
+    scores = scores.set_index("image_path")
+    scorers = json.loads((tmp_path / "score/scorers.json").read_text())
+    photo = scores.loc["data/generate/images/r4_photo.png"]
+    mirror = scores.loc["data/generate/images/r4_mirror.png"]
+    drawing = scores.loc["data/generate/images/r4_drawing.png"]
+    # ArcFace: the reference is the one face in the dataset (the photo's).
+    assert scorers["arcface"]["applicable"] is True
+    assert "faces in 1 of 4 images" in scorers["arcface"]["references"]
+    assert photo["arcface"] == pytest.approx(1.0, abs=1e-6)
+    assert mirror["arcface"] < photo["arcface"]
+    assert np.isnan(drawing["arcface"]) and drawing["face_detected"] == 0.0
+    assert scorers["arcface"]["images_without_face"] == 2
+    # Pose: the photo reproduces its own pose; the drawing was not conditioned.
+    assert scorers["pose_oks"]["applicable"] is True
+    assert scorers["pose_oks"]["conditioned_images"] == 4
+    assert photo["pose_oks"] == pytest.approx(scorers["pose_oks"]["ceiling"]["pose_oks"], abs=1e-6)
+    assert photo["pose_detected"] == 1.0 and np.isnan(drawing["pose_oks"])
+    # Tags: defining tags come from the drawings (the photo is not the character); with every
+    # vocabulary tag predicted, recall is 1 and precision is |defining| / |judged tags|.
+    defining = scorers["tag_recall"]["defining_tags"]
+    assert defining == ["1girl", "red hair"]
+    assert scores["tag_recall"].eq(1.0).all()
+    # judged: vocabulary tags the dataset knows ({1girl, red hair, short hair}) minus those the
+    # prompt asked for that are not defining (none of them): 2 defining of 3.
+    assert scores["tag_precision"].to_numpy() == pytest.approx(2 / 3)
+    assert "(stand-in)" in scorers["tag_recall"]["model"] and scorers["tag_recall"]["stand_in"]
+    assert list(scores["pose_image_id"].isna()) == [False, False, False, False, True, True]
+
+
+def test_a_lora_that_copies_its_training_set_does_not_win(tmp_path: Path) -> None:
+    """Candidate `copycat` renders the training images themselves: it tops CLIP-I (identity) but
+    the memorisation guard makes it ineligible and the honest candidate is champion."""
+    root = tmp_path / "repo"
+    _make_dataset(root, n_train=4, n_val=0)
+    training = pd.read_parquet(root / "data/dataset/metadata.parquet")["image_path"].tolist()
+    rows = []
+    for candidate, step, scale in (("base", 0, 0.0), ("copycat", 4, 1.0), ("honest", 4, 1.0)):
+        for number in range(4):
+            prompt_index, seed = divmod(number, 2)
+            if candidate == "copycat":
+                with Image.open(root / training[number]) as image:
+                    picture = image.copy()
+            else:
+                # Honest (and base): the same kind of drawing, never a training image's pixels.
+                picture = _drawing(2000 + number if candidate == "honest" else 50 + number)
+            path, image_id = _save_png(root, f"data/generate/{candidate}/{number}.png", picture)
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "image_path": path,
+                    "candidate": candidate,
+                    "step": step,
+                    "lora_scale": scale,
+                    "prompt_index": prompt_index,
+                    "prompt": PROMPTS[prompt_index],
+                    "seed": seed,
+                }
+            )
+    write_parquet(root / "data/generate/index.parquet", pd.DataFrame(rows))
+    _make_train_and_base(root)
+    _score(root, root / "data/score")
+    selection = _report(root, tmp_path / "reports", weights={"clip_i": 1.0})
+    table = selection.table.set_index("candidate")
+    assert table.loc["copycat", "nn_similarity"] == pytest.approx(1.0, abs=1e-6)
+    assert table.loc["copycat", "nn_phash_distance"] == 0.0
+    assert table.loc["honest", "nn_phash_distance"] > 6
+    assert table.loc["copycat", "clip_i"] > table.loc["honest", "clip_i"]
+    assert selection.table.iloc[0]["candidate"] == "copycat"  # the best composite...
+    assert bool(table.loc["copycat", "memorising"]) and not bool(table.loc["honest", "memorising"])
+    assert selection.champion["candidate"] == "honest"  # ...but not the champion
+    markdown = (tmp_path / "reports/selection.md").read_text()
+    assert "Ineligible for memorising: copycat step 4 scale 1" in markdown
+
+
+# --- report: composite, baseline, Pareto ------------------------------------------------------
+
+
+def test_composite_of_skips_missing_values_and_fills_empty_metrics() -> None:
+    values = np.array([[0.5, np.nan], [0.7, np.nan], [np.nan, np.nan]])
+    # metric 0 averages its two values (0.6); metric 1 has none and scores 0.
+    assert report.composite_of(values, np.array([0.5, 0.5])) == pytest.approx(0.3)
+    values[0, 1] = 0.4
+    assert report.composite_of(values, np.array([0.5, 0.5])) == pytest.approx(0.5)
+    batch = np.stack([values, values])  # resamples broadcast along the leading axis
+    np.testing.assert_allclose(report.composite_of(batch, np.array([0.5, 0.5])), [0.5, 0.5])
+
+
+def test_composite_metrics_drop_not_applicable_and_normalise() -> None:
+    weights = {"clip_i": 0.2, "clip_t": 0.2, "arcface": 0.6}
+    metrics = ["arcface", "clip_i", "clip_t"]
+    used = report.composite_metrics(weights, metrics, {"arcface": False})
+    assert used == {"clip_i": 0.5, "clip_t": 0.5}
+    with pytest.raises(ConfigError, match="none of the weighted metrics is applicable"):
+        report.composite_metrics({"arcface": 1.0}, metrics, {"arcface": False})
+
+
+def test_pareto_front_known_answer() -> None:
+    table = pd.DataFrame(
+        {"x": [0.1, 0.5, 0.3, 0.5, 0.2, np.nan], "y": [0.9, 0.2, 0.3, 0.1, 0.8, 1.0]}
+    )
+    # (0.5, 0.1) is dominated by (0.5, 0.2): equal on x, worse on y. No other point has both
+    # more x and more y than any of the rest; the NaN row is never on the front.
+    assert report.pareto_front(table, "x", "y").tolist() == [True, True, True, False, True, False]
+
+
+def test_not_applicable_weights_and_baseline_verdicts(report_repo: Path, tmp_path: Path) -> None:
+    _synthetic_scores(report_repo, ("r8_lr3e-4", 4, 1.0))
+    scores = pd.read_parquet(report_repo / "data/score/scores.parquet").assign(arcface=np.nan)
+    write_parquet(report_repo / "data/score/scores.parquet", scores)
+    info = {"model": "tiny", "scale": "raw cosine, -1..1", "stand_in": True, "applicable": True}
+    scorers = {
+        "clip_i": info,
+        "clip_t": info,
+        "arcface": {**info, "applicable": False, "reason": "no face found in any reference image"},
+    }
+    write_json(report_repo / "data/score/scorers.json", scorers)
+    selection = _report(
+        report_repo, tmp_path / "beats", weights={"clip_i": 0.25, "clip_t": 0.25, "arcface": 0.5}
+    )
+    assert selection.baseline is not None and selection.baseline.verdict == "beats"
+    assert selection.baseline.difference == pytest.approx(0.30, abs=0.01)
+    markdown = (tmp_path / "beats/selection.md").read_text()
+    assert "Weighted but not applicable, so left out: arcface" in markdown
+    assert "arcface: not applicable (no face found in any reference image)" in markdown
+    assert "beats the base model beyond its confidence interval" in markdown
+    assert "## Composite per prompt" in markdown
+    metrics = json.loads((tmp_path / "beats/metrics.json").read_text())
+    assert metrics["not_applicable"] == ["arcface"]
+    assert metrics["champion_minus_baseline"]["verdict"] == "beats"
+    # Everything level with the base model: said plainly.
+    flat = scores.assign(clip_i=0.3 + np.tile([0.02, -0.02], len(scores) // 2), clip_t=0.3)
+    write_parquet(report_repo / "data/score/scores.parquet", flat)
+    selection = _report(report_repo, tmp_path / "flat")
+    assert selection.baseline.verdict == "tie"
+    assert "does NOT beat the base model" in (tmp_path / "flat/selection.md").read_text()
