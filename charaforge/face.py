@@ -17,7 +17,6 @@ are labelled as such. Images in which no face is found are counted, never an err
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from charaforge.config import ConfigError, FaceConfig
-from charaforge.io import sha256_bytes, sha256_file
+from charaforge.io import find_local_file, sha256_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -185,20 +184,6 @@ def build_stand_in_recognizer(seed: int) -> bytes:
     return model.SerializeToString()
 
 
-def resolve_model_file(path: str, key: str) -> Path:
-    """A local model file: as given, else under $AI_CACHE_ROOT. Never downloads."""
-    candidates = [Path(path)]
-    if not Path(path).is_absolute() and os.environ.get("AI_CACHE_ROOT"):
-        candidates.append(Path(os.environ["AI_CACHE_ROOT"]) / path)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(candidate) for candidate in candidates)
-    raise ConfigError(
-        f"{key}: model file not found (looked at {looked}); CharaForge never downloads weights"
-    )
-
-
 @dataclass
 class FaceScorer:
     """Detector + aligner + recognition model, with a description of each for scorers.json."""
@@ -274,7 +259,7 @@ def _load_recognizer(config: FaceConfig) -> tuple[Any, dict[str, Any]]:
             "weights_sha256": sha256_bytes(data),
         }
     else:
-        path = resolve_model_file(config.recognition_path or "", "score.face.recognition_path")
+        path = find_local_file(config.recognition_path or "", "score.face.recognition_path")
         model = get_model(str(path), providers=["CPUExecutionProvider"])
         description = {"model": path.name, "weights_sha256": sha256_file(path)}
     if model is None or getattr(model, "taskname", "") != "recognition":
@@ -289,7 +274,7 @@ def _load_recognizer(config: FaceConfig) -> tuple[Any, dict[str, Any]]:
 
 def _build_detector(config: FaceConfig) -> tuple[Any, str]:
     if config.detector_path:
-        path = resolve_model_file(config.detector_path, "score.face.detector_path")
+        path = find_local_file(config.detector_path, "score.face.detector_path")
         return InsightFaceDetector(path, config.min_confidence), f"insightface ({path.name})"
     detector = MediaPipeFaceDetector(config.min_confidence, config.max_faces)
     return detector, "MediaPipe Face Mesh (mediapipe 0.10.21 wheel)"

@@ -90,3 +90,21 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
 def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
     with atomic_path(path) as temp:
         frame.to_csv(temp, index=False, lineterminator="\n")
+
+
+def find_local_file(path: str, key: str, hint: str = "") -> Path:
+    """A local model file: as given, else under $AI_CACHE_ROOT. CharaForge never downloads.
+
+    `key` names the parameter that gave the path, so that the error points at what to fix.
+    """
+    from charaforge.config import ConfigError
+
+    candidates = [Path(path)] if path else []
+    if path and not Path(path).is_absolute() and os.environ.get("AI_CACHE_ROOT"):
+        candidates.append(Path(os.environ["AI_CACHE_ROOT"]) / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(candidate) for candidate in candidates) or "no path given"
+    message = f"{key}: file not found (looked at {looked}); CharaForge never downloads weights"
+    raise ConfigError(f"{message}: {hint}" if hint else message)

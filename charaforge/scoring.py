@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -38,7 +37,7 @@ from charaforge.config import (
     ScoreConfig,
     TaggerConfig,
 )
-from charaforge.io import sha256_file, write_json, write_parquet
+from charaforge.io import find_local_file, sha256_file, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -144,21 +143,6 @@ def _register_stand_in() -> None:
         raise RuntimeError(f"open_clip did not register the stand-in architecture {STAND_IN_NAME}")
 
 
-def resolve_weights(path: str) -> Path:
-    """A local weights file: as given, else under $AI_CACHE_ROOT. Never downloads."""
-    candidates = [Path(path)]
-    if not Path(path).is_absolute() and os.environ.get("AI_CACHE_ROOT"):
-        candidates.append(Path(os.environ["AI_CACHE_ROOT"]) / path)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(candidate) for candidate in candidates)
-    raise ConfigError(
-        f"score.clip.path: CLIP weights file not found (looked at {looked}); CharaForge never "
-        "downloads weights: put the open_clip checkpoint there, or set score.clip.source=stand_in"
-    )
-
-
 def load_clip(config: ClipConfig) -> ClipEmbedder:
     """Build the stand-in (seeded random weights) or load `model_name` from a local file."""
     import open_clip
@@ -181,7 +165,11 @@ def load_clip(config: ClipConfig) -> ClipEmbedder:
             raise ConfigError(
                 f"score.clip.model_name: unknown open_clip architecture {config.model_name!r}"
             )
-        weights = resolve_weights(config.path or "")
+        weights = find_local_file(
+            config.path or "",
+            "score.clip.path",
+            "put the open_clip checkpoint there, or set score.clip.source=stand_in",
+        )
         # An absolute file path: open_clip then loads that file and never treats it as a tag.
         model, _, preprocess = open_clip.create_model_and_transforms(
             config.model_name, pretrained=str(weights.resolve())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from charaforge.config import ConfigError, TaggerConfig
+from charaforge.config import TaggerConfig
+from charaforge.io import find_local_file
 from charaforge.tagging import TagRequest, TagResult
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ class Wd14Prediction:
         return max(self.rating, key=self.rating.__getitem__) if self.rating else None
 
 
+WD14_HINT = "put the WD14 model.onnx and selected_tags.csv there"
+
+
 def tag_name(raw: str) -> str:
     return raw if raw in KAOMOJI else raw.replace("_", " ")
 
@@ -108,21 +111,6 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
         square = square.resize((size, size), Image.BICUBIC)
     pixels = np.asarray(square, dtype=np.float32)
     return np.ascontiguousarray(pixels[:, :, ::-1])
-
-
-def resolve_file(path: str, what: str) -> Path:
-    """A local file as given, else under $AI_CACHE_ROOT; never downloads."""
-    candidates = [Path(path)]
-    if not Path(path).is_absolute() and os.environ.get("AI_CACHE_ROOT"):
-        candidates.append(Path(os.environ["AI_CACHE_ROOT"]) / path)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(candidate) for candidate in candidates)
-    raise ConfigError(
-        f"{what}: file not found (looked at {looked}); CharaForge never downloads models: put "
-        "the WD14 model.onnx and selected_tags.csv there"
-    )
 
 
 class Wd14Tagger:
@@ -173,11 +161,15 @@ class Wd14Tagger:
 
     @classmethod
     def from_config(cls, config: TaggerConfig) -> Wd14Tagger:
-        model_path = resolve_file(config.wd14.model_path or "", "tagger.wd14.model_path")
+        model_path = find_local_file(
+            config.wd14.model_path or "", "tagger.wd14.model_path", WD14_HINT
+        )
         tags_path = (
-            resolve_file(config.wd14.tags_path, "tagger.wd14.tags_path")
+            find_local_file(config.wd14.tags_path, "tagger.wd14.tags_path", WD14_HINT)
             if config.wd14.tags_path
-            else resolve_file(str(model_path.parent / "selected_tags.csv"), "tagger.wd14.tags_path")
+            else find_local_file(
+                str(model_path.parent / "selected_tags.csv"), "tagger.wd14.tags_path", WD14_HINT
+            )
         )
         return cls(
             model_path,
