@@ -171,7 +171,9 @@ class TaggerConfig(_Strict):
 
 class PoseConfig(_Strict):
     backend: Literal["mediapipe"]
-    model_complexity: Literal[0, 1]
+    # Only the "full" landmark model (complexity 1) ships in the mediapipe 0.10.21 wheel; lite (0)
+    # and heavy (2) would be downloaded, which these machines cannot do.
+    model_complexity: Literal[1]
     min_detection_confidence: float = Field(ge=0.0, le=1.0)
     # Keypoints below this visibility are left out of the OpenPose-style skeleton images.
     min_visibility: float = Field(default=0.5, ge=0.0, le=1.0)
