@@ -655,6 +655,587 @@ def _result_settings(
     }
 
 
+@dataclass
+class Run:
+    """One candidate's run: its settings, the base model's info and where its files go."""
+
+    candidate: CandidateConfig
+    train: TrainConfig
+    resolution: int
+    seed: int
+    out_dir: Path
+    state_dir: Path
+    context: RunContext
+    info: Any  # the base model's BaseInfo (family, display name, stand-in)
+
+    @property
+    def family(self) -> str:
+        return self.info.family
+
+
+@dataclass
+class Models:
+    """The frozen base model, the training noise scheduler and the accelerator."""
+
+    pipeline: Any
+    text_encoders: list[torch.nn.Module]
+    noise_scheduler: Any
+    accelerator: Any
+    device: torch.device
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipeline.vae
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipeline.unet
+
+
+@dataclass
+class Adapters:
+    """The attached LoRA adapters: each component's LoraConfig and the trained parameters."""
+
+    configs: dict[str, Any]
+    unet_parameters: list[torch.nn.Parameter]
+    text_parameters: list[torch.nn.Parameter]
+
+    @property
+    def components(self) -> list[str]:
+        return list(self.configs)
+
+
+@dataclass
+class Prepared:
+    """What trains, after accelerate: the plain modules (which the pipeline keeps for
+    validation, samples and export) and their wrapped twins, optimizer and scheduler."""
+
+    trained_models: list[torch.nn.Module]
+    wrapped_models: list[torch.nn.Module]
+    optimizer: Any
+    lr_scheduler: Any
+
+
+@dataclass
+class LoopState:
+    """Everything a saved state restores: the RNGs, the data order and the record so far."""
+
+    generators: dict[str, torch.Generator]
+    order: DataOrder
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    initial_val_loss: float | None = None
+    start: int = 0  # the step the loop continues after (0: a fresh start)
+
+
+class CachedEncoder:
+    """VAE latent posteriors and text conditioning, through the caches (see caches.py)."""
+
+    def __init__(self, models: Models, base_dir: str | Path, run: Run) -> None:
+        self.models = models
+        self.family = run.family
+        location = pipeline_location(base_dir)
+        cache = run.train.cache
+        self.latent_cache = TensorCache(cache.dir if cache.latents else None, "latents")
+        self.text_cache = TensorCache(cache.dir if cache.text_encoder_outputs else None, "text")
+        self.vae_fingerprint = component_fingerprint(location / "vae")
+        self.text_fingerprint = config_hash(
+            {
+                name: component_fingerprint(location / name)
+                for name in ("text_encoder", "text_encoder_2")
+                if (location / name).is_dir()
+            }
+        )
+
+    def latent(self, item: Item) -> torch.Tensor:
+        """The posterior's parameters (mean and log-variance), not a sample."""
+        key = cache_key("latent", item.sha256, self.vae_fingerprint, item.size, item.crop)
+        vae = self.models.vae
+
+        def compute() -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                pixels = load_pixels(item)[None].to(self.models.device, dtype=vae.dtype)
+                return {"parameters": vae.encode(pixels).latent_dist.parameters[0].float()}
+
+        return self.latent_cache.get_or_compute(key, compute)["parameters"]
+
+    def text(self, caption: str) -> dict[str, torch.Tensor]:
+        key = cache_key("text", self.family, caption, self.text_fingerprint)
+
+        def compute() -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return encode_captions(self.models.pipeline, self.family, [caption])
+
+        return self.text_cache.get_or_compute(key, compute)
+
+    def report(self) -> None:
+        self.latent_cache.report()
+        self.text_cache.report()
+
+
+@dataclass
+class TrainingData:
+    """The planned train and val items and their (cached) encodings."""
+
+    items: list[Item]
+    val_items: list[Item]
+    encoded: list[Encoded]
+    val_encoded: list[Encoded]
+    encoder: CachedEncoder
+
+
+def load_frozen_models(base_dir: str | Path, run: Run) -> Models:
+    """Load the base model and freeze it: only the LoRA matrices train.
+
+    The configuration is checked against the loaded model before any work. On a GPU with mixed
+    precision the frozen weights go to half precision (the VRAM saving); the SDXL VAE overflows
+    in fp16, so it stays.
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    train = run.train
+    pipeline = load_base_pipeline(base_dir)
+    vae, unet = pipeline.vae, pipeline.unet
+    text_encoders = _text_encoders(pipeline)
+    for module in (vae, unet, *text_encoders):
+        module.requires_grad_(False)
+    check_candidates(
+        pipeline, train.model_copy(update={"candidates": [run.candidate]}), run.resolution
+    )
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    _reset_accelerate_precision(train.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),
+    )
+    device = accelerator.device
+    if device.type == "cuda" and train.mixed_precision != "no":
+        weight_dtype = torch.float16 if train.mixed_precision == "fp16" else torch.bfloat16
+        unet.to(dtype=weight_dtype)
+        for encoder in text_encoders:
+            encoder.to(dtype=weight_dtype)
+    return Models(pipeline, text_encoders, noise_scheduler, accelerator, device)
+
+
+def attach_adapters(models: Models, run: Run) -> Adapters:
+    """Attach the LoRA adapters; their parameters stay in float32 whatever the frozen weights
+    are. Gradient checkpointing is switched on here when asked."""
+    train = run.train
+    lora_configs = attach_lora(models.pipeline, run.candidate, train, run.seed)
+    unet_parameters = [p for p in models.unet.parameters() if p.requires_grad]
+    text_parameters = [p for e in models.text_encoders for p in e.parameters() if p.requires_grad]
+    for parameter in (*unet_parameters, *text_parameters):
+        parameter.data = parameter.data.float()
+    if train.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if train.text_encoder_lora:
+            for encoder in models.text_encoders:
+                encoder.gradient_checkpointing_enable()
+    return Adapters(lora_configs, unet_parameters, text_parameters)
+
+
+def build_optimizer_and_scheduler(adapters: Adapters, run: Run) -> tuple[Any, Any]:
+    """The optimizer (one parameter group per learning rate) and the learning-rate schedule."""
+    from diffusers.optimization import get_scheduler
+
+    candidate, train = run.candidate, run.train
+    groups = [{"params": adapters.unet_parameters, "lr": candidate.learning_rate}]
+    if adapters.text_parameters:
+        text_lr = candidate.text_encoder_learning_rate
+        groups.append(
+            {
+                "params": adapters.text_parameters,
+                "lr": candidate.learning_rate if text_lr is None else text_lr,
+            }
+        )
+    optimizer = build_optimizer(groups, train)
+    lr_scheduler = get_scheduler(
+        train.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=train.lr_warmup_steps,
+        num_training_steps=train.max_steps,
+    )
+    return optimizer, lr_scheduler
+
+
+def build_data(
+    models: Models,
+    base_dir: str | Path,
+    rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    run: Run,
+) -> TrainingData:
+    """Sizes (buckets) and crops once; latents and text through the caches.
+
+    Train items are encoded up front only for what is cached; validation always uses the
+    caches' functions (never augmented captions).
+    """
+    train = run.train
+    multiple = size_multiple(models.pipeline)
+    items = plan_items(rows, run.resolution, train, multiple)
+    val_items = plan_items(val_rows, run.resolution, train, multiple) if len(val_rows) else []
+    encoder = CachedEncoder(models, base_dir, run)
+    encoded = [
+        Encoded(
+            encoder.latent(item) if train.cache.latents else torch.empty(0),
+            encoder.text(item.caption) if train.cache.text_encoder_outputs else None,
+        )
+        for item in items
+    ]
+    val_encoded = [Encoded(encoder.latent(item), encoder.text(item.caption)) for item in val_items]
+    encoder.report()
+    return TrainingData(items, val_items, encoded, val_encoded, encoder)
+
+
+def prepare_with_accelerate(
+    models: Models, run: Run, optimizer: Any, lr_scheduler: Any
+) -> Prepared:
+    """accelerate wraps what trains (DDP across processes, autocast)."""
+    text_encoders = models.text_encoders if run.train.text_encoder_lora else []
+    trained_models = [models.unet, *text_encoders]
+    *wrapped_models, optimizer, lr_scheduler = models.accelerator.prepare(
+        *trained_models, optimizer, lr_scheduler
+    )
+    return Prepared(trained_models, wrapped_models, optimizer, lr_scheduler)
+
+
+def new_loop_state(run: Run, items: list[Item]) -> LoopState:
+    """The trainer's own generators, seeded from the seed and the candidate's name, and the
+    data order drawing from the first of them. Created in this order, always."""
+    generators = {
+        "order": _generator(run.seed, run.candidate, "batches"),
+        "noise": _generator(run.seed, run.candidate, "noise"),
+        "captions": _generator(run.seed, run.candidate, "captions"),
+    }
+    order = DataOrder(items, run.train.batch_size, generators["order"])
+    return LoopState(generators, order)
+
+
+def restore_or_init(
+    run: Run,
+    fingerprint: str,
+    models: Models,
+    data: TrainingData,
+    prepared: Prepared,
+    loop: LoopState,
+) -> None:
+    """Resume from the latest state of this very run, or start afresh from seeded RNGs.
+
+    A fresh start measures the initial validation loss first, then seeds python's, numpy's and
+    torch's global RNGs (peft's dropout draws from torch's); a resumed run restores them all.
+    """
+    train, state_dir, candidate = run.train, run.state_dir, run.candidate
+    latest = states.latest_state(state_dir, fingerprint) if train.resume else None
+    if not train.resume and state_dir.exists():
+        import shutil
+
+        shutil.rmtree(state_dir)
+    states.clean_stale_temporaries(state_dir)
+    if latest is not None:
+        loop.start = latest.step
+        load_adapter_state(models.pipeline, states.load_adapter(latest.folder))
+        training = states.load_training(latest.folder)
+        prepared.optimizer.load_state_dict(training["optimizer"])
+        prepared.lr_scheduler.load_state_dict(training["lr_scheduler"])
+        loop.order.load_state_dict(training["order"])
+        states.restore_rng(training["rng"], loop.generators)
+        loop.history = latest.progress["history"]
+        loop.val_losses = latest.progress["val_losses"]
+        loop.initial_val_loss = latest.progress["initial_val_loss"]
+        log.info("%s: resuming from step %d (%s)", candidate.name, loop.start, latest.folder)
+    else:
+        if data.val_items:
+            loop.initial_val_loss = validation_loss(
+                models.unet,
+                models.noise_scheduler,
+                data.val_items,
+                data.val_encoded,
+                models.vae.config.scaling_factor,
+                run.family,
+                run.seed,
+            )
+        random.seed(derive_seed(run.seed, candidate.name, "python"))
+        np.random.seed(derive_seed(run.seed, candidate.name, "numpy") % 2**32)
+        torch.manual_seed(derive_seed(run.seed, candidate.name, "torch"))
+
+
+@dataclass
+class Exporter:
+    """Writes a checkpoint's LoRA files (both formats) and its samples into out_dir."""
+
+    run: Run
+    adapters: Adapters
+    items: list[Item]
+    config_digest: str
+    data_digest: str
+
+    def export(
+        self, step: int, peft_states: dict[str, dict[str, torch.Tensor]], samples: Path | None
+    ) -> None:
+        run, out_dir = self.run, self.run.out_dir
+        metadata = _export_metadata(
+            run.candidate,
+            run.train,
+            step,
+            run.context,
+            run.info,
+            self.items,
+            self.config_digest,
+            self.data_digest,
+        )
+        lora = LoraExport(
+            family=run.family,
+            name=run.candidate.name,
+            step=step,
+            rank=run.candidate.rank,
+            alpha=run.candidate.alpha,
+            configs={
+                name: self.adapters.configs[name].to_dict() for name in self.adapters.components
+            },
+            metadata=metadata,
+        )
+        with atomic_path(out_dir / f"checkpoint-{step}") as temp:
+            temp.mkdir(parents=True)
+            write_lora_files(temp, lora, peft_states, run.resolution)
+        if (
+            samples is not None
+            and samples.is_dir()
+            and not (out_dir / "samples" / samples.name).exists()
+        ):
+            with atomic_path(out_dir / "samples" / samples.name) as temp:
+                import shutil
+
+                shutil.copytree(samples, temp)
+
+    def rewrite_missing(self, start: int) -> None:
+        """A resumed run whose earlier exports were removed (DVC clears outputs) writes them
+        again from the saved states."""
+        for saved in states.saved_states(self.run.state_dir):
+            if saved.step <= start and not checkpoint_path(self.run.out_dir, saved.step).is_file():
+                flat = states.load_adapter(saved.folder)
+                self.export(saved.step, _split_components(flat), saved.folder / states.SAMPLES_DIR)
+
+
+def noisy_inputs(
+    batch: list[int],
+    data: TrainingData,
+    models: Models,
+    train: TrainConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents (a fresh sample from each image's cached posterior), noise and timesteps.
+
+    Every draw comes from the noise generator in this order: latent sample, noise, offset
+    noise, timesteps. Reordering them changes every number after.
+    """
+    device = models.device
+    parameters = torch.stack(
+        [
+            data.encoded[i].latent_parameters
+            if train.cache.latents
+            else data.encoder.latent(data.items[i])
+            for i in batch
+        ]
+    )
+    mean, logvar = parameters.chunk(2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    sample = mean + std * torch.randn(mean.shape, generator=generator)
+    latents = (sample * models.vae.config.scaling_factor).to(device)
+    noise = torch.randn(latents.shape, generator=generator)
+    if train.noise_offset:
+        # Offset noise (Guttenberg 2023): lets the model learn overall brightness.
+        noise = noise + train.noise_offset * torch.randn(
+            (*latents.shape[:2], 1, 1), generator=generator
+        )
+    noise = noise.to(device)
+    timesteps = torch.randint(
+        0,
+        models.noise_scheduler.config.num_train_timesteps,
+        (len(batch),),
+        generator=generator,
+    ).to(device)
+    return latents, noise, timesteps
+
+
+def batch_text(
+    batch: list[int],
+    data: TrainingData,
+    models: Models,
+    run: Run,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """The batch's text conditioning: from the cache, or its augmented captions encoded now
+    (with gradients only when the text encoders train)."""
+    train = run.train
+    if train.cache.text_encoder_outputs:
+        return {
+            key: torch.cat([data.encoded[i].text[key] for i in batch]).to(models.device)
+            for key in data.encoded[batch[0]].text
+        }
+    captions = [augment_caption(data.items[i].caption, train, generator) for i in batch]
+    grad = contextlib.nullcontext() if train.text_encoder_lora else torch.no_grad()
+    with grad:
+        return encode_captions(models.pipeline, run.family, captions)
+
+
+def training_step(
+    run: Run,
+    models: Models,
+    adapters: Adapters,
+    data: TrainingData,
+    prepared: Prepared,
+    loop: LoopState,
+) -> tuple[float, float]:
+    """One optimizer step over `gradient_accumulation_steps` batches.
+
+    Returns the mean loss and the gradient norm (NaN if the gradients never synced).
+    """
+    train, accelerator = run.train, models.accelerator
+    step_loss, grad_norm = 0.0, float("nan")
+    for _ in range(train.gradient_accumulation_steps):
+        batch = loop.order.next()
+        batch_items = [data.items[index] for index in batch]
+        latents, noise, timesteps = noisy_inputs(
+            batch, data, models, train, loop.generators["noise"]
+        )
+        with accelerator.accumulate(*prepared.wrapped_models), accelerator.autocast():
+            text = batch_text(batch, data, models, run, loop.generators["captions"])
+            time_ids = (
+                sdxl_time_ids(batch_items).to(models.device) if run.family == "sdxl" else None
+            )
+            loss = diffusion_loss(
+                prepared.wrapped_models[0],
+                models.noise_scheduler,
+                latents,
+                text,
+                time_ids,
+                noise,
+                timesteps,
+                train.min_snr_gamma,
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                all_parameters = [*adapters.unet_parameters, *adapters.text_parameters]
+                grad_norm = float(accelerator.clip_grad_norm_(all_parameters, train.max_grad_norm))
+            prepared.optimizer.step()
+            prepared.lr_scheduler.step()
+            prepared.optimizer.zero_grad(set_to_none=True)
+        step_loss += float(loss.detach()) / train.gradient_accumulation_steps
+    return step_loss, grad_norm
+
+
+def record_step(
+    step: int,
+    step_loss: float,
+    grad_norm: float,
+    is_checkpoint: bool,
+    run: Run,
+    models: Models,
+    data: TrainingData,
+    prepared: Prepared,
+    loop: LoopState,
+) -> dict[str, Any]:
+    """The step's metrics (validation loss at checkpoints and every `validation.every` steps),
+    appended to the history; returns them."""
+    val_every = run.train.validation.every
+    metrics: dict[str, Any] = {
+        "loss": step_loss,
+        "learning_rate": prepared.lr_scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+    }
+    if data.val_items and (is_checkpoint or (val_every and step % val_every == 0)):
+        metrics["val_loss"] = validation_loss(
+            models.unet,
+            models.noise_scheduler,
+            data.val_items,
+            data.val_encoded,
+            models.vae.config.scaling_factor,
+            run.family,
+            run.seed,
+        )
+        if is_checkpoint:
+            loop.val_losses.append(metrics["val_loss"])
+    loop.history.append({"step": step, **metrics})
+    return metrics
+
+
+def save_checkpoint(
+    step: int,
+    step_loss: float,
+    fingerprint: str,
+    run: Run,
+    models: Models,
+    adapters: Adapters,
+    prepared: Prepared,
+    loop: LoopState,
+    exporter: Exporter,
+) -> None:
+    """Render the samples, export the LoRA in both formats, then save the full training state
+    (adapter, optimizer, scheduler, data order, every RNG, history) for resuming."""
+    train = run.train
+    samples = None
+    if train.validation.sample_prompts:
+        samples = run.out_dir / "samples" / f"step-{step:06d}"
+        for model in prepared.trained_models:
+            model.eval()
+        render_samples(
+            models.pipeline,
+            train,
+            run.resolution,
+            run.seed,
+            run.context.trigger,
+            samples,
+            run.info.stand_in,
+        )
+        for model in prepared.trained_models:
+            model.train()
+    peft_states = adapter_state(models.pipeline, adapters.components)
+    exporter.export(step, peft_states, samples)
+    training = {
+        "optimizer": prepared.optimizer.state_dict(),
+        "lr_scheduler": prepared.lr_scheduler.state_dict(),
+        "order": loop.order.state_dict(),
+        "rng": states.capture_rng(loop.generators),
+    }
+    flat = {
+        f"{name}.{key}": value
+        for name, state in peft_states.items()
+        for key, value in state.items()
+    }
+    progress_payload = {
+        "initial_val_loss": loop.initial_val_loss,
+        "fingerprint": fingerprint,
+        "history": loop.history,
+        "val_losses": loop.val_losses,
+    }
+    states.save_state(run.state_dir, step, flat, training, progress_payload, samples)
+    log.info("%s: saved checkpoint-%d (loss %.4f)", run.candidate.name, step, step_loss)
+
+
+def finish(
+    run: Run, loop: LoopState, data: TrainingData, saves: set[int], started: float
+) -> TrainResult:
+    """Write history.csv and sum the run up."""
+    candidate = run.candidate
+    frame = pd.DataFrame(loop.history, columns=HISTORY_COLUMNS)
+    write_csv(run.out_dir / "history.csv", frame)
+    return TrainResult(
+        name=candidate.name,
+        rank=candidate.rank,
+        alpha=candidate.alpha,
+        learning_rate=candidate.learning_rate,
+        checkpoints=sorted(saves),
+        final_loss=float(loop.history[-1]["loss"]),
+        val_loss=loop.val_losses if data.val_items else None,
+        initial_val_loss=loop.initial_val_loss,
+        seconds=time.perf_counter() - started,
+        resumed_from=loop.start,
+        history=frame,
+    )
+
+
 def train_candidate(
     base_dir: str | Path,
     dataset_dir: str | Path,
@@ -675,309 +1256,51 @@ def train_candidate(
     configuration and data. `trigger` labels the kohya file and fills `{trigger}` in sample
     prompts; captions already hold it.
     """
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    state_dir = Path(state_dir) if state_dir else Path(train.state_dir) / candidate.name
-    context = context or RunContext(trigger=trigger)
-    info = read_base_info(base_dir)
-    family = info.family
+    run = Run(
+        candidate=candidate,
+        train=train,
+        resolution=resolution,
+        seed=seed,
+        out_dir=Path(out_dir),
+        state_dir=Path(state_dir) if state_dir else Path(train.state_dir) / candidate.name,
+        context=context or RunContext(trigger=trigger),
+        info=read_base_info(base_dir),
+    )
     rows, val_rows = read_split(dataset_dir), read_split(dataset_dir, "val")
 
-    # Load the base model and freeze it: only the LoRA matrices train.
-    pipeline = load_base_pipeline(base_dir)
-    vae, unet = pipeline.vae, pipeline.unet
-    text_encoders = _text_encoders(pipeline)
-    for module in (vae, unet, *text_encoders):
-        module.requires_grad_(False)
-    check_candidates(pipeline, train.model_copy(update={"candidates": [candidate]}), resolution)
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    _reset_accelerate_precision(train.mixed_precision)
-    accelerator = Accelerator(
-        mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),
-    )
-    device = accelerator.device
-    if device.type == "cuda" and train.mixed_precision != "no":
-        # Frozen weights in half precision (the VRAM saving); the SDXL VAE overflows in fp16.
-        weight_dtype = torch.float16 if train.mixed_precision == "fp16" else torch.bfloat16
-        unet.to(dtype=weight_dtype)
-        for encoder in text_encoders:
-            encoder.to(dtype=weight_dtype)
-
-    # The adapters. Their parameters stay in float32 whatever the frozen weights are.
-    lora_configs = attach_lora(pipeline, candidate, train, seed)
-    components = list(lora_configs)
-    unet_parameters = [p for p in unet.parameters() if p.requires_grad]
-    text_parameters = [p for e in text_encoders for p in e.parameters() if p.requires_grad]
-    for parameter in (*unet_parameters, *text_parameters):
-        parameter.data = parameter.data.float()
-    if train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if train.text_encoder_lora:
-            for encoder in text_encoders:
-                encoder.gradient_checkpointing_enable()
-    groups = [{"params": unet_parameters, "lr": candidate.learning_rate}]
-    if text_parameters:
-        text_lr = candidate.text_encoder_learning_rate
-        groups.append(
-            {
-                "params": text_parameters,
-                "lr": candidate.learning_rate if text_lr is None else text_lr,
-            }
-        )
-    optimizer = build_optimizer(groups, train)
-    lr_scheduler = get_scheduler(
-        train.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=train.lr_warmup_steps,
-        num_training_steps=train.max_steps,
-    )
-
-    # The data: sizes (buckets) and crops once; latents and text through the caches.
-    multiple = size_multiple(pipeline)
-    items = plan_items(rows, resolution, train, multiple)
-    val_items = plan_items(val_rows, resolution, train, multiple) if len(val_rows) else []
-    location = pipeline_location(base_dir)
-    cache_root = train.cache.dir
-    latent_cache = TensorCache(cache_root if train.cache.latents else None, "latents")
-    text_cache = TensorCache(cache_root if train.cache.text_encoder_outputs else None, "text")
-    vae_fingerprint = component_fingerprint(location / "vae")
-    text_fingerprint = config_hash(
-        {
-            name: component_fingerprint(location / name)
-            for name in ("text_encoder", "text_encoder_2")
-            if (location / name).is_dir()
-        }
-    )
-
-    def encode_latent(item: Item) -> torch.Tensor:
-        key = cache_key("latent", item.sha256, vae_fingerprint, item.size, item.crop)
-
-        def compute() -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                pixels = load_pixels(item)[None].to(device, dtype=vae.dtype)
-                return {"parameters": vae.encode(pixels).latent_dist.parameters[0].float()}
-
-        return latent_cache.get_or_compute(key, compute)["parameters"]
-
-    def encode_text_cached(caption: str) -> dict[str, torch.Tensor]:
-        key = cache_key("text", family, caption, text_fingerprint)
-
-        def compute() -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                return encode_captions(pipeline, family, [caption])
-
-        return text_cache.get_or_compute(key, compute)
-
-    cache_latents = train.cache.latents
-    encoded = [
-        Encoded(
-            encode_latent(item) if cache_latents else torch.empty(0),
-            encode_text_cached(item.caption) if train.cache.text_encoder_outputs else None,
-        )
-        for item in items
-    ]
-    # Validation always uses the caches' functions (never augmented captions).
-    val_encoded = [
-        Encoded(encode_latent(item), encode_text_cached(item.caption)) for item in val_items
-    ]
-    latent_cache.report()
-    text_cache.report()
-
-    # accelerate wraps what trains (DDP across processes, autocast); the pipeline keeps the
-    # plain modules for validation, samples and export.
-    trained_models = [unet, *(text_encoders if train.text_encoder_lora else [])]
-    *prepared_models, optimizer, lr_scheduler = accelerator.prepare(
-        *trained_models, optimizer, lr_scheduler
-    )
-    training_unet = prepared_models[0]
-
-    generators = {
-        "order": _generator(seed, candidate, "batches"),
-        "noise": _generator(seed, candidate, "noise"),
-        "captions": _generator(seed, candidate, "captions"),
-    }
-    order = DataOrder(items, train.batch_size, generators["order"])
+    models = load_frozen_models(base_dir, run)
+    adapters = attach_adapters(models, run)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(adapters, run)
+    data = build_data(models, base_dir, rows, val_rows, run)
+    prepared = prepare_with_accelerate(models, run, optimizer, lr_scheduler)
+    loop = new_loop_state(run, data.items)
     saves = set(checkpoint_steps(train))
-    val_every = train.validation.every
-    history: list[dict[str, Any]] = []
-    val_losses: list[float] = []
-    initial_val_loss = None
+    data_digest = data_fingerprint(data.items, data.val_items)
     fingerprint = run_fingerprint(
-        candidate,
-        train,
-        resolution,
-        seed,
-        data_fingerprint(items, val_items),
-        model_fingerprint(base_dir),
+        candidate, train, resolution, seed, data_digest, model_fingerprint(base_dir)
     )
     config_digest = config_hash(_result_settings(candidate, train, resolution, seed))
-    data_digest = data_fingerprint(items, val_items)
+    restore_or_init(run, fingerprint, models, data, prepared, loop)
+    exporter = Exporter(run, adapters, data.items, config_digest, data_digest)
+    exporter.rewrite_missing(loop.start)
 
-    # Resume: the latest state of this very run, or a fresh start from seeded RNGs.
-    start = 0
-    latest = states.latest_state(state_dir, fingerprint) if train.resume else None
-    if not train.resume and state_dir.exists():
-        import shutil
-
-        shutil.rmtree(state_dir)
-    states.clean_stale_temporaries(state_dir)
-    if latest is not None:
-        start = latest.step
-        load_adapter_state(pipeline, states.load_adapter(latest.folder))
-        training = states.load_training(latest.folder)
-        optimizer.load_state_dict(training["optimizer"])
-        lr_scheduler.load_state_dict(training["lr_scheduler"])
-        order.load_state_dict(training["order"])
-        states.restore_rng(training["rng"], generators)
-        history = latest.progress["history"]
-        val_losses = latest.progress["val_losses"]
-        initial_val_loss = latest.progress["initial_val_loss"]
-        log.info("%s: resuming from step %d (%s)", candidate.name, start, latest.folder)
-    else:
-        if val_items:
-            initial_val_loss = validation_loss(
-                unet,
-                noise_scheduler,
-                val_items,
-                val_encoded,
-                vae.config.scaling_factor,
-                family,
-                seed,
-            )
-        random.seed(derive_seed(seed, candidate.name, "python"))
-        np.random.seed(derive_seed(seed, candidate.name, "numpy") % 2**32)
-        torch.manual_seed(derive_seed(seed, candidate.name, "torch"))
-
-    def export(
-        step: int, peft_states: dict[str, dict[str, torch.Tensor]], samples: Path | None
-    ) -> None:
-        metadata = _export_metadata(
-            candidate, train, step, context, info, items, config_digest, data_digest
-        )
-        lora = LoraExport(
-            family=family,
-            name=candidate.name,
-            step=step,
-            rank=candidate.rank,
-            alpha=candidate.alpha,
-            configs={name: lora_configs[name].to_dict() for name in components},
-            metadata=metadata,
-        )
-        with atomic_path(out_dir / f"checkpoint-{step}") as temp:
-            temp.mkdir(parents=True)
-            write_lora_files(temp, lora, peft_states, resolution)
-        if (
-            samples is not None
-            and samples.is_dir()
-            and not (out_dir / "samples" / samples.name).exists()
-        ):
-            with atomic_path(out_dir / "samples" / samples.name) as temp:
-                import shutil
-
-                shutil.copytree(samples, temp)
-
-    # A resumed run whose earlier exports were removed (DVC clears outputs) writes them again
-    # from the saved states.
-    for saved in states.saved_states(state_dir):
-        if saved.step <= start and not checkpoint_path(out_dir, saved.step).is_file():
-            flat = states.load_adapter(saved.folder)
-            export(saved.step, _split_components(flat), saved.folder / states.SAMPLES_DIR)
-
-    scaling_factor = vae.config.scaling_factor
-    for model in trained_models:
+    for model in prepared.trained_models:
         model.train()
     progress = tqdm(
-        range(start + 1, train.max_steps + 1),
+        range(loop.start + 1, train.max_steps + 1),
         desc=f"train {candidate.name}",
-        initial=start,
+        initial=loop.start,
         total=train.max_steps,
         leave=False,
     )
     for step in progress:
         step_started = time.perf_counter()
-        step_loss, grad_norm = 0.0, float("nan")
-        for _ in range(train.gradient_accumulation_steps):
-            batch = order.next()
-            batch_items = [items[index] for index in batch]
-            # Latents: a fresh sample from each image's (cached) posterior.
-            parameters = torch.stack(
-                [
-                    encoded[i].latent_parameters if cache_latents else encode_latent(items[i])
-                    for i in batch
-                ]
-            )
-            mean, logvar = parameters.chunk(2, dim=1)
-            std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-            sample = mean + std * torch.randn(mean.shape, generator=generators["noise"])
-            latents = (sample * scaling_factor).to(device)
-            noise = torch.randn(latents.shape, generator=generators["noise"])
-            if train.noise_offset:
-                # Offset noise (Guttenberg 2023): lets the model learn overall brightness.
-                noise = noise + train.noise_offset * torch.randn(
-                    (*latents.shape[:2], 1, 1), generator=generators["noise"]
-                )
-            noise = noise.to(device)
-            timesteps = torch.randint(
-                0,
-                noise_scheduler.config.num_train_timesteps,
-                (len(batch),),
-                generator=generators["noise"],
-            ).to(device)
-            with accelerator.accumulate(*prepared_models), accelerator.autocast():
-                if train.cache.text_encoder_outputs:
-                    text = {
-                        key: torch.cat([encoded[i].text[key] for i in batch]).to(device)
-                        for key in encoded[batch[0]].text
-                    }
-                else:
-                    captions = [
-                        augment_caption(item.caption, train, generators["captions"])
-                        for item in batch_items
-                    ]
-                    grad = contextlib.nullcontext() if train.text_encoder_lora else torch.no_grad()
-                    with grad:
-                        text = encode_captions(pipeline, family, captions)
-                time_ids = sdxl_time_ids(batch_items).to(device) if family == "sdxl" else None
-                loss = diffusion_loss(
-                    training_unet,
-                    noise_scheduler,
-                    latents,
-                    text,
-                    time_ids,
-                    noise,
-                    timesteps,
-                    train.min_snr_gamma,
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    all_parameters = [*unet_parameters, *text_parameters]
-                    grad_norm = float(
-                        accelerator.clip_grad_norm_(all_parameters, train.max_grad_norm)
-                    )
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += float(loss.detach()) / train.gradient_accumulation_steps
+        step_loss, grad_norm = training_step(run, models, adapters, data, prepared, loop)
         states.kill_point("step", step)
-
-        metrics: dict[str, Any] = {
-            "loss": step_loss,
-            "learning_rate": lr_scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-        }
-        if val_items and (step in saves or (val_every and step % val_every == 0)):
-            metrics["val_loss"] = validation_loss(
-                unet, noise_scheduler, val_items, val_encoded, scaling_factor, family, seed
-            )
-            if step in saves:
-                val_losses.append(metrics["val_loss"])
-        history.append({"step": step, **metrics})
+        metrics = record_step(
+            step, step_loss, grad_norm, step in saves, run, models, data, prepared, loop
+        )
         progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
         if on_step is not None:
             timing = {
@@ -986,54 +1309,11 @@ def train_candidate(
             }
             on_step(step, {**metrics, **timing})
         if step in saves:
-            samples = None
-            if train.validation.sample_prompts:
-                samples = out_dir / "samples" / f"step-{step:06d}"
-                for model in trained_models:
-                    model.eval()
-                render_samples(
-                    pipeline, train, resolution, seed, context.trigger, samples, info.stand_in
-                )
-                for model in trained_models:
-                    model.train()
-            peft_states = adapter_state(pipeline, components)
-            export(step, peft_states, samples)
-            training = {
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "order": order.state_dict(),
-                "rng": states.capture_rng(generators),
-            }
-            flat = {
-                f"{name}.{key}": value
-                for name, state in peft_states.items()
-                for key, value in state.items()
-            }
-            progress_payload = {
-                "initial_val_loss": initial_val_loss,
-                "fingerprint": fingerprint,
-                "history": history,
-                "val_losses": val_losses,
-            }
-            states.save_state(state_dir, step, flat, training, progress_payload, samples)
-            log.info("%s: saved checkpoint-%d (loss %.4f)", candidate.name, step, step_loss)
+            save_checkpoint(
+                step, step_loss, fingerprint, run, models, adapters, prepared, loop, exporter
+            )
     progress.close()
-
-    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    write_csv(out_dir / "history.csv", frame)
-    return TrainResult(
-        name=candidate.name,
-        rank=candidate.rank,
-        alpha=candidate.alpha,
-        learning_rate=candidate.learning_rate,
-        checkpoints=sorted(saves),
-        final_loss=float(history[-1]["loss"]),
-        val_loss=val_losses if val_items else None,
-        initial_val_loss=initial_val_loss,
-        seconds=time.perf_counter() - started,
-        resumed_from=start,
-        history=frame,
-    )
+    return finish(run, loop, data, saves, started)
 
 
 def _reset_accelerate_precision(mixed_precision: str) -> None:
