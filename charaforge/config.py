@@ -234,6 +234,8 @@ class TrainConfig(_Strict):
     # resnet blocks) or explicit module names, matched as peft matches them.
     target_modules: Literal["attention", "attention_ff", "all"] | list[str]
     candidates: list[CandidateConfig] = Field(min_length=1)
+    # torch CPU threads for training (None: torch's default); see models.set_cpu_threads.
+    cpu_threads: int | None = Field(default=None, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     text_encoder_lora: bool = False
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"

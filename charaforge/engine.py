@@ -35,7 +35,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from charaforge.config import ConfigError
 from charaforge.io import sha256_bytes, sha256_file, write_json, write_png
-from charaforge.models import load_base_pipeline, read_base_info, resolve_pretrained
+from charaforge.models import (
+    load_base_pipeline,
+    read_base_info,
+    resolve_pretrained,
+    set_cpu_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +225,7 @@ class GenerationEngine:
                 f"memory: {memory} moves modules between the CPU and an accelerator; "
                 "this engine runs on the CPU (use memory=device, or a cuda device)"
             )
-        if cpu_threads is not None:
-            # Process-wide. The tiny stand-ins run far faster on one thread when the cores are
-            # shared (OpenMP threads spin-wait for each other: 10-20x slower measured on 2 busy
-            # cores), and a fixed count keeps CPU bytes independent of the machine's core count.
-            torch.set_num_threads(cpu_threads)
+        set_cpu_threads(cpu_threads)
         self.device = device
         self.memory = memory
         self.batch_mode = batch_mode

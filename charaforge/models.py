@@ -73,6 +73,17 @@ def set_determinism() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def set_cpu_threads(threads: int | None) -> None:
+    """Fix torch's CPU thread count for this process (None: leave torch's default).
+
+    The tiny stand-ins run far faster on one thread when the cores are shared (OpenMP threads
+    spin-wait for each other: 10-20x slower measured on 2 busy cores), and a fixed count keeps
+    CPU bytes independent of the machine's core count.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 # --- the stand-in -------------------------------------------------------------------------------
 
 

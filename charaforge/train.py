@@ -41,7 +41,12 @@ from charaforge.lora_files import (
     kohya_file_name,
     write_lora_files,
 )
-from charaforge.models import load_base_pipeline, pipeline_location, read_base_info
+from charaforge.models import (
+    load_base_pipeline,
+    pipeline_location,
+    read_base_info,
+    set_cpu_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1413,6 +1418,7 @@ def train_all(
 
     Every check runs first, for all candidates, so a bad configuration fails before any work.
     """
+    set_cpu_threads(train.cpu_threads)
     read_split(dataset_dir)
     info = read_base_info(base_dir)
     check_candidates(load_base_pipeline(base_dir), train, resolution)
