@@ -25,3 +25,23 @@ def _committed_params() -> dict:
 def params_dict(_committed_params: dict) -> dict:
     """A fresh, mutable copy of the committed params.yaml."""
     return copy.deepcopy(_committed_params)
+
+
+# The trainer tests share a tiny stand-in base model and dataset, built once per test module
+# (module scope: a module that changes the dataset cannot leak into another).
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_models_train import STAND_IN
+
+    from charaforge.models import write_base
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    write_base(STAND_IN, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_models_train import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("dataset") / "dataset")

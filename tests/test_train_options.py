@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from test_models_train import STAND_IN, make_dataset, tiny_train
+from test_models_train import make_dataset, tiny_train
 
 from charaforge.config import CandidateConfig, ConfigError, ModelConfig, TrainConfig
 from charaforge.models import write_base
@@ -25,18 +25,6 @@ from charaforge.train import (
     train_all,
     train_candidate,
 )
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("base") / "base"
-    write_base(STAND_IN, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("dataset") / "dataset")
 
 
 @pytest.fixture(autouse=True)

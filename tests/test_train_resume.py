@@ -16,25 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_models_train import STAND_IN, make_dataset, tiny_train
+from test_models_train import tiny_train
 
 from charaforge.checkpoint import KILL_ENV, saved_states
-from charaforge.models import write_base
 from charaforge.train import RunContext, train_all, train_candidate
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("base") / "base"
-    write_base(STAND_IN, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("dataset") / "dataset")
 
 
 @pytest.fixture(autouse=True)
