@@ -789,6 +789,19 @@ class TrainingData:
     encoder: CachedEncoder
 
 
+def run_validation(models: Models, data: TrainingData, run: Run) -> float:
+    """The deterministic validation loss of the current weights (fixed timesteps and noise)."""
+    return validation_loss(
+        models.unet,
+        models.noise_scheduler,
+        data.val_items,
+        data.val_encoded,
+        models.vae.config.scaling_factor,
+        run.family,
+        run.seed,
+    )
+
+
 def load_frozen_models(base_dir: str | Path, run: Run) -> Models:
     """Load the base model and freeze it: only the LoRA matrices train.
 
@@ -952,15 +965,7 @@ def restore_or_init(
         log.info("%s: resuming from step %d (%s)", candidate.name, loop.start, latest.folder)
     else:
         if data.val_items:
-            loop.initial_val_loss = validation_loss(
-                models.unet,
-                models.noise_scheduler,
-                data.val_items,
-                data.val_encoded,
-                models.vae.config.scaling_factor,
-                run.family,
-                run.seed,
-            )
+            loop.initial_val_loss = run_validation(models, data, run)
         random.seed(derive_seed(run.seed, candidate.name, "python"))
         np.random.seed(derive_seed(run.seed, candidate.name, "numpy") % 2**32)
         torch.manual_seed(derive_seed(run.seed, candidate.name, "torch"))
@@ -1151,15 +1156,7 @@ def record_step(
         "grad_norm": grad_norm,
     }
     if data.val_items and (is_checkpoint or (val_every and step % val_every == 0)):
-        metrics["val_loss"] = validation_loss(
-            models.unet,
-            models.noise_scheduler,
-            data.val_items,
-            data.val_encoded,
-            models.vae.config.scaling_factor,
-            run.family,
-            run.seed,
-        )
+        metrics["val_loss"] = run_validation(models, data, run)
         if is_checkpoint:
             loop.val_losses.append(metrics["val_loss"])
     loop.history.append({"step": step, **metrics})
