@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave with the table
 
-import pandas as pd
 import torch
-from PIL import Image, ImageDraw
 
 from charaforge.config import EvalConfig, ModelConfig, TrainConfig
 from charaforge.engine import GenerationEngine, RenderTimer
@@ -32,18 +31,14 @@ from charaforge.models import write_base
 from charaforge.sweep import BASE_CANDIDATE, plan_jobs, read_candidates, run_sweep
 from charaforge.train import checkpoint_path, train_all
 
+# The benchmark trains on the same drawn images as the engine tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from engine_fixtures import write_drawn_dataset  # noqa: E402
+
 
 def build_workspace(root: Path, candidates: int) -> None:
     write_base(ModelConfig(family="sd15", source="stand_in", resolution=64), root / "base")
-    images = root / "dataset" / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for index in range(4):
-        image = Image.new("RGB", (64, 64), (200, 40 * index, 90))
-        ImageDraw.Draw(image).ellipse((16, 8 + index, 48, 40 + index), fill=(20, 20, 220))
-        image.save(images / f"{index}.png")
-        rows.append({"image_path": str(images / f"{index}.png"), "caption": "t", "split": "train"})
-    pd.DataFrame(rows).to_parquet(root / "dataset" / "metadata.parquet")
+    write_drawn_dataset(root / "dataset", "t")
     train = TrainConfig(
         batch_size=2,
         max_steps=4,
@@ -53,8 +48,18 @@ def build_workspace(root: Path, candidates: int) -> None:
             {"name": f"c{index}", "rank": 4, "alpha": 4, "learning_rate": 1e-3}
             for index in range(candidates)
         ],
+        cache={"dir": str(root / "cache")},
     )
-    train_all(root / "base", root / "dataset", train, 64, 1, root / "train", root / "plots")
+    train_all(
+        root / "base",
+        root / "dataset",
+        train,
+        64,
+        1,
+        root / "train",
+        root / "plots",
+        state_dir=root / "train_state",
+    )
 
 
 def naive_loop(root: Path, evaluation: EvalConfig, seed: int, timer: RenderTimer) -> int:

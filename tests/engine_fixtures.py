@@ -28,11 +28,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def make_workspace(root: Path, max_steps: int = 4) -> Path:
-    """root/base (stand-in SD1.5, 64 px) and root/train (candidate r4: alpha 8 != rank 4,
-    checkpoints every 2 steps), trained on four drawn images."""
-    write_base(ModelConfig(family="sd15", source="stand_in", resolution=64), root / "base")
-    images = root / "dataset" / "images"
+def write_drawn_dataset(dataset_dir: Path, caption: str) -> None:
+    """Four drawn 64 px training images and their metadata, as the `dataset` stage writes it."""
+    images = dataset_dir / "images"
     images.mkdir(parents=True)
     rows = []
     for index in range(4):
@@ -40,15 +38,23 @@ def make_workspace(root: Path, max_steps: int = 4) -> Path:
         ImageDraw.Draw(image).ellipse((16, 8 + index, 48, 40 + index), fill=(20, 20, 220))
         image.save(images / f"{index}.png")
         rows.append(
-            {"image_path": str(images / f"{index}.png"), "caption": PROMPT, "split": "train"}
+            {"image_path": str(images / f"{index}.png"), "caption": caption, "split": "train"}
         )
-    pd.DataFrame(rows).to_parquet(root / "dataset" / "metadata.parquet")
+    pd.DataFrame(rows).to_parquet(dataset_dir / "metadata.parquet")
+
+
+def make_workspace(root: Path, max_steps: int = 4) -> Path:
+    """root/base (stand-in SD1.5, 64 px) and root/train (candidate r4: alpha 8 != rank 4,
+    checkpoints every 2 steps), trained on four drawn images."""
+    write_base(ModelConfig(family="sd15", source="stand_in", resolution=64), root / "base")
+    write_drawn_dataset(root / "dataset", PROMPT)
     train = TrainConfig(
         batch_size=2,
         max_steps=max_steps,
         checkpoint_every=2,
         target_modules=["to_q", "to_k", "to_v", "to_out.0"],
         candidates=[{"name": "r4", "rank": 4, "alpha": 8, "learning_rate": 0.05}],
+        cache={"dir": str(root / "cache")},
     )
     train_all(
         root / "base",
@@ -59,5 +65,7 @@ def make_workspace(root: Path, max_steps: int = 4) -> Path:
         root / "train",
         root / "plots",
         trigger="aoi_cf",
+        # Resume state beside the workspace, not in the current directory's data/.
+        state_dir=root / "train_state",
     )
     return root
