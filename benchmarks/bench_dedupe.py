@@ -3,7 +3,7 @@
 Every number is measured in this run, against a baseline measured in the same run, so the ratios
 hold on a busy machine even where the absolute times do not:
 
-1. Hashing: `charaforge.dedupe.hash_files` (partial decoding + a process pool) against a plain
+1. Hashing: `prepare.dedupe.hash_files` (partial decoding + a process pool) against a plain
    per-image loop `imagehash.phash(Image.open(path))`, on the same JPEG and PNG files.
 2. Search: multi-index hashing against the vectorised all-pairs brute force on random 64-bit
    hashes with planted near pairs, at 100k and 1M hashes. Brute force at 1M (and at 100k with
@@ -33,9 +33,9 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from charaforge import dedupe  # noqa: E402
 from charaforge.config import DedupeConfig  # noqa: E402
-from charaforge.io import derive_seed  # noqa: E402
+from charaforge.core.files import derive_seed  # noqa: E402
+from charaforge.prepare import dedupe  # noqa: E402
 
 SEED = 1234
 CONFIG = DedupeConfig(hash="phash", hash_size=8, threshold=10)

@@ -7,7 +7,7 @@ hold on a busy machine even where the absolute times do not:
    (the same aligned faces, the same ONNX session); the embeddings must agree.
 2. CLIP image embeddings (CLIP-I, CLIP-T, diversity, memorisation share them): batches of 16
    against batch 1.
-3. Bootstrap of the composite: the vectorised resampling `report.bootstrap_composite_ci`
+3. Bootstrap of the composite: the vectorised resampling `statistics.bootstrap_composite_ci`
    against a Python loop over the resamples; the intervals must agree.
 4. Memorisation search: vectorised pHash Hamming nearest neighbour against a per-pair loop.
 
@@ -26,8 +26,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from charaforge import face, report, scoring  # noqa: E402
 from charaforge.config import ClipConfig, FaceConfig  # noqa: E402
+from charaforge.evaluate import memorisation  # noqa: E402
+from charaforge.models import (
+    clip,  # noqa: E402
+    face,  # noqa: E402
+)
+from charaforge.selection import statistics  # noqa: E402
 
 
 def _timed(function, repeats: int = 3) -> tuple[float, object]:  # noqa: ANN001
@@ -61,7 +66,7 @@ def main() -> None:
         assert np.allclose(single, batched, atol=1e-5)
         _line("ArcFace recognition (stand-in)", one, many, "faces", n_faces)
 
-    embedder = scoring.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
+    embedder = clip.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
     images = [
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n_images)
     ]
@@ -78,13 +83,13 @@ def main() -> None:
     def loop() -> tuple[float, float]:
         picker = np.random.default_rng(7)
         picks = picker.integers(0, len(values), size=(draws, len(values)))
-        composites = [report.composite_of(values[row], weights) for row in picks]
+        composites = [statistics.composite_of(values[row], weights) for row in picks]
         low, high = np.quantile(composites, [0.025, 0.975])
         return float(low), float(high)
 
     one, looped = _timed(loop)
     many, vectorised = _timed(
-        lambda: report.bootstrap_composite_ci(values, weights, draws, 0.95, seed=7)
+        lambda: statistics.bootstrap_composite_ci(values, weights, draws, 0.95, seed=7)
     )
     assert np.allclose(looped, vectorised)
     _line("bootstrap CI (1000 resamples)", one, many, "rows", 1)
@@ -98,7 +103,7 @@ def main() -> None:
         )
 
     one, looped = _timed(pairs, repeats=1)
-    many, vectorised = _timed(lambda: scoring.nearest_hamming(generated, training))
+    many, vectorised = _timed(lambda: memorisation.nearest_hamming(generated, training))
     assert np.array_equal(looped, vectorised)
     _line("pHash nearest training image", one, many, "images", len(generated))
 

@@ -26,10 +26,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import torch
 
 from charaforge.config import EvalConfig, ModelConfig, TrainConfig
-from charaforge.engine import GenerationEngine, RenderTimer
-from charaforge.models import write_base
-from charaforge.sweep import BASE_CANDIDATE, plan_jobs, read_candidates, run_sweep
-from charaforge.train import checkpoint_path, train_all
+from charaforge.core.layout import checkpoint_path
+from charaforge.generate.batching import RenderTimer
+from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.sweep import BASE_CANDIDATE, plan_jobs, read_candidates, run_sweep
+from charaforge.models.base import write_base
+from charaforge.train import train_all
 
 # The benchmark trains on the same drawn images as the engine tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -72,7 +72,7 @@ def make_data(root: Path) -> None:
     from PIL import Image
 
     from charaforge.config import ModelConfig
-    from charaforge.models import write_base
+    from charaforge.models.base import write_base
 
     write_base(ModelConfig(family="sd15", source="stand_in", resolution=RESOLUTION), root / "base")
     images = root / "dataset" / "images"
@@ -101,7 +101,7 @@ def run_plain(root: Path, steps: int) -> dict[str, float]:
     from PIL import Image
     from torchvision import transforms
 
-    from charaforge.models import load_base_pipeline
+    from charaforge.models.base import load_base_pipeline
 
     torch.manual_seed(0)
     reset_peak_rss()

@@ -12,17 +12,19 @@ from typing import Annotated
 
 import typer
 
-from charaforge.config import ConfigError
-from charaforge.engine import (
-    PRESETS,
-    SCHEDULERS,
-    GenerationEngine,
-    adapter_name,
-    lora_file,
-    write_image,
-)
-from charaforge.registry import LoraRegistry
-from charaforge.train import checkpoint_path
+from charaforge.core import layout
+from charaforge.core.layout import checkpoint_path
+from charaforge.errors import ConfigError
+from charaforge.generate.conditioning import canny_map, depth_map, load_image, mask_image
+from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.loras import adapter_name, lora_file
+from charaforge.generate.records import write_image
+from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
+from charaforge.pipeline.compose import compose_params
+from charaforge.pipeline.stage import configure_logging
+from charaforge.serve.http import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
+from charaforge.serve.http import serve as run_server
+from charaforge.serve.registry import LoraRegistry
 
 log = logging.getLogger("charaforge")
 
@@ -34,7 +36,6 @@ def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """CharaForge: train, evaluate and use character LoRAs for Stable Diffusion."""
-    from charaforge.stage import configure_logging
 
     configure_logging(logging.DEBUG if verbose else logging.INFO)
 
@@ -132,18 +133,16 @@ def generate(
         "charaforge.png"
     ),
     base: Annotated[Path, typer.Option(help="The base model folder (the `base` stage).")] = Path(
-        "data/base"
+        layout.BASE_DIR
     ),
     train_dir: Annotated[Path, typer.Option(help="Where trained candidates live.")] = Path(
-        "data/train"
+        layout.TRAIN_DIR
     ),
     lora_dir: Annotated[
         Path | None, typer.Option(help="The LoRA folder (with an optional registry.yaml).")
     ] = None,
 ) -> None:
     """Render images with the base model and any LoRAs, exactly as the sweep renders."""
-    from charaforge import conditioning as cond
-    from charaforge.engine import Conditioning
 
     try:
         controlnets = {control_type: controlnet} if controlnet else {}
@@ -166,37 +165,37 @@ def generate(
             scales[name] = scale
         conditioning = None
         if control_image is not None:
-            image = cond.load_image(control_image)
+            image = load_image(control_image)
             if control_from_photo and control_type == "canny":
-                image = cond.canny_map(image)
+                image = canny_map(image)
             elif control_from_photo and control_type == "depth":
-                image = cond.depth_map(image, depth_model)
+                image = depth_map(image, depth_model)
             conditioning = Conditioning("control", image, control_type=control_type)
         elif init_image is not None:
             kind = "inpaint" if mask is not None else "img2img"
             conditioning = Conditioning(
                 kind,
-                cond.load_image(init_image),
-                mask=cond.mask_image(mask) if mask is not None else None,
+                load_image(init_image),
+                mask=mask_image(mask) if mask is not None else None,
                 strength=strength,
             )
         elif mask is not None:
             raise ValueError("--mask needs --init-image")
         images = engine.render_batch(
             [
-                {
-                    "prompt": prompt,
-                    "seed": seed + offset,
-                    "loras": scales,
-                    "steps": steps,
-                    "guidance_scale": guidance_scale,
-                    "negative_prompt": negative_prompt,
-                    "width": width,
-                    "height": height,
-                    "preset": preset,
-                    "clip_skip": clip_skip,
-                    "conditioning": conditioning,
-                }
+                RenderRequest(
+                    prompt=prompt,
+                    seed=seed + offset,
+                    loras=scales,
+                    steps=steps,
+                    guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt,
+                    width=width,
+                    height=height,
+                    preset=preset,
+                    clip_skip=clip_skip,
+                    conditioning=conditioning,
+                )
                 for offset in range(batch_size)
             ]
         )
@@ -216,13 +215,13 @@ def generate(
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Listen address (loopback unless told).")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(help="Port.")] = 7860,
-    base: Annotated[Path, typer.Option(help="The base model folder.")] = Path("data/base"),
+    host: Annotated[
+        str, typer.Option(help="Listen address (loopback unless told).")
+    ] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option(help="Port.")] = DEFAULT_PORT,
+    base: Annotated[Path, typer.Option(help="The base model folder.")] = Path(layout.BASE_DIR),
     lora_dir: Annotated[Path, typer.Option(help="The LoRA folder (registry.yaml).")] = Path(
-        "data/loras"
+        layout.LORAS_DIR
     ),
     device: Annotated[
         list[str] | None, typer.Option(help="A device per worker (repeat); default auto.")
@@ -241,9 +240,6 @@ def serve(
 ) -> None:
     """Serve the generation engine over HTTP (OpenAPI schema at /docs and /openapi.json)."""
     import os
-
-    from charaforge.server import ServerSettings
-    from charaforge.server import serve as run_server
 
     settings = ServerSettings(
         base_dir=base,
@@ -274,7 +270,6 @@ def params(
     root: Annotated[Path, typer.Option(help="Repository root holding conf/.")] = Path("."),
 ) -> None:
     """Compose conf/ into params.yaml exactly as `dvc exp run` does (`dvc repro` never does)."""
-    from charaforge.compose import compose_params
 
     try:
         compose_params(root, overrides or [])

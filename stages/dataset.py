@@ -1,18 +1,21 @@
 """DVC stage `dataset`: metadata table, captions, train/val split, kohya and imagefolder exports."""
 
-from charaforge import dataset
-from charaforge.stage import StageContext, run_stage
+from charaforge.core import layout
+from charaforge.pipeline.stage import StageContext, run_stage
+from charaforge.prepare import dataset
 
 
 def body(ctx: StageContext) -> None:
-    ctx.tag_data_hash("data/ingest/manifest.parquet", "data/dedupe/dedupe.parquet")
+    ctx.tag_data_hash(
+        f"{layout.INGEST_DIR}/manifest.parquet", f"{layout.DEDUPE_DIR}/dedupe.parquet"
+    )
     data = ctx.params.data
     summary = dataset.build_dataset(
-        "data/ingest",
-        "data/dedupe",
-        "data/tag",
-        "data/pose",
-        "data/dataset",
+        layout.INGEST_DIR,
+        layout.DEDUPE_DIR,
+        layout.TAG_DIR,
+        layout.POSE_DIR,
+        layout.DATASET_DIR,
         data.dataset,
         character=data.character,
         trigger=data.trigger,
@@ -27,9 +30,9 @@ def body(ctx: StageContext) -> None:
             "without_tags": summary.without_tags,
         }
     )
-    ctx.run.log_artifact("data/dataset/metadata.parquet")
-    ctx.run.log_artifact("data/dataset/README.md")
-    ctx.run.log_artifact("data/dataset/tag_frequency.png")
+    ctx.run.log_artifact(f"{layout.DATASET_DIR}/metadata.parquet")
+    ctx.run.log_artifact(f"{layout.DATASET_DIR}/README.md")
+    ctx.run.log_artifact(f"{layout.DATASET_DIR}/tag_frequency.png")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """DVC stage `generate`: render the evaluation sweep with the generation engine."""
 
-from charaforge import sweep
-from charaforge.engine import GenerationEngine
-from charaforge.stage import StageContext, run_stage
+from charaforge.core import layout
+from charaforge.generate import sweep
+from charaforge.generate.engine import GenerationEngine
+from charaforge.pipeline.stage import StageContext, run_stage
 
 
 def body(ctx: StageContext) -> None:
     params = ctx.params
-    ctx.tag_data_hash("data/train/summary.json")
+    ctx.tag_data_hash(f"{layout.TRAIN_DIR}/summary.json")
     engine = GenerationEngine(
-        "data/base",
+        layout.BASE_DIR,
         scheduler=params.eval.scheduler,
         controlnets=dict(params.eval.controlnets),
         cpu_threads=params.eval.cpu_threads,
@@ -18,13 +19,13 @@ def body(ctx: StageContext) -> None:
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})
     result = sweep.run_sweep(
         engine,
-        "data/train",
+        layout.TRAIN_DIR,
         params.eval,
         trigger=params.data.trigger,
         resolution=params.model.resolution,
         seed=params.seed,
-        out_dir="data/generate",
-        pose_dir="data/pose" if params.eval.pose.enabled else None,
+        out_dir=layout.GENERATE_DIR,
+        pose_dir=layout.POSE_DIR if params.eval.pose.enabled else None,
     )
     ctx.run.log_metrics(
         {
@@ -33,7 +34,7 @@ def body(ctx: StageContext) -> None:
             "images_per_second": result.images_per_second,
         }
     )
-    ctx.run.log_artifact("data/generate/index.parquet")
+    ctx.run.log_artifact(f"{layout.GENERATE_DIR}/index.parquet")
     for grid in result.grids:
         ctx.run.log_artifact(str(grid))
 

@@ -3,24 +3,28 @@ diversity and memorisation for every image of the sweep."""
 
 import numpy as np
 
-from charaforge import scoring
-from charaforge.stage import StageContext, run_stage
+from charaforge.core import layout
+from charaforge.evaluate.columns import METRICS
+from charaforge.evaluate.sweep import SCORERS_FILE, score_sweep
+from charaforge.pipeline.stage import StageContext, run_stage
 
 
 def body(ctx: StageContext) -> None:
-    ctx.tag_data_hash("data/generate/index.parquet", "data/dataset/metadata.parquet")
-    scores = scoring.score_sweep(
-        "data/generate",
-        "data/dataset",
+    ctx.tag_data_hash(
+        f"{layout.GENERATE_DIR}/index.parquet", f"{layout.DATASET_DIR}/metadata.parquet"
+    )
+    scores = score_sweep(
+        layout.GENERATE_DIR,
+        layout.DATASET_DIR,
         ctx.params.score,
         ctx.params.data.trigger,
-        "data/score",
-        pose_dir="data/pose",
+        layout.SCORE_DIR,
+        pose_dir=layout.POSE_DIR,
         pose_config=ctx.params.pose,
         tagger_config=ctx.params.tagger,
     )
     metrics = {"images_scored": len(scores)}
-    for name in scoring.METRICS:
+    for name in METRICS:
         values = scores[name].to_numpy(dtype=np.float64)
         if not np.isnan(values).all():
             metrics[f"{name}_mean"] = float(np.nanmean(values))
@@ -31,7 +35,7 @@ def body(ctx: StageContext) -> None:
             "charaforge.arcface_stand_in": ctx.params.score.face.recognition == "stand_in",
         }
     )
-    ctx.run.log_artifact("data/score/scorers.json")
+    ctx.run.log_artifact(f"{layout.SCORE_DIR}/{SCORERS_FILE}")
 
 
 if __name__ == "__main__":

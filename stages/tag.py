@@ -1,12 +1,13 @@
 """DVC stage `tag`: tag the kept images (sidecar captions, or a tagger model)."""
 
-from charaforge import tagging
-from charaforge.stage import StageContext, run_stage
+from charaforge.core import layout
+from charaforge.pipeline.stage import StageContext, run_stage
+from charaforge.tagging import run
 
 
 def body(ctx: StageContext) -> None:
-    ctx.tag_data_hash("data/dedupe/dedupe.parquet")
-    table = tagging.tag_folder("data/ingest", "data/dedupe", "data/tag", ctx.params.tagger)
+    ctx.tag_data_hash(f"{layout.DEDUPE_DIR}/dedupe.parquet")
+    table = run.tag_folder(layout.INGEST_DIR, layout.DEDUPE_DIR, layout.TAG_DIR, ctx.params.tagger)
     tag_counts = table["tags"].map(len)
     ctx.run.log_metrics(
         {
@@ -17,8 +18,8 @@ def body(ctx: StageContext) -> None:
         }
     )
     ctx.run.set_tags({"charaforge.tagger": ", ".join(sorted(set(table["tagger"])))})
-    ctx.run.log_artifact("data/tag/tags.parquet")
-    ctx.run.log_artifact("data/tag/tag_frequency.csv")
+    ctx.run.log_artifact(f"{layout.TAG_DIR}/tags.parquet")
+    ctx.run.log_artifact(f"{layout.TAG_DIR}/tag_frequency.csv")
 
 
 if __name__ == "__main__":

@@ -7,31 +7,32 @@ folder DVC does not clear) and ends with the same bytes as an uninterrupted one.
 import tempfile
 from pathlib import Path
 
-from charaforge import models, train
-from charaforge.lora_files import kohya_file_name, stamp_metadata
-from charaforge.stage import StageContext, run_stage
-from charaforge.tracking import git_commit, repository_root
+from charaforge.core import layout
+from charaforge.core.layout import LORA_WEIGHTS
+from charaforge.models import base
+from charaforge.models.lora_files import kohya_file_name, stamp_metadata
+from charaforge.pipeline.stage import StageContext, run_stage
+from charaforge.pipeline.tracking import git_commit, repository_root
+from charaforge.train import RunContext, train_all
 
 
 def body(ctx: StageContext) -> None:
-    ctx.tag_data_hash("data/dataset/metadata.parquet")
-    info = models.read_base_info("data/base")
+    ctx.tag_data_hash(f"{layout.DATASET_DIR}/metadata.parquet")
+    info = base.read_base_info(layout.BASE_DIR)
     ctx.run.set_tags({"stand_in": info.stand_in, "model.family": info.family})
 
     def log_step(candidate: str, step: int, metrics: dict[str, float]) -> None:
         ctx.run.log_metrics({f"{key}.{candidate}": value for key, value in metrics.items()}, step)
 
-    context = train.RunContext(
-        trigger=ctx.params.data.trigger, git_commit=git_commit(repository_root())
-    )
-    results = train.train_all(
-        "data/base",
-        "data/dataset",
+    context = RunContext(trigger=ctx.params.data.trigger, git_commit=git_commit(repository_root()))
+    results = train_all(
+        layout.BASE_DIR,
+        layout.DATASET_DIR,
         ctx.params.train,
         resolution=ctx.params.model.resolution,
         seed=ctx.params.seed,
-        out_dir="data/train",
-        plots_dir="reports/plots/train_loss",
+        out_dir=layout.TRAIN_DIR,
+        plots_dir=layout.TRAIN_LOSS_PLOTS_DIR,
         on_step=log_step,
         trigger=ctx.params.data.trigger,
         context=context,
@@ -44,20 +45,20 @@ def body(ctx: StageContext) -> None:
                 / max(1, ctx.params.train.max_steps - result.resumed_from),
             }
         )
-        candidate_dir = Path("data/train") / result.name
+        candidate_dir = Path(layout.TRAIN_DIR) / result.name
         ctx.run.log_artifact(candidate_dir / "samples", artifact_path=f"samples/{result.name}")
         # The final LoRA in both layouts. The copies in MLflow also name the run that made them
         # (the DVC outputs cannot: they must be byte-identical from run to run).
         last = result.checkpoints[-1]
         folder = candidate_dir / f"checkpoint-{last}"
         with tempfile.TemporaryDirectory() as temp:
-            for name in (train.LORA_WEIGHTS, kohya_file_name(result.name, last)):
+            for name in (LORA_WEIGHTS, kohya_file_name(result.name, last)):
                 stamped = Path(temp) / name
                 stamp_metadata(
                     folder / name, stamped, {"charaforge.mlflow_run_id": ctx.run.run_id or ""}
                 )
                 ctx.run.log_artifact(stamped, artifact_path=f"lora/{result.name}")
-    ctx.run.log_artifact("data/train/summary.json")
+    ctx.run.log_artifact(f"{layout.TRAIN_DIR}/summary.json")
 
 
 if __name__ == "__main__":

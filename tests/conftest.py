@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--world-budget",
+        action="store_true",
+        help="also run the world_budget tests (world models trained at their real budget)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """world_budget tests measure the world's training recipe; they take minutes each, so they
+    run on request (like the benchmarks), not in every CI run."""
+    if config.getoption("--world-budget"):
+        return
+    skip = pytest.mark.skip(reason="world_budget: run with --world-budget")
+    for item in items:
+        if "world_budget" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """A test that sets torch's thread count must not change the numbers of the tests after it
+    (CPU reductions block differently with other thread counts)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +63,7 @@ def params_dict(_committed_params: dict) -> dict:
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from test_models_train import STAND_IN
 
-    from charaforge.models import write_base
+    from charaforge.models.base import write_base
 
     out = tmp_path_factory.mktemp("base") / "base"
     write_base(STAND_IN, out)

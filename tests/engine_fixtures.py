@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from charaforge.config import ModelConfig, TrainConfig
-from charaforge.models import write_base
+from charaforge.models.base import write_base
 from charaforge.train import train_all
 
 RENDER = {"steps": 4, "guidance_scale": 5.0, "negative_prompt": "lowres"}

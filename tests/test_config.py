@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from charaforge.compose import compose_params
-from charaforge.config import ConfigError, load_params, validate_params
+from charaforge.config import Params, load_params, validate_params
+from charaforge.errors import ConfigError
+from charaforge.pipeline.compose import compose_params
 
 
 def test_params_yaml_is_the_composition_of_conf(repo_root: Path, tmp_path: Path) -> None:
@@ -80,3 +84,50 @@ def test_stage_refuses_bad_config_before_any_work(
     assert result.returncode == 2, result.stderr
     assert "data.ingest.max_side" in result.stderr
     assert not (tmp_path / "data").exists(), "no output may be written when the config is bad"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda p: p["eval"].update(lora_scales=[0.5, -1.0]), r"eval\.lora_scales\.1"),
+        (lambda p: p["train"]["candidates"][0].update(name="base"), r"train: .*'base' is reserved"),
+        (lambda p: p["train"].update(lr_warmup_steps=10_000), r"train: .*lr_warmup_steps"),
+    ],
+    ids=["negative_lora_scale", "reserved_candidate_name", "warmup_longer_than_training"],
+)
+def test_checks_that_can_fail_before_work_are_in_the_schema(
+    params_dict: dict, edit: Any, expected: str
+) -> None:
+    edit(params_dict)
+    with pytest.raises(ConfigError, match=expected):
+        validate_params(params_dict)
+
+
+def _fields_with_defaults(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, field in model.model_fields.items():
+        yield f"{prefix}{name}", field
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _fields_with_defaults(annotation, f"{prefix}{name}.")
+
+
+# Sub-sections of one backend only, each written in full by the conf file that selects it.
+BACKEND_SECTIONS = {"tagger.clip": "clip", "tagger.wd14": "wd14"}
+
+
+def test_every_setting_that_changes_a_result_is_in_params_yaml(repo_root: Path) -> None:
+    """One source of truth: a schema default that is not in conf/ (and so params.yaml) would
+    change results without `dvc params diff` or MLflow ever showing it."""
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text(encoding="utf-8"))
+    missing = []
+    for key, _field in _fields_with_defaults(Params):
+        backend = next((b for b in BACKEND_SECTIONS if key == b or key.startswith(f"{b}.")), None)
+        if backend and raw["tagger"]["backend"] != BACKEND_SECTIONS[backend]:
+            continue
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    assert not missing, f"settings only defaulted in the schema, not in conf/: {missing}"

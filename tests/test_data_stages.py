@@ -19,8 +19,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from charaforge import dataset, dedupe, demo, ingest, pose, tagging
 from charaforge.config import DatasetConfig, DedupeConfig, Params, load_params
+from charaforge.core.contracts import kept_rows
+from charaforge.prepare import dataset, dedupe, demo, ingest, pose
+from charaforge.tagging import run, sidecar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +39,7 @@ def run_data_pipeline(root: Path, params: Params) -> None:
         demo.make_demo_set("data/demo", data.demo, data.character, params.seed)
         ingest.ingest_folder("data/demo", "data/ingest", data.ingest)
         dedupe.dedupe_folder("data/ingest", "data/dedupe", data.dedupe)
-        tagging.tag_folder("data/ingest", "data/dedupe", "data/tag", params.tagger)
+        run.tag_folder("data/ingest", "data/dedupe", "data/tag", params.tagger)
         pose.pose_folder("data/ingest", "data/dedupe", "data/pose", params.pose)
         dataset.build_dataset(
             "data/ingest",
@@ -274,18 +276,18 @@ def test_vectorised_hamming_matches_imagehash(pipeline_root: Path) -> None:
 
 
 def test_parse_sidecar() -> None:
-    assert tagging.parse_sidecar(" Red Hair,blue eyes,, red hair\nSmile ,") == [
+    assert sidecar.parse_sidecar(" Red Hair,blue eyes,, red hair\nSmile ,") == [
         "red hair",
         "blue eyes",
         "smile",
     ]
-    assert tagging.parse_sidecar(None) == []
+    assert sidecar.parse_sidecar(None) == []
 
 
 def test_tags_equal_the_sidecar_ground_truth(pipeline_root: Path, truth: dict) -> None:
     tags = pd.read_parquet(pipeline_root / "data/tag/tags.parquet")
     manifest = pd.read_parquet(pipeline_root / "data/ingest/manifest.parquet")
-    kept = dedupe.kept_rows(manifest, pd.read_parquet(pipeline_root / "data/dedupe/dedupe.parquet"))
+    kept = kept_rows(manifest, pd.read_parquet(pipeline_root / "data/dedupe/dedupe.parquet"))
     assert sorted(tags.image_id) == sorted(kept.image_id)
     name_of = dict(zip(kept.image_id, kept.source_path.str.removeprefix("data/demo/"), strict=True))
     for row in tags.itertuples():

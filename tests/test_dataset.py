@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from charaforge import dataset
 from charaforge.config import DatasetConfig
+from charaforge.prepare import dataset
 
 TAGS = ["1girl", "solo", "red hair", "blue dress", "standing", "arms up", "white background"]
 

@@ -17,8 +17,8 @@ import skimage.data
 from PIL import Image, ImageEnhance, ImageFilter
 from scipy import ndimage
 
-from charaforge import dedupe, ingest
 from charaforge.config import DedupeConfig, IngestConfig
+from charaforge.prepare import dedupe, ingest
 
 PHASH = DedupeConfig(hash="phash", hash_size=8, threshold=10)
 
@@ -52,6 +52,28 @@ def test_indexed_search_finds_exactly_the_brute_force_pairs(
             got = dedupe.mih_pairs(packed, threshold, blocks=blocks)
             np.testing.assert_array_equal(got, expected, err_msg=f"m = {blocks}")
     np.testing.assert_array_equal(dedupe.search_pairs(packed, threshold, "auto"), expected)
+
+
+@pytest.mark.parametrize("method", ["mih", "auto"])
+def test_indexed_search_compares_far_fewer_pairs_than_brute_force(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same pairs is not enough: an index that quietly fell back to all pairs would pass that.
+    Count the hash comparisons the search really makes."""
+    n, threshold = 20_000, 10
+    packed = _random_hashes(n, 8, threshold, seed=7)
+    compared = []
+    real_distances = dedupe._distances
+
+    def counting(words: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        compared.append(len(i))
+        return real_distances(words, i, j)
+
+    monkeypatch.setattr(dedupe, "_distances", counting)
+    pairs = dedupe.search_pairs(packed, threshold, method)
+    all_pairs = n * (n - 1) // 2
+    assert len(pairs) >= n // 4  # most planted pairs are within the threshold
+    assert sum(compared) < all_pairs / 50, f"compared {sum(compared)} of {all_pairs} pairs"
 
 
 def test_brute_force_distances_equal_imagehash_distances() -> None:

@@ -19,18 +19,13 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from charaforge.cli import app
-from charaforge.config import ConfigError, EvalConfig
-from charaforge.engine import (
-    PRESETS,
-    SCHEDULERS,
-    Conditioning,
-    GenerationEngine,
-    png_bytes,
-    read_sidecar,
-    write_image,
-)
-from charaforge.sweep import run_sweep
-from charaforge.train import checkpoint_path
+from charaforge.config import EvalConfig
+from charaforge.core.layout import checkpoint_path
+from charaforge.errors import ConfigError
+from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.records import png_bytes, read_sidecar, write_image
+from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
+from charaforge.generate.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +108,9 @@ def test_png_carries_a1111_parameters_and_a_json_sidecar(
     engine.load_lora("r4", workspace / "train" / "r4" / "checkpoint-2")
     try:
         image = engine.render(PROMPT, 5, loras={"r4": 0.5}, **RENDER)
-        expected = engine.parameters(PROMPT, 5, loras={"r4": 0.5}, **RENDER)
+        expected = engine.parameters(
+            RenderRequest.from_options(PROMPT, 5, loras={"r4": 0.5}, **RENDER)
+        )
     finally:
         engine.unload_lora("r4")
     write_image(tmp_path / "out.png", image)
@@ -184,17 +181,6 @@ def test_sweep_renders_the_grid_matches_single_renders_and_resumes(
     assert (out / "index.parquet").read_bytes() == before
 
 
-def test_sweep_refuses_a_candidate_named_base(engine: GenerationEngine, tmp_path: Path) -> None:
-    (tmp_path / "summary.json").write_text(
-        json.dumps({"candidates": [{"name": "base", "checkpoints": [1]}], "stand_in": True})
-    )
-    evaluation = EvalConfig(
-        prompts=["x"], seeds=[0], lora_scales=[1.0], steps=1, guidance_scale=1, scheduler="ddim"
-    )
-    with pytest.raises(ConfigError, match="reserved"):
-        run_sweep(engine, tmp_path, evaluation, "t", 64, 0, tmp_path / "out")
-
-
 def test_cli_generate_renders_what_the_engine_renders(
     engine: GenerationEngine, workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -224,20 +210,22 @@ def test_an_image_is_the_same_bytes_alone_and_in_a_batch(
             {"prompt": prompt, "seed": seed, "loras": {"r4": 0.7}, "clip_skip": skip, **RENDER}
             for prompt, seed, skip in [(PROMPT, 11, 1), ("aoi_cf, sitting", 12, 2), ("x", 13, 1)]
         ]
-        batch = engine.render_batch(requests)
+        batch = engine.render_batch([RenderRequest(**r) for r in requests])
         alone = [engine.render(**request) for request in requests]
         assert [png_bytes(image) for image in batch] == [png_bytes(image) for image in alone]
         # Fused batches run one forward for all images: equal only up to rounding.
         engine.batch_mode = "fused"
         try:
-            fused = engine.render_batch(requests)
+            fused = engine.render_batch([RenderRequest(**r) for r in requests])
         finally:
             engine.batch_mode = "exact"
         for image, single in zip(fused, alone, strict=True):
             difference = np.abs(np.asarray(image, float) - np.asarray(single, float))
             assert difference.max() <= 2
         with pytest.raises(ValueError, match="must share"):
-            engine.render_batch([{**requests[0], "loras": {}}, requests[1]])
+            engine.render_batch(
+                [RenderRequest(**{**requests[0], "loras": {}}), RenderRequest(**requests[1])]
+            )
     finally:
         engine.unload_lora("r4")
 
@@ -245,27 +233,35 @@ def test_an_image_is_the_same_bytes_alone_and_in_a_batch(
 def test_presets_clip_skip_karras_and_trigger_words(
     engine: GenerationEngine, workspace: Path
 ) -> None:
-    draft = engine.parameters(PROMPT, 0, preset="draft")
+    draft = engine.parameters(RenderRequest.from_options(PROMPT, 0, preset="draft"))
     assert (draft["steps"], draft["guidance_scale"]) == (
         PRESETS["draft"].steps,
         PRESETS["draft"].guidance_scale,
     )
-    assert engine.parameters(PROMPT, 0, preset="draft", steps=3)["steps"] == 3
+    assert (
+        engine.parameters(RenderRequest.from_options(PROMPT, 0, preset="draft", steps=3))["steps"]
+        == 3
+    )
     base = engine.render(PROMPT, 1, **RENDER)
     skipped = engine.render(PROMPT, 1, clip_skip=2, **RENDER)
     assert _pixels(skipped) != _pixels(base)
     assert "Clip skip: 2" in skipped.info["parameters"]
     with pytest.raises(ValueError, match="clip_skip"):
-        engine.parameters(PROMPT, 0, clip_skip=3)  # the stand-in text encoder has 2 layers
+        engine.parameters(
+            RenderRequest.from_options(PROMPT, 0, clip_skip=3)
+        )  # the stand-in text encoder has 2 layers
     karras = engine.render(PROMPT, 1, scheduler="dpmpp_2m_karras", **RENDER)
     assert "Sampler: DPM++ 2M Karras" in karras.info["parameters"]
     assert engine.pipeline.scheduler.config.use_karras_sigmas
     engine.load_lora("r4", checkpoint_path(workspace / "train" / "r4", 2), ["aoi_cf", "red coat"])
     try:
-        params = engine.parameters("1girl", 0, loras={"r4": 1.0})
+        params = engine.parameters(RenderRequest.from_options("1girl", 0, loras={"r4": 1.0}))
         assert params["prompt"] == "aoi_cf, red coat, 1girl"
         assert params["trigger_words"] == ["aoi_cf", "red coat"]
-        assert engine.parameters("1girl", 0, loras={"r4": 0.0})["prompt"] == "1girl"
+        assert (
+            engine.parameters(RenderRequest.from_options("1girl", 0, loras={"r4": 0.0}))["prompt"]
+            == "1girl"
+        )
     finally:
         engine.unload_lora("r4")
 
@@ -283,7 +279,7 @@ def test_controlnet_img2img_and_inpainting(engine: GenerationEngine) -> None:
     assert _distance(posed, base) > 0.5
     assert json.loads(posed.info["charaforge"])["conditioning"]["source"] == "abc"
     batch = engine.render_batch(
-        [{"prompt": PROMPT, "seed": seed, "conditioning": pose, **RENDER} for seed in (2, 3)]
+        [RenderRequest(prompt=PROMPT, seed=seed, conditioning=pose, **RENDER) for seed in (2, 3)]
     )
     assert png_bytes(batch[0]) == png_bytes(posed)
 
@@ -317,16 +313,19 @@ def test_memory_modes_and_devices_are_checked_before_loading(workspace: Path) ->
 
 def test_sdxl_stand_in_renders_batches_exactly_with_clip_skip_and_control(tmp_path: Path) -> None:
     from charaforge.config import ModelConfig
-    from charaforge.models import write_base
+    from charaforge.models.base import write_base
 
     write_base(ModelConfig(family="sdxl", source="stand_in", resolution=64), tmp_path / "xl")
     xl = GenerationEngine(tmp_path / "xl", device="cpu")
-    assert xl.is_sdxl and xl.parameters("x", 0)["model"] == "charaforge-stand-in-sdxl"
+    assert (
+        xl.is_sdxl
+        and xl.parameters(RenderRequest.from_options("x", 0))["model"] == "charaforge-stand-in-sdxl"
+    )
     requests = [
         {"prompt": prompt, "seed": seed, "steps": 2, "guidance_scale": 5.0, "clip_skip": skip}
         for prompt, seed, skip in [("a", 1, 1), ("b", 2, 2)]
     ]
-    batch = xl.render_batch(requests)
+    batch = xl.render_batch([RenderRequest(**r) for r in requests])
     assert [png_bytes(image) for image in batch] == [png_bytes(xl.render(**r)) for r in requests]
     skeleton = Image.new("RGB", (64, 64))
     ImageDraw.Draw(skeleton).line((32, 8, 32, 56), fill=(255, 0, 0), width=4)
@@ -365,3 +364,10 @@ def test_cli_generate_with_registry_batch_and_inpainting(
 
     args[args.index(str(tmp_path / "mask.png"))] = str(tmp_path / "missing.png")
     assert CliRunner().invoke(app, args).exit_code == 2
+
+
+def test_a_misspelt_render_option_fails_at_construction(engine: GenerationEngine) -> None:
+    with pytest.raises(TypeError, match="guidance"):
+        RenderRequest(prompt=PROMPT, seed=0, guidance=5.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="stepz"):
+        engine.render(PROMPT, 0, stepz=2)

@@ -13,8 +13,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from charaforge import face
-from charaforge.config import ConfigError, FaceConfig
+from charaforge.config import FaceConfig
+from charaforge.errors import ConfigError
+from charaforge.models import face
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_pretrained_recognition_loads_a_local_onnx(tmp_path, astronaut: Image.Im
 
 
 def test_consistency_filter_sets_aside_without_deleting(tmp_path, astronaut: Image.Image) -> None:  # noqa: ANN001
-    from charaforge import consistency
+    from charaforge.evaluate import consistency
 
     reference = tmp_path / "reference.png"
     astronaut.save(reference)

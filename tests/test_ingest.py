@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageCms
 
-from charaforge import ingest
 from charaforge.config import IngestConfig
+from charaforge.prepare import ingest
 
 BACKGROUND = (0, 128, 255)
 CONFIG = IngestConfig(min_side=16, max_pixels=4_000_000, max_side=512, background=BACKGROUND)

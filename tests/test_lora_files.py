@@ -14,9 +14,10 @@ from safetensors import safe_open
 from test_models_train import make_dataset, tiny_train
 
 from charaforge.config import ModelConfig
-from charaforge.lora_files import kohya_file_name
-from charaforge.models import load_base_pipeline, write_base
-from charaforge.train import RunContext, checkpoint_path, train_candidate
+from charaforge.core.layout import checkpoint_path
+from charaforge.models.base import load_base_pipeline, write_base
+from charaforge.models.lora_files import kohya_file_name
+from charaforge.train import RunContext, train_candidate
 
 PREFIXES = {"sd15": ("lora_unet_", "lora_te_"), "sdxl": ("lora_unet_", "lora_te1_", "lora_te2_")}
 

@@ -13,9 +13,18 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from charaforge.config import CandidateConfig, ConfigError, ModelConfig, TrainConfig
-from charaforge.models import build_clip_tokenizer, load_base_pipeline, read_base_info, write_base
-from charaforge.train import attach_lora, checkpoint_path, train_all, train_candidate
+from charaforge.config import ModelConfig, TrainConfig
+from charaforge.config.train import CandidateConfig
+from charaforge.core.layout import checkpoint_path
+from charaforge.errors import ConfigError
+from charaforge.models.base import (
+    build_clip_tokenizer,
+    load_base_pipeline,
+    read_base_info,
+    write_base,
+)
+from charaforge.train import train_all, train_candidate
+from charaforge.train.adapters import attach_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

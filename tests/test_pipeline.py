@@ -19,6 +19,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 STAGES = [
+    "world",
     "demo",
     "ingest",
     "dedupe",
@@ -132,7 +133,7 @@ def test_mlflow_store_holds_every_stage_run(pipeline_repo: dict) -> None:
     experiment = client.get_experiment_by_name("charaforge")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
-    by_stage = {run.data.tags["charaforge.stage"]: run for run in runs}
+    by_stage = {run.data.tags["charaforge.pipeline.stage"]: run for run in runs}
     assert set(by_stage) == set(STAGES)
     for run in runs:
         assert run.data.tags["mlflow.source.git.commit"] != "unknown"

@@ -10,8 +10,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from charaforge import pose
 from charaforge.config import PoseConfig
+from charaforge.prepare import pose
 
 CONFIG = PoseConfig(backend="mediapipe", model_complexity=1, min_detection_confidence=0.5)
 

@@ -12,9 +12,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from charaforge import metrics_pose
 from charaforge.config import PoseConfig
-from charaforge.pose import PoseDetector
+from charaforge.evaluate import pose
+from charaforge.prepare.pose import PoseDetector
 
 POSE = PoseConfig(backend="mediapipe", model_complexity=1, min_detection_confidence=0.5)
 # COCO's published sigmas, typed in again rather than imported.
@@ -42,21 +42,21 @@ def _skeleton(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(20, 180, size=(17, 2))
 
 
-def _reference(points: np.ndarray, visible: np.ndarray) -> metrics_pose.Reference:
+def _reference(points: np.ndarray, visible: np.ndarray) -> pose.Reference:
     coco17 = np.column_stack([points, np.where(visible, 0.9, 0.1)]).ravel()
-    reference = metrics_pose.reference_from_coco17(coco17, min_visibility=0.5)
+    reference = pose.reference_from_coco17(coco17, min_visibility=0.5)
     assert reference is not None
     return reference
 
 
 def test_sigmas_match_coco() -> None:
-    np.testing.assert_allclose(metrics_pose.COCO_SIGMAS, SIGMAS)
+    np.testing.assert_allclose(pose.COCO_SIGMAS, SIGMAS)
 
 
 def test_identical_keypoints_score_one() -> None:
     points = _skeleton(np.random.default_rng(0))
     reference = _reference(points, np.ones(17, bool))
-    result = metrics_pose.fidelity(points.copy(), reference)
+    result = pose.fidelity(points.copy(), reference)
     assert result == {"pose_oks": 1.0, "pose_detected": 1.0, "pose_pck_01": 1.0, "pose_pck_02": 1.0}
 
 
@@ -68,7 +68,7 @@ def test_shifted_keypoints_match_an_independent_oks(shift: tuple[float, float]) 
     reference = _reference(points, visible)
     predicted = points + np.asarray(shift)
     expected = _independent_oks(predicted.tolist(), points.tolist(), visible.tolist())
-    assert metrics_pose.oks(predicted, reference) == pytest.approx(expected, rel=1e-12)
+    assert pose.oks(predicted, reference) == pytest.approx(expected, rel=1e-12)
     assert 0.0 < expected < 1.0
 
 
@@ -82,7 +82,7 @@ def test_oks_hand_computed_two_keypoints() -> None:
     predicted[0] += (1.0, 0.0)
     predicted[1] += (0.0, 1.0)
     expected = (math.exp(-1 / (200 * 0.052**2)) + math.exp(-1 / (200 * 0.050**2))) / 2
-    assert metrics_pose.oks(predicted, _reference(points, visible)) == pytest.approx(expected)
+    assert pose.oks(predicted, _reference(points, visible)) == pytest.approx(expected)
 
 
 def test_pck_thresholds_at_a_known_distance() -> None:
@@ -91,11 +91,11 @@ def test_pck_thresholds_at_a_known_distance() -> None:
     points[:, 1] = 50.0
     reference = _reference(points, np.ones(17, bool))
     predicted = points + (0.0, 15.0)  # 15 px: outside 10 px, inside 20 px
-    assert metrics_pose.pck(predicted, reference, 0.1) == 0.0
-    assert metrics_pose.pck(predicted, reference, 0.2) == 1.0
+    assert pose.pck(predicted, reference, 0.1) == 0.0
+    assert pose.pck(predicted, reference, 0.2) == 1.0
     half = points.copy()
     half[::2] += (0.0, 15.0)  # 9 of 17 keypoints off by 15 px
-    assert metrics_pose.pck(half, reference, 0.1) == pytest.approx(8 / 17)
+    assert pose.pck(half, reference, 0.1) == pytest.approx(8 / 17)
 
 
 def test_invisible_keypoints_do_not_count() -> None:
@@ -106,13 +106,13 @@ def test_invisible_keypoints_do_not_count() -> None:
     reference = _reference(points, visible)
     moved = points.copy()
     moved[[9, 10]] += 500.0
-    assert metrics_pose.fidelity(moved, reference)["pose_oks"] == 1.0
-    assert metrics_pose.reference_from_coco17(np.zeros(17 * 3), 0.5) is None  # nothing visible
+    assert pose.fidelity(moved, reference)["pose_oks"] == 1.0
+    assert pose.reference_from_coco17(np.zeros(17 * 3), 0.5) is None  # nothing visible
 
 
 def test_missed_detection_scores_zero() -> None:
     reference = _reference(_skeleton(np.random.default_rng(3)), np.ones(17, bool))
-    assert metrics_pose.fidelity(None, reference) == {
+    assert pose.fidelity(None, reference) == {
         "pose_oks": 0.0,
         "pose_pck_01": 0.0,
         "pose_pck_02": 0.0,
@@ -169,9 +169,7 @@ def _index(root: Path, with_pose: bool = True) -> pd.DataFrame:
 def test_pose_fidelity_on_real_photos(photo_repo: Path) -> None:
     keypoints = pd.read_parquet(photo_repo / "data/pose/keypoints.parquet")
     sources = {"astro": photo_repo / "data/dataset/images/astro.png"}
-    result = metrics_pose.score_pose_fidelity(
-        _index(photo_repo), keypoints, sources, photo_repo, POSE
-    )
+    result = pose.score_pose_fidelity(_index(photo_repo), keypoints, sources, photo_repo, POSE)
     assert result.applicable and result.n_conditioned == 2
     faithful, blank, unconditioned = (result.per_image.iloc[i] for i in range(3))
     assert faithful["pose_detected"] == 1.0 and faithful["pose_oks"] > 0.8
@@ -181,16 +179,16 @@ def test_pose_fidelity_on_real_photos(photo_repo: Path) -> None:
     # The ceiling is the same detector on the source photo at the generated size: here the
     # faithful image is that very resize, so it scores the ceiling.
     assert result.ceiling is not None and result.ceiling["n_photos"] == 1
-    for name in metrics_pose.POSE_METRICS:
+    for name in pose.POSE_METRICS:
         assert result.ceiling[name] == pytest.approx(faithful[name], abs=1e-6)
 
 
 def test_pose_fidelity_without_the_contract_columns_is_not_applicable(photo_repo: Path) -> None:
     keypoints = pd.read_parquet(photo_repo / "data/pose/keypoints.parquet")
-    result = metrics_pose.score_pose_fidelity(
+    result = pose.score_pose_fidelity(
         _index(photo_repo, with_pose=False), keypoints, {}, photo_repo, POSE
     )
     assert not result.applicable and "pose_image_id" in result.reason
     assert result.per_image.isna().all().all() and len(result.per_image) == 3
-    no_table = metrics_pose.score_pose_fidelity(_index(photo_repo), None, {}, photo_repo, POSE)
+    no_table = pose.score_pose_fidelity(_index(photo_repo), None, {}, photo_repo, POSE)
     assert not no_table.applicable and "keypoints" in no_table.reason

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 from test_score_report import _make_generate, _make_train_and_base
 
-from charaforge import report
 from charaforge.config import ReportConfig
-from charaforge.io import write_json, write_parquet
+from charaforge.core.files import write_json, write_parquet
+from charaforge.selection import report
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking"]

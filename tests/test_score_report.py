@@ -17,18 +17,26 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from charaforge import report, scoring
 from charaforge.config import (
     ClipConfig,
-    ConfigError,
     PoseConfig,
     ReportConfig,
     ScoreConfig,
     TaggerConfig,
     TagScoreConfig,
 )
-from charaforge.io import sha256_bytes, write_json, write_parquet
-from charaforge.stage import run_stage
+from charaforge.core.files import sha256_bytes, write_json, write_parquet
+from charaforge.errors import ConfigError
+from charaforge.evaluate import clip as clip_metrics
+from charaforge.evaluate import columns as score_columns
+from charaforge.evaluate import groups as sweep_groups
+from charaforge.evaluate import memorisation
+from charaforge.evaluate import tags as tag_metrics
+from charaforge.evaluate.sweep import score_sweep
+from charaforge.models import clip
+from charaforge.pipeline.stage import run_stage
+from charaforge.selection import ranking, report, statistics
+from charaforge.selection.champion import Selection, choose_champion
 
 TRIGGER = "aoi_cf"
 PROMPTS = [f"{TRIGGER}, 1girl, red hair, standing", f"{TRIGGER}, 1girl, red hair, sitting"]
@@ -118,7 +126,7 @@ def _make_generate(root: Path) -> pd.DataFrame:
         )
         relative, image_id = _save_png(root, f"data/generate/images/{name}.png", _drawing(number))
         rows.append({"image_id": image_id, "image_path": relative, **row})
-    index = pd.DataFrame(rows)[list(scoring.INDEX_COLUMNS)]
+    index = pd.DataFrame(rows)[list(score_columns.INDEX_COLUMNS)]
     write_parquet(root / "data/generate/index.parquet", index)
     return index
 
@@ -158,8 +166,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def embedder() -> scoring.ClipEmbedder:
-    return scoring.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
+def embedder() -> clip.ClipEmbedder:
+    return clip.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
 
 
 def _score_config(batch_size: int = 16, tags: TagScoreConfig | None = None) -> ScoreConfig:
@@ -181,7 +189,7 @@ def _score(
     tagger: TaggerConfig | None = None,
     config: ScoreConfig | None = None,
 ) -> pd.DataFrame:
-    return scoring.score_sweep(
+    return score_sweep(
         generate or repo / "data/generate",
         repo / "data/dataset",
         config or _score_config(batch_size),
@@ -197,26 +205,26 @@ def _score(
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def test_identical_image_has_clip_i_one(embedder: scoring.ClipEmbedder) -> None:
+def test_identical_image_has_clip_i_one(embedder: clip.ClipEmbedder) -> None:
     image = _drawing(7)
     generated = embedder.embed_images([image])
     references = embedder.embed_images([image.copy(), image.copy()])
-    assert scoring.clip_i_scores(generated, references)[0] == pytest.approx(1.0, abs=1e-5)
+    assert clip_metrics.clip_i_scores(generated, references)[0] == pytest.approx(1.0, abs=1e-5)
     other = embedder.embed_images([_drawing(8)])
-    assert scoring.clip_i_scores(other, references)[0] < 1.0 - 1e-4
+    assert clip_metrics.clip_i_scores(other, references)[0] < 1.0 - 1e-4
 
 
-def test_stand_in_is_deterministic_and_seeded(embedder: scoring.ClipEmbedder) -> None:
+def test_stand_in_is_deterministic_and_seeded(embedder: clip.ClipEmbedder) -> None:
     images = [_drawing(seed) for seed in range(3)]
-    again = scoring.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
+    again = clip.load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
     np.testing.assert_array_equal(embedder.embed_images(images), again.embed_images(images))
-    other_seed = scoring.load_clip(
+    other_seed = clip.load_clip(
         ClipConfig(source="stand_in", model_name="ViT-B-32", stand_in_seed=1)
     )
     assert not np.allclose(embedder.embed_images(images), other_seed.embed_images(images))
 
 
-def test_permuting_a_batch_permutes_the_embeddings(embedder: scoring.ClipEmbedder) -> None:
+def test_permuting_a_batch_permutes_the_embeddings(embedder: clip.ClipEmbedder) -> None:
     images = [_drawing(seed) for seed in range(12)]
     order = np.random.default_rng(0).permutation(len(images))
     plain = embedder.embed_images(images, batch_size=12)
@@ -230,12 +238,12 @@ def test_permuting_a_batch_permutes_the_embeddings(embedder: scoring.ClipEmbedde
 
 
 def test_strip_trigger() -> None:
-    assert scoring.strip_trigger("aoi_cf, 1girl, red hair", "aoi_cf") == "1girl, red hair"
-    assert scoring.strip_trigger("1girl,  aoi_cf ,red hair,", "aoi_cf") == "1girl, red hair"
-    assert scoring.strip_trigger("photo of AOI_CF standing", "aoi_cf") == "photo of standing"
+    assert clip_metrics.strip_trigger("aoi_cf, 1girl, red hair", "aoi_cf") == "1girl, red hair"
+    assert clip_metrics.strip_trigger("1girl,  aoi_cf ,red hair,", "aoi_cf") == "1girl, red hair"
+    assert clip_metrics.strip_trigger("photo of AOI_CF standing", "aoi_cf") == "photo of standing"
     # Only the whole word goes: a tag that merely contains the trigger is kept.
-    assert scoring.strip_trigger("aoi_cfx, aoi_cf", "aoi_cf") == "aoi_cfx"
-    assert scoring.strip_trigger("a+b, cat", "a+b") == "cat"
+    assert clip_metrics.strip_trigger("aoi_cfx, aoi_cf", "aoi_cf") == "aoi_cfx"
+    assert clip_metrics.strip_trigger("a+b, cat", "a+b") == "cat"
 
 
 def test_score_sweep_outputs(repo: Path, tmp_path: Path) -> None:
@@ -243,17 +251,17 @@ def test_score_sweep_outputs(repo: Path, tmp_path: Path) -> None:
     index = pd.read_parquet(repo / "data/generate/index.parquet")
     table = pd.read_parquet(tmp_path / "score/scores.parquet")
     columns = list(table.columns)
-    assert columns[: len(scoring.INDEX_COLUMNS)] == list(scoring.INDEX_COLUMNS)
-    assert sorted(columns[len(scoring.INDEX_COLUMNS) :]) == sorted(scoring.METRICS)
-    pd.testing.assert_frame_equal(table[list(scoring.INDEX_COLUMNS)], index)
+    assert columns[: len(score_columns.INDEX_COLUMNS)] == list(score_columns.INDEX_COLUMNS)
+    assert sorted(columns[len(score_columns.INDEX_COLUMNS) :]) == sorted(score_columns.METRICS)
+    pd.testing.assert_frame_equal(table[list(score_columns.INDEX_COLUMNS)], index)
     pd.testing.assert_frame_equal(table, scores)
     assert table[["clip_i", "clip_t"]].abs().le(1.0).all().all()
     scorers = json.loads((tmp_path / "score/scorers.json").read_text())
-    assert sorted(scorers) == sorted(scoring.METRICS)
+    assert sorted(scorers) == sorted(score_columns.METRICS)
     for metric in ("clip_i", "clip_t", "diversity", "nn_similarity"):
         info = scorers[metric]
         assert info["stand_in"] is True and info["applicable"] is True
-        assert info["model"] == scoring.STAND_IN_NAME
+        assert info["model"] == clip.STAND_IN_NAME
         assert {"resize", "crop", "mean", "std"} <= set(info["preprocessing"])
     assert scorers["clip_i"]["scale"] == "raw cosine, -1..1"
     assert "4 images" in scorers["clip_i"]["references"]  # the train split only
@@ -301,12 +309,12 @@ def test_tag_consistency_known_answers_through_the_scorer(repo: Path, tmp_path: 
 
 
 def test_clip_t_uses_the_prompt_without_trigger(
-    repo: Path, tmp_path: Path, embedder: scoring.ClipEmbedder
+    repo: Path, tmp_path: Path, embedder: clip.ClipEmbedder
 ) -> None:
     scores = _score(repo, tmp_path / "score")
     first = scores.iloc[0]
     image = embedder.embed_images([repo / first["image_path"]])
-    stripped = embedder.embed_texts([scoring.strip_trigger(first["prompt"], TRIGGER)])
+    stripped = embedder.embed_texts([clip_metrics.strip_trigger(first["prompt"], TRIGGER)])
     with_trigger = embedder.embed_texts([first["prompt"]])
     assert first["clip_t"] == pytest.approx(float(image[0] @ stripped[0]), abs=1e-6)
     assert first["clip_t"] != pytest.approx(float(image[0] @ with_trigger[0]), abs=1e-6)
@@ -325,7 +333,8 @@ def test_batch_size_and_row_order_do_not_change_scores(repo: Path, tmp_path: Pat
     shuffled = _score(repo, tmp_path / "shuffled", generate=shuffled_dir)
     expected = reference.iloc[order].reset_index(drop=True)
     pd.testing.assert_frame_equal(
-        shuffled.drop(columns=list(scoring.METRICS)), expected.drop(columns=list(scoring.METRICS))
+        shuffled.drop(columns=list(score_columns.METRICS)),
+        expected.drop(columns=list(score_columns.METRICS)),
     )
     np.testing.assert_allclose(shuffled[SCORED], expected[SCORED], atol=1e-6, rtol=0)
 
@@ -342,20 +351,20 @@ def test_pretrained_weights_missing_fail_clearly(tmp_path: Path) -> None:
         source="pretrained", model_name="ViT-B-32", path=str(tmp_path / "nope.safetensors")
     )
     with pytest.raises(ConfigError, match="score.clip.path.*not found"):
-        scoring.load_clip(config)
+        clip.load_clip(config)
     with pytest.raises(ValueError, match="path"):
         ClipConfig(source="pretrained", model_name="ViT-B-32")
 
 
 def test_pretrained_weights_load_from_a_local_file(
-    embedder: scoring.ClipEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embedder: clip.ClipEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pretrained path, on a checkpoint of the stand-in architecture found via AI_CACHE_ROOT."""
     torch.save(embedder.model.state_dict(), tmp_path / "tiny_clip.pt")
     monkeypatch.setenv("AI_CACHE_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path.parent)
-    config = ClipConfig(source="pretrained", model_name=scoring.STAND_IN_NAME, path="tiny_clip.pt")
-    loaded = scoring.load_clip(config)
+    config = ClipConfig(source="pretrained", model_name=clip.STAND_IN_NAME, path="tiny_clip.pt")
+    loaded = clip.load_clip(config)
     assert loaded.stand_in is False
     assert loaded.description["weights"] == "tiny_clip.pt"
     assert len(loaded.description["weights_sha256"]) == 64
@@ -390,7 +399,7 @@ def _write_scores(root: Path, scores: pd.DataFrame, stand_in: bool = True) -> No
     write_json(root / "data/score/scorers.json", {"clip_i": info, "clip_t": info})
 
 
-def _report(root: Path, out: Path, seed: int = 1234, **overrides) -> report.Selection:  # noqa: ANN003
+def _report(root: Path, out: Path, seed: int = 1234, **overrides) -> Selection:  # noqa: ANN003
     config = ReportConfig(**{"weights": {"clip_i": 0.5, "clip_t": 0.5}, "title": "T", **overrides})
     return report.report_selection(
         root / "data/score",
@@ -525,17 +534,17 @@ def test_a_consistent_paired_advantage_is_not_a_tie(report_repo: Path, tmp_path:
     assert (selection.champion["step"], selection.champion["lora_scale"]) == (8, 1.0)
     assert not selection.statistical_tie
     # The overlap test alone would have called it a tie and picked the smaller scale.
-    overlap_only = report.choose_champion(selection.table)
+    overlap_only = choose_champion(selection.table)
     assert overlap_only.statistical_tie and overlap_only.champion["lora_scale"] == 0.5
 
 
 def test_bootstrap_ci_is_deterministic_and_seeded() -> None:
     values = np.random.default_rng(3).normal(0.3, 0.05, 6)
-    first = report.bootstrap_ci(values, 1000, 0.95, seed=11)
-    assert first == report.bootstrap_ci(values, 1000, 0.95, seed=11)
-    assert first != report.bootstrap_ci(values, 1000, 0.95, seed=12)
+    first = statistics.bootstrap_mean_ci(values, 1000, 0.95, seed=11)
+    assert first == statistics.bootstrap_mean_ci(values, 1000, 0.95, seed=11)
+    assert first != statistics.bootstrap_mean_ci(values, 1000, 0.95, seed=12)
     assert first[0] < values.mean() < first[1]
-    narrower = report.bootstrap_ci(values, 1000, 0.5, seed=11)
+    narrower = statistics.bootstrap_mean_ci(values, 1000, 0.5, seed=11)
     assert first[0] < narrower[0] < narrower[1] < first[1]
 
 
@@ -698,7 +707,7 @@ def test_report_stage_promotes_the_champion_in_mlflow(
     assert version.tags["step"] == str(champion["step"])
     assert version.tags["stand_in"] == "True"
     run = client.get_run(version.run_id)
-    assert run.data.tags["charaforge.stage"] == "report"
+    assert run.data.tags["charaforge.pipeline.stage"] == "report"
     assert run.data.metrics["champion_composite"] == pytest.approx(champion["composite"], abs=1e-6)
     artifacts = {item.path for item in client.list_artifacts(version.run_id, "champion")}
     assert artifacts == {"champion/pytorch_lora_weights.safetensors"}
@@ -712,12 +721,12 @@ def test_group_diversity_known_answers() -> None:
     same = np.array([[1.0, 0, 0, 0]] * 2)
     embeddings = np.vstack([same, e[:3], e[3:]])  # groups: a a b b b c
     groups = ["a", "a", "b", "b", "b", "c"]
-    diversity = scoring.group_diversity(embeddings, groups)
+    diversity = sweep_groups.group_diversity(embeddings, groups)
     np.testing.assert_allclose(diversity[:5], [0.0, 0.0, 1.0, 1.0, 1.0])  # identical; orthogonal
     assert np.isnan(diversity[5])  # alone in its group
     # Order of the rows does not matter: a permutation permutes the result.
     order = [5, 2, 0, 4, 1, 3]
-    permuted = scoring.group_diversity(embeddings[order], [groups[i] for i in order])
+    permuted = sweep_groups.group_diversity(embeddings[order], [groups[i] for i in order])
     np.testing.assert_allclose(permuted, diversity[order])
 
 
@@ -726,7 +735,7 @@ def test_group_consistency_against_the_identity_shot() -> None:
     embeddings = np.vstack([e[0], e[0], [0.6, 0.8, 0.0], e[1], e[2], [np.nan] * 3, e[2]])
     groups = ["g1", "g1", "g1", "g2", "g2", "g2", None]
     anchors = [True, False, False, True, False, False, True]
-    consistency = scoring.group_consistency(embeddings, groups, anchors)
+    consistency = sweep_groups.group_consistency(embeddings, groups, anchors)
     assert np.isnan(consistency[[0, 3, 5, 6]]).all()  # identity shots, no embedding, no group
     np.testing.assert_allclose(consistency[[1, 2, 4]], [1.0, 0.6, 0.0])
     index = pd.DataFrame(
@@ -739,33 +748,34 @@ def test_group_consistency_against_the_identity_shot() -> None:
             "identity_shot": [True, False, False],
         }
     )
-    keys, shots = scoring.suite_groups(index)
+    keys, shots = sweep_groups.suite_groups(index)
     assert keys == ["r4|4|1|fixed|0", "r4|4|1|fixed|0", None] and shots == [True, False, False]
-    assert scoring.suite_groups(index.drop(columns=["identity_shot"])) == ([None] * 3, [False] * 3)
+    no_shots = index.drop(columns=["identity_shot"])
+    assert sweep_groups.suite_groups(no_shots) == ([None] * 3, [False] * 3)
 
 
 def test_nearest_neighbour_similarity_finds_a_copy() -> None:
     training = np.eye(3)
     generated = np.array([[0.0, 1.0, 0.0], [0.6, 0.8, 0.0]])
     np.testing.assert_allclose(
-        scoring.nearest_neighbour_similarity(generated, training), [1.0, 0.8]
+        memorisation.nearest_neighbour_similarity(generated, training), [1.0, 0.8]
     )
 
 
 def test_defining_tags_and_tag_consistency_known_answers() -> None:
     lists = [["1girl", "red hair", "sitting"], ["1girl", "red hair"], ["1girl", "smile"]]
-    assert scoring.defining_tags(lists, 0.6) == ["1girl", "red hair"]
-    assert scoring.defining_tags(lists, 1.0) == ["1girl"]
+    assert tag_metrics.defining_tags(lists, 0.6) == ["1girl", "red hair"]
+    assert tag_metrics.defining_tags(lists, 1.0) == ["1girl"]
     defining = {"1girl", "red hair"}
     vocabulary = {"1girl", "red hair", "blonde hair", "sitting", "smile"}
     # Found both defining tags and a wrong hair colour; "sitting" was asked for by the prompt.
-    precision, recall = scoring.tag_consistency(
+    precision, recall = tag_metrics.tag_consistency(
         ["1girl", "red hair", "blonde hair", "sitting", "cat"], defining, vocabulary, {"sitting"}
     )
     assert (precision, recall) == (pytest.approx(2 / 3), 1.0)
-    precision, recall = scoring.tag_consistency(["blonde hair"], defining, vocabulary, set())
+    precision, recall = tag_metrics.tag_consistency(["blonde hair"], defining, vocabulary, set())
     assert (precision, recall) == (0.0, 0.0)
-    precision, recall = scoring.tag_consistency([], defining, vocabulary, set())
+    precision, recall = tag_metrics.tag_consistency([], defining, vocabulary, set())
     assert np.isnan(precision) and recall == 0.0
 
 
@@ -778,7 +788,7 @@ def photo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with the photo's pose as conditioning for some rows (the engine's pose_image_id contract)."""
     import skimage.data
 
-    from charaforge.pose import PoseDetector
+    from charaforge.prepare.pose import PoseDetector
 
     root = tmp_path_factory.mktemp("photo_repo")
     _make_dataset(root, n_train=3, n_val=1)
@@ -924,20 +934,20 @@ def test_a_lora_that_copies_its_training_set_does_not_win(tmp_path: Path) -> Non
 def test_composite_of_skips_missing_values_and_fills_empty_metrics() -> None:
     values = np.array([[0.5, np.nan], [0.7, np.nan], [np.nan, np.nan]])
     # metric 0 averages its two values (0.6); metric 1 has none and scores 0.
-    assert report.composite_of(values, np.array([0.5, 0.5])) == pytest.approx(0.3)
+    assert statistics.composite_of(values, np.array([0.5, 0.5])) == pytest.approx(0.3)
     values[0, 1] = 0.4
-    assert report.composite_of(values, np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert statistics.composite_of(values, np.array([0.5, 0.5])) == pytest.approx(0.5)
     batch = np.stack([values, values])  # resamples broadcast along the leading axis
-    np.testing.assert_allclose(report.composite_of(batch, np.array([0.5, 0.5])), [0.5, 0.5])
+    np.testing.assert_allclose(statistics.composite_of(batch, np.array([0.5, 0.5])), [0.5, 0.5])
 
 
 def test_composite_metrics_drop_not_applicable_and_normalise() -> None:
     weights = {"clip_i": 0.2, "clip_t": 0.2, "arcface": 0.6}
     metrics = ["arcface", "clip_i", "clip_t"]
-    used = report.composite_metrics(weights, metrics, {"arcface": False})
+    used = ranking.composite_metrics(weights, metrics, {"arcface": False})
     assert used == {"clip_i": 0.5, "clip_t": 0.5}
     with pytest.raises(ConfigError, match="none of the weighted metrics is applicable"):
-        report.composite_metrics({"arcface": 1.0}, metrics, {"arcface": False})
+        ranking.composite_metrics({"arcface": 1.0}, metrics, {"arcface": False})
 
 
 def test_pareto_front_known_answer() -> None:
@@ -946,7 +956,7 @@ def test_pareto_front_known_answer() -> None:
     )
     # (0.5, 0.1) is dominated by (0.5, 0.2): equal on x, worse on y. No other point has both
     # more x and more y than any of the rest; the NaN row is never on the front.
-    assert report.pareto_front(table, "x", "y").tolist() == [True, True, True, False, True, False]
+    assert ranking.pareto_front(table, "x", "y").tolist() == [True, True, True, False, True, False]
 
 
 def test_not_applicable_weights_and_baseline_verdicts(report_repo: Path, tmp_path: Path) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import uvicorn
@@ -23,10 +27,11 @@ from engine_fixtures import (
 )
 from PIL import Image
 
-from charaforge.engine import GenerationEngine, png_bytes
-from charaforge.registry import LoraRegistry
-from charaforge.server import ServerSettings, create_app
-from charaforge.train import checkpoint_path
+from charaforge.core.layout import checkpoint_path
+from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.records import png_bytes
+from charaforge.serve.http import ServerSettings, create_app
+from charaforge.serve.registry import LoraRegistry
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -237,3 +242,35 @@ def test_serve_listens_on_loopback_unless_told() -> None:
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     assert ServerSettings().token is None  # no token unless one is given
+
+
+def test_charaforge_serve_listens_on_loopback_only_by_default(workspace: Path) -> None:
+    """The real command with no --host: every socket it listens on is a loopback address."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "charaforge"), "serve", "--port", str(port)]
+    command += ["--base", str(workspace / "base"), "--lora-dir", str(workspace / "loras")]
+    command += ["--device", "cpu", "--cpu-threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "charaforge serve did not start"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        listening = [
+            connection.laddr
+            for connection in psutil.Process(process.pid).net_connections(kind="inet")
+            if connection.status == psutil.CONN_LISTEN
+        ]
+        assert listening, "no listening socket found"
+        assert all(ipaddress.ip_address(address.ip).is_loopback for address in listening), listening
+        assert {address.port for address in listening} == {port}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

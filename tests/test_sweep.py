@@ -12,10 +12,12 @@ from engine_fixtures import (
 )
 from PIL import Image, ImageDraw
 
-from charaforge.config import ConfigError, EvalConfig
-from charaforge.engine import GenerationEngine, read_sidecar
-from charaforge.prompts import parse_suite
-from charaforge.sweep import image_seed, run_sweep
+from charaforge.config import EvalConfig
+from charaforge.errors import ConfigError
+from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.prompts import parse_suite
+from charaforge.generate.records import read_sidecar
+from charaforge.generate.sweep import image_seed, run_sweep
 
 SUITE = """// comment
 white room#{trigger}, 1girl#standing

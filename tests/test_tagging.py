@@ -16,8 +16,10 @@ import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
-from charaforge import tagging, wd14
-from charaforge.config import ClipConfig, ConfigError, TaggerConfig
+from charaforge.config import ClipConfig, TaggerConfig
+from charaforge.core.contracts import tag_frequency
+from charaforge.errors import ConfigError
+from charaforge.tagging import base, clip, run, wd14
 
 # selected_tags.csv rows: (name, category). Ratings first, as in the released files.
 LABELS = [
@@ -158,7 +160,7 @@ def test_wd14_thresholds_categories_and_names(wd14_model: Path) -> None:
     red = Image.new("RGB", (448, 448), (255, 0, 0))
     blue = Image.new("RGB", (200, 100), (0, 0, 255))  # padded with white: a weaker blue
     results = tagger.tag_many(
-        [tagging.TagRequest("r", red, None), tagging.TagRequest("b", blue, None)]  # type: ignore[arg-type]
+        [base.TagRequest("r", red, None), base.TagRequest("b", blue, None)]  # type: ignore[arg-type]
     )
     # Red: the character (underscores to spaces, parentheses kept) first, then the general tag.
     assert results[0].tags == [
@@ -190,8 +192,8 @@ def test_wd14_backend_through_the_config_and_tag_folder(
         replace={"green background": "greenery"},
         deny=["aoi (charaforge)"],
     )
-    tagger = tagging.build_tagger(config)
-    table = tagging.tag_images(pd.DataFrame(rows), tagger, config)
+    tagger = run.build_tagger(config)
+    table = run.tag_images(pd.DataFrame(rows), tagger, config)
     assert table.tags.map(list).tolist() == [["red background"], ["greenery"]]
     assert table.tagger.unique().tolist() == ["wd14:" + wd14_model.parent.name]
 
@@ -200,7 +202,7 @@ def test_wd14_missing_files_and_bad_config_fail_naming_the_key(tmp_path: Path) -
     with pytest.raises(ValueError, match="tagger.wd14.model_path"):
         _config(backend="wd14")
     with pytest.raises(ConfigError, match="tagger.wd14.model_path"):
-        tagging.build_tagger(_config(backend="wd14", wd14={"model_path": str(tmp_path / "x")}))
+        run.build_tagger(_config(backend="wd14", wd14={"model_path": str(tmp_path / "x")}))
 
 
 def test_wd14_label_count_must_match_the_model(wd14_model: Path, tmp_path: Path) -> None:
@@ -216,10 +218,10 @@ VOCABULARY = ["red hair", "blue eyes", "photo", "spacesuit", "1girl"]
 
 
 @pytest.fixture(scope="module")
-def clip_tagger() -> tagging.ClipZeroShotTagger:
+def clip_tagger() -> clip.ClipZeroShotTagger:
     config = _config(backend="clip", clip={"vocabulary": VOCABULARY, "threshold": 0.5})
-    tagger = tagging.build_tagger(config)
-    assert isinstance(tagger, tagging.ClipZeroShotTagger)
+    tagger = run.build_tagger(config)
+    assert isinstance(tagger, clip.ClipZeroShotTagger)
     return tagger
 
 
@@ -230,7 +232,7 @@ def _photos() -> list[Image.Image]:
 
 
 def test_clip_scores_equal_a_two_way_softmax_computed_independently(
-    clip_tagger: tagging.ClipZeroShotTagger,
+    clip_tagger: clip.ClipZeroShotTagger,
 ) -> None:
     images = _photos()
     got = clip_tagger.score_images(images)
@@ -249,7 +251,7 @@ def test_clip_scores_equal_a_two_way_softmax_computed_independently(
     assert got.shape == (2, len(VOCABULARY))
 
 
-def test_clip_threshold_order_and_stand_in_label(clip_tagger: tagging.ClipZeroShotTagger) -> None:
+def test_clip_threshold_order_and_stand_in_label(clip_tagger: clip.ClipZeroShotTagger) -> None:
     assert clip_tagger.name.endswith("(stand-in)") and clip_tagger.stand_in
     result = clip_tagger.select(np.array([0.2, 0.9, 0.5, 0.7, 0.49999]))
     assert result.tags == ["blue eyes", "spacesuit", "photo"]
@@ -269,14 +271,14 @@ def test_clip_threshold_order_and_stand_in_label(clip_tagger: tagging.ClipZeroSh
 
 
 def test_clip_tagger_loads_a_local_checkpoint(
-    tmp_path: Path, clip_tagger: tagging.ClipZeroShotTagger
+    tmp_path: Path, clip_tagger: clip.ClipZeroShotTagger
 ) -> None:
     """source=pretrained with a local file: the stand-in's weights saved, then loaded as weights."""
     weights = tmp_path / "clip.pt"
     torch.save(clip_tagger.embedder.model.state_dict(), weights)
     model = ClipConfig(source="pretrained", model_name="charaforge-tiny-clip", path=str(weights))
     config = _config(backend="clip", clip={"vocabulary": VOCABULARY, "model": model})
-    loaded = tagging.build_tagger(config)
+    loaded = run.build_tagger(config)
     assert not loaded.name.endswith("(stand-in)")
     images = _photos()
     np.testing.assert_allclose(
@@ -295,16 +297,16 @@ def test_clip_backend_needs_a_vocabulary() -> None:
 
 
 def test_replace_deny_allow_in_that_order() -> None:
-    result = tagging.TagResult(["red hair", "solo", "1girl", "smile", "crimson hair"], [1.0] * 5)
+    result = base.TagResult(["red hair", "solo", "1girl", "smile", "crimson hair"], [1.0] * 5)
     config = _config(replace={"crimson hair": "red hair", "Smile": ""}, deny=["solo"], allow=[])
-    processed = tagging.postprocess(result, config)
+    processed = base.postprocess(result, config)
     assert processed.tags == ["red hair", "1girl"]  # duplicate after replacement dropped
-    allow = tagging.postprocess(result, _config(allow=["1girl", "smile"]))
+    allow = base.postprocess(result, _config(allow=["1girl", "smile"]))
     assert allow.tags == ["1girl", "smile"]
 
 
 def test_tag_frequency_table() -> None:
-    frame = tagging.tag_frequency([["a", "b"], ["b"], ["b", "c", "b"], []])
+    frame = tag_frequency([["a", "b"], ["b"], ["b", "c", "b"], []])
     assert frame.to_dict("list") == {
         "tag": ["b", "a", "c"],
         "count": [3, 1, 1],
@@ -313,7 +315,7 @@ def test_tag_frequency_table() -> None:
 
 
 def test_clip_backend_tags_a_manifest_in_one_batch(
-    clip_tagger: tagging.ClipZeroShotTagger, tmp_path: Path
+    clip_tagger: clip.ClipZeroShotTagger, tmp_path: Path
 ) -> None:
     rows = []
     for index, image in enumerate(_photos()):
@@ -323,7 +325,7 @@ def test_clip_backend_tags_a_manifest_in_one_batch(
     config = _config(
         backend="clip", clip={"vocabulary": VOCABULARY, "threshold": 0.0}, deny=["photo"]
     )
-    table = tagging.tag_images(pd.DataFrame(rows), clip_tagger, config)
+    table = run.tag_images(pd.DataFrame(rows), clip_tagger, config)
     assert table.tagger.tolist() == [clip_tagger.name] * 2
     for row, image in zip(table.itertuples(), _photos(), strict=True):
         # Threshold 0: every vocabulary tag but the denied one, best first; sidecar ignored.

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from test_models_train import tiny_train
 
-from charaforge.checkpoint import KILL_ENV, saved_states
 from charaforge.train import RunContext, train_all, train_candidate
+from charaforge.train.resume_state import KILL_ENV, saved_states
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,27 @@
+"""Readers of the tables stages hand to each other (docs/data-contracts.md)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import pandas as pd
+
+# The tag frequency table (tag/tag_frequency.csv and the dataset card).
+FREQUENCY_COLUMNS = ["tag", "count", "fraction"]
+
+
+def kept_rows(manifest: pd.DataFrame, dedupe_table: pd.DataFrame) -> pd.DataFrame:
+    """Manifest rows of the kept images (one per kept image_id), in manifest order."""
+    kept = dedupe_table.loc[dedupe_table["keep"], ["source_path"]]
+    return manifest.merge(kept, on="source_path", how="inner").reset_index(drop=True)
+
+
+def tag_frequency(tag_lists: Sequence[Sequence[str]]) -> pd.DataFrame:
+    """How many images carry each tag: columns tag, count, fraction; most frequent first."""
+    counts = Counter(tag for tags in tag_lists for tag in dict.fromkeys(str(t) for t in tags))
+    images = len(tag_lists)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return pd.DataFrame(
+        [(tag, count, round(count / images, 6)) for tag, count in ranked], columns=FREQUENCY_COLUMNS
+    ).astype({"count": "int64"})

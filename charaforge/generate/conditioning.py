@@ -1,0 +1,94 @@
+"""Conditioning images for the engine: ControlNet maps (OpenPose skeletons from the pose stage,
+canny edges, depth) and the stand-in ControlNet used with a stand-in base model.
+
+The stand-in ControlNet is the real diffusers ControlNetModel shaped after the base UNet, with
+random weights from a fixed seed. A trained ControlNet starts with zero-initialised output
+convolutions (it has no effect until trained); the stand-in draws them at random too, so that a
+pose really changes the stand-in's image and every code path downstream is exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from charaforge.core.files import derive_seed
+from charaforge.errors import ConfigError
+from charaforge.models.base import resolve_pretrained
+
+# Small conditioning encoder: four blocks = three stride-2 steps, i.e. 8x down to latent size.
+STAND_IN_EMBEDDING_CHANNELS = (8, 16, 16, 16)
+STAND_IN_OUTPUT_STD = 0.02
+
+
+def build_stand_in_controlnet(unet: Any, control_type: str) -> Any:
+    """A ControlNet with the base UNet's shape and deterministic random weights.
+
+    Built from the UNet's config only (not its weights), so it does not matter which LoRAs are
+    attached to the UNet at the time.
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    seed = derive_seed("stand_in", "controlnet", control_type)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ControlNetModel.from_unet(
+            unet,
+            conditioning_embedding_out_channels=STAND_IN_EMBEDDING_CHANNELS,
+            load_weights_from_unet=False,
+        )
+        with torch.no_grad():
+            outputs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
+            outputs.append(model.controlnet_cond_embedding.conv_out)
+            for layer in outputs:
+                layer.weight.normal_(0.0, STAND_IN_OUTPUT_STD)
+    # Built in float32 like the stand-in UNet; only the device needs to follow it.
+    return model.to(unet.device)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as RGB, with a clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from None
+
+
+def canny_map(image: Image.Image, sigma: float = 2.0) -> Image.Image:
+    """Canny edges (white on black, three channels), as ControlNet-canny expects."""
+    from skimage.feature import canny
+
+    gray = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    edges = canny(gray, sigma=sigma)
+    return Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")
+
+
+def depth_map(image: Image.Image, model_path: str | None) -> Image.Image:
+    """A depth map from a local depth-estimation model (DPT/Depth-Anything folder).
+
+    There is no depth model to build offline that would mean anything, so this needs real local
+    weights; the error says so.
+    """
+    if not model_path:
+        raise ConfigError(
+            "depth conditioning needs a local depth-estimation model (depth_model); "
+            "nothing is downloaded"
+        )
+    from transformers import pipeline
+
+    estimator = pipeline("depth-estimation", model=str(resolve_pretrained(model_path)))
+    depth = estimator(image.convert("RGB"))["depth"]
+    return depth.convert("RGB")
+
+
+def mask_image(path: str | Path) -> Image.Image:
+    """An inpainting mask: white where the image is repainted."""
+    return load_image(path).convert("L")

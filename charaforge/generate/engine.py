@@ -1,0 +1,481 @@
+"""The generation engine: the one code path that renders images, for the sweep, the CLI and HTTP.
+
+It loads the base pipeline once and keeps it (SD1.5 or SDXL, real or stand-in); LoRAs are loaded
+as named peft adapters and only those a request names are active for it, so swapping LoRAs never
+reloads the base. ControlNet, image-to-image and inpainting pipelines are derived from the base
+with `from_pipe`: they share its modules (and its LoRAs) instead of loading a second copy.
+
+Reproducibility: every image has its own torch.Generator("cpu") seeded with its own seed, its
+prompt is encoded alone, and in `exact` batch mode the UNet, the ControlNet and the VAE decoder
+run image by image inside one sampling loop. CPU kernels pick different blockings for different
+batch sizes (a batch of 3 differs from 3 singles by ~1e-6, enough to flip PNG bytes), so this is
+what makes an image byte-identical alone and inside a batch. `fused` mode runs one forward for
+the whole batch: faster on a GPU, equal to single renders only up to float rounding.
+
+PNGs carry A1111's `parameters` text chunk (so the web UIs read them) and a JSON sidecar with the
+full parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from charaforge.core import layout
+from charaforge.core.files import sha256_file
+from charaforge.errors import ConfigError
+from charaforge.generate.batching import RenderTimer, split_rows, text_model_shim, timed
+from charaforge.generate.conditioning import build_stand_in_controlnet
+from charaforge.generate.loras import LoadedLora, lora_file, lora_short_hash
+from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
+from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
+from charaforge.models.base import (
+    load_base_pipeline,
+    read_base_info,
+    resolve_pretrained,
+    set_cpu_threads,
+)
+
+log = logging.getLogger(__name__)
+
+
+MEMORY_MODES = ("device", "model_cpu_offload", "sequential_cpu_offload")
+MemoryMode = Literal["device", "model_cpu_offload", "sequential_cpu_offload"]
+BatchMode = Literal["exact", "fused"]
+
+EMBEDDING_CACHE_SIZE = 256
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (CUDA, then MPS, then CPU), or an explicit torch device such as `cuda:1`."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"device: {error}") from None
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"device: {name} is not available on this machine")
+    return device
+
+
+class GenerationEngine:
+    """Renders images from the base pipeline with any set of loaded LoRAs at given scales."""
+
+    def __init__(
+        self,
+        base_dir: str | Path = layout.BASE_DIR,
+        scheduler: str = "euler",
+        device: torch.device | str | None = None,
+        memory: str = "device",
+        batch_mode: str = "exact",
+        controlnets: dict[str, str] | None = None,
+        cpu_threads: int | None = None,
+    ) -> None:
+        if memory not in MEMORY_MODES:
+            raise ConfigError(f"memory: {memory!r} is not one of {MEMORY_MODES}")
+        if batch_mode not in ("exact", "fused"):
+            raise ConfigError(f"batch_mode: {batch_mode!r} is not 'exact' or 'fused'")
+        if isinstance(device, str) or device is None:
+            device = resolve_device(device or "auto")
+        if memory != "device" and device.type == "cpu":
+            raise ConfigError(
+                f"memory: {memory} moves modules between the CPU and an accelerator; "
+                "this engine runs on the CPU (use memory=device, or a cuda device)"
+            )
+        set_cpu_threads(cpu_threads)
+        self.device = device
+        self.memory = memory
+        self.batch_mode = batch_mode
+        self.base = read_base_info(base_dir)
+        # Offloaded pipelines are loaded on the CPU; accelerate's hooks move each module in turn.
+        self.pipeline = load_base_pipeline(
+            base_dir, device if memory == "device" else torch.device("cpu")
+        )
+        self._apply_memory(self.pipeline)
+        self.is_sdxl = type(self.pipeline).__name__.startswith("StableDiffusionXL")
+        self._scheduler_config = self.pipeline.scheduler.config
+        self._controlnet_paths = dict(controlnets or {})
+        self._controlnets: dict[str, Any] = {}
+        self._derived: dict[tuple[str, str], Any] = {}
+        self.loras: dict[str, LoadedLora] = {}
+        self._embeddings: dict[tuple, tuple] = {}
+        self.timer: RenderTimer | None = None
+        self.scheduler = ""
+        self.set_scheduler(scheduler)
+
+    @property
+    def model_name(self) -> str:
+        return self.base.display_name
+
+    @property
+    def text_layers(self) -> int:
+        return int(self.pipeline.text_encoder.config.num_hidden_layers)
+
+    def _apply_memory(self, pipeline: Any) -> None:
+        if self.memory == "model_cpu_offload":
+            pipeline.enable_model_cpu_offload(device=self.device)
+        elif self.memory == "sequential_cpu_offload":
+            pipeline.enable_sequential_cpu_offload(device=self.device)
+
+    def set_scheduler(self, name: str) -> None:
+        """The default sampler for requests that name none."""
+        self._build_scheduler(name)
+        self.scheduler = name
+
+    def _build_scheduler(self, name: str) -> Any:
+        """Every scheduler is built from the base model's own noise schedule."""
+        import diffusers
+
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; one of {sorted(SCHEDULERS)}")
+        class_name, extra, _ = SCHEDULERS[name]
+        return getattr(diffusers, class_name).from_config(self._scheduler_config, **extra)
+
+    # --- LoRAs --------------------------------------------------------------------------------
+
+    def load_lora(
+        self, name: str, path: str | Path, trigger_words: Sequence[str] = ()
+    ) -> LoadedLora:
+        """Load a diffusers or kohya LoRA file as the adapter `name` (inactive until rendered).
+
+        `trigger_words` are added to the prompt of every request that uses this LoRA.
+        """
+        if not _ADAPTER_NAME.match(name):
+            raise ValueError(f"LoRA name {name!r}: use letters, digits, '_' or '-' only")
+        file = lora_file(path)
+        if name in self.loras:
+            self.unload_lora(name)
+        with warnings.catch_warnings():
+            # peft warns whenever a second adapter joins the first: that is the point here.
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            self.pipeline.load_lora_weights(str(file), adapter_name=name)
+        loaded = LoadedLora(
+            name, file, sha256_file(file), lora_short_hash(file), tuple(trigger_words)
+        )
+        self.loras[name] = loaded
+        log.debug("loaded LoRA %s from %s", name, file)
+        return loaded
+
+    def unload_lora(self, name: str) -> None:
+        """Remove the adapter; with none left the UNet is restored to its exact base modules."""
+        if name not in self.loras:
+            raise KeyError(f"LoRA {name!r} is not loaded")
+        del self.loras[name]
+        if self.loras:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*which is now deleted.*")
+                self.pipeline.delete_adapters([name])
+        else:
+            self.pipeline.unload_lora_weights()
+
+    # --- parameters ---------------------------------------------------------------------------
+
+    def parameters(self, request: RenderRequest) -> dict[str, Any]:
+        """Everything that determines an image (the JSON sidecar), without rendering it.
+
+        `preset` fills steps and guidance that are not given; `clip_skip` counts as A1111 does
+        (1 = the last text-encoder layer, 2 = the one before it).
+        """
+        prompt, seed, clip_skip, preset = (
+            request.prompt,
+            request.seed,
+            request.clip_skip,
+            request.preset,
+        )
+        negative_prompt, conditioning = request.negative_prompt, request.conditioning
+        loras = dict(request.loras)
+        unknown = sorted(set(loras) - set(self.loras))
+        if unknown:
+            raise KeyError(f"LoRA(s) not loaded: {unknown}; loaded: {sorted(self.loras)}")
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; one of {list(PRESETS)}")
+        chosen = PRESETS[preset or "standard"]
+        steps = chosen.steps if request.steps is None else int(request.steps)
+        guidance_scale = (
+            chosen.guidance_scale if request.guidance_scale is None else request.guidance_scale
+        )
+        scheduler = request.scheduler or self.scheduler
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; one of {sorted(SCHEDULERS)}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if not 1 <= clip_skip <= self.text_layers:
+            raise ValueError(f"clip_skip must be in 1..{self.text_layers}, got {clip_skip}")
+        width = int(request.width or self.base.resolution)
+        height = int(request.height or self.base.resolution)
+        if width % 8 or height % 8 or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of 8: {width}x{height}")
+        triggers = [
+            word
+            for name in sorted(loras)
+            if loras[name] != 0
+            for word in self.loras[name].trigger_words
+            if word not in prompt
+        ]
+        params: dict[str, Any] = {
+            "prompt": ", ".join([*dict.fromkeys(triggers), prompt]) if triggers else prompt,
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "scheduler": scheduler,
+            "sampler": SCHEDULERS[scheduler][2],
+            "guidance_scale": float(guidance_scale),
+            "seed": int(seed),
+            "width": width,
+            "height": height,
+            "model": self.model_name,
+            "stand_in": self.base.stand_in,
+            "loras": [
+                {
+                    "name": name,
+                    "scale": float(scale),
+                    "sha256": self.loras[name].sha256,
+                    "short_hash": self.loras[name].short_hash,
+                }
+                for name, scale in sorted(loras.items())
+            ],
+        }
+        # Keys that were added later only appear when they differ from the old behaviour, so
+        # sidecars of earlier sweeps still match and resume.
+        if preset is not None:
+            params["preset"] = preset
+        if clip_skip != 1:
+            params["clip_skip"] = clip_skip
+        if triggers:
+            params["trigger_words"] = triggers
+        if conditioning is not None:
+            params["conditioning"] = conditioning.record()
+        return params
+
+    # --- rendering ----------------------------------------------------------------------------
+
+    def render(self, prompt: str, seed: int, **options: Any) -> Image.Image:
+        """One image; only the LoRAs named in `loras` are active, at their scales.
+
+        The image's `info` carries the A1111 `parameters` text and the full parameters (JSON),
+        which `write_image` stores.
+        """
+        return self.render_batch([RenderRequest.from_options(prompt, seed, **options)])[0]
+
+    def render_batch(self, requests: Sequence[RenderRequest]) -> list[Image.Image]:
+        """Several images in one sampling loop, each with its own seed and prompt.
+
+        The requests must agree on everything but prompt, negative prompt, seed and clip skip
+        (LoRAs, steps, guidance, size, scheduler, conditioning); see `batch_key`.
+        """
+        if not requests:
+            return []
+        conditionings = [request.conditioning for request in requests]
+        params = [self.parameters(request) for request in requests]
+        keys = {batch_key(item) for item in params}
+        if len(keys) > 1:
+            raise ValueError("a batch must share LoRAs, steps, guidance, size and scheduler")
+        if any(c is not conditionings[0] and c != conditionings[0] for c in conditionings):
+            raise ValueError("a batch must share its conditioning")
+        first, conditioning = params[0], conditionings[0]
+        self._activate({item["name"]: item["scale"] for item in first["loras"]})
+        pipeline = self._pipeline_for(conditioning)
+        pipeline.scheduler = self._build_scheduler(first["scheduler"])
+        do_cfg = first["guidance_scale"] > 1.0
+        generators = [torch.Generator("cpu").manual_seed(item["seed"]) for item in params]
+        extra: dict[str, Any] = {}
+        if conditioning is not None:
+            extra.update(self._conditioning_arguments(conditioning, first))
+        with torch.no_grad():
+            extra.update(self._encode(pipeline, params, do_cfg))
+            with self._per_image(pipeline, len(params), do_cfg):
+                images = pipeline(
+                    num_inference_steps=first["steps"],
+                    guidance_scale=first["guidance_scale"],
+                    width=first["width"],
+                    height=first["height"],
+                    generator=generators,
+                    output_type="pil",
+                    **extra,
+                ).images
+        if conditioning is not None and conditioning.kind == "inpaint":
+            # The VAE round trip changes pixels outside the mask too: paste the original back
+            # there, as A1111 does, so an inpainting only ever changes the masked region.
+            images = [
+                pipeline.image_processor.apply_overlay(
+                    extra["mask_image"], extra["image"], image
+                ).convert("RGB")
+                for image in images
+            ]
+        for image, item in zip(images, params, strict=True):
+            image.info[PARAMETERS_KEY] = a1111_parameters(item)
+            image.info[SIDECAR_KEY] = json.dumps(item, sort_keys=True)
+        return images
+
+    def _encode(self, pipeline: Any, params: list[dict], do_cfg: bool) -> dict[str, Any]:
+        """Each prompt encoded on its own (a batch must not change a single image's bytes)."""
+        # `_execution_device` walks every module (10 ms a call): only offloading needs it.
+        device = self.device if self.memory == "device" else pipeline._execution_device
+        parts: dict[str, list[torch.Tensor]] = {}
+        with text_model_shim(pipeline.text_encoder):
+            for item in params:
+                self._encode_one(pipeline, item, do_cfg, device, parts)
+        return {name: torch.cat(tensors) for name, tensors in parts.items()}
+
+    def _encode_one(
+        self,
+        pipeline: Any,
+        item: dict[str, Any],
+        do_cfg: bool,
+        device: Any,
+        parts: dict[str, list[torch.Tensor]],
+    ) -> None:
+        names = ["prompt_embeds", "negative_prompt_embeds"]
+        if self.is_sdxl:
+            names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        key = (item["prompt"], item["negative_prompt"], item.get("clip_skip", 1), do_cfg)
+        # A sweep encodes each prompt once per seed and per LoRA cell; the text encoders only
+        # change when a LoRA patches them, so the embeddings are reused until then (the same
+        # tensors the encoder would compute again: bytes do not change).
+        cacheable = not self._text_encoders_patched()
+        encoded = self._embeddings.get(key) if cacheable else None
+        if encoded is None:
+            clip_skip = item.get("clip_skip", 1) - 1 or None  # diffusers counts skipped layers
+            encoded = pipeline.encode_prompt(
+                prompt=item["prompt"],
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=do_cfg,
+                negative_prompt=item["negative_prompt"] or None,
+                clip_skip=clip_skip,
+            )
+            if cacheable:
+                if len(self._embeddings) >= EMBEDDING_CACHE_SIZE:
+                    self._embeddings.pop(next(iter(self._embeddings)))
+                self._embeddings[key] = encoded
+        for name, tensor in zip(names, encoded, strict=True):
+            if tensor is not None:
+                parts.setdefault(name, []).append(tensor)
+
+    def _text_encoders_patched(self) -> bool:
+        """Whether a loaded LoRA reaches into a text encoder (then embeddings depend on it)."""
+        encoders = (
+            getattr(self.pipeline, "text_encoder", None),
+            getattr(self.pipeline, "text_encoder_2", None),
+        )
+        return any(getattr(encoder, "peft_config", None) for encoder in encoders)
+
+    @contextlib.contextmanager
+    def _per_image(self, pipeline: Any, count: int, do_cfg: bool) -> Iterator[None]:
+        """In exact mode, run the UNet, ControlNet and VAE decoder one image at a time; always
+        time them (the benchmark's share of time outside UNet and VAE)."""
+        exact = self.batch_mode == "exact"
+        groups = [[k, count + k] if do_cfg else [k] for k in range(count)]
+        patched = [
+            (pipeline.unet, "forward", "unet"),
+            (pipeline.vae, "decode", "vae"),
+        ]
+        if getattr(pipeline, "controlnet", None) is not None:
+            patched.append((pipeline.controlnet, "forward", "unet"))
+        originals = []
+        for module, method, label in patched:
+            original = module.__dict__.get(method)
+            bound = getattr(module, method)
+            groups_here = groups if label == "unet" else [[k] for k in range(count)]
+            size = count * (2 if do_cfg and label == "unet" else 1)
+            wrapped = timed(
+                split_rows(bound, groups_here, size) if exact and count > 1 else bound,
+                self.timer,
+                label,
+            )
+            setattr(module, method, wrapped)
+            originals.append((module, method, original))
+        try:
+            yield
+        finally:
+            for module, method, original in originals:
+                if original is None:
+                    delattr(module, method)
+                else:
+                    setattr(module, method, original)
+
+    def _activate(self, scales: dict[str, float]) -> None:
+        if not self.loras:
+            return
+        if not scales:
+            self.pipeline.disable_lora()
+            return
+        self.pipeline.enable_lora()
+        self.pipeline.set_adapters(list(scales), list(scales.values()))
+
+    # --- conditioning -------------------------------------------------------------------------
+
+    def _pipeline_for(self, conditioning: Conditioning | None) -> Any:
+        """The base pipeline, or one derived from it that shares its modules (and LoRAs)."""
+        if conditioning is None:
+            return self.pipeline
+        import diffusers
+
+        kind = conditioning.kind
+        key = (kind, conditioning.control_type if kind == "control" else "")
+        if key not in self._derived:
+            prefix = "StableDiffusionXL" if self.is_sdxl else "StableDiffusion"
+            names = {"control": "ControlNetPipeline", "img2img": "Img2ImgPipeline"}
+            pipeline_class = getattr(diffusers, prefix + names.get(kind, "InpaintPipeline"))
+            extra = {}
+            if kind == "control":
+                extra["controlnet"] = self.controlnet(conditioning.control_type)
+            derived = pipeline_class.from_pipe(self.pipeline, **extra)
+            derived.set_progress_bar_config(disable=True)
+            if kind == "control" and self.memory == "device":
+                derived.controlnet.to(self.device)
+            self._derived[key] = derived
+        return self._derived[key]
+
+    def controlnet(self, control_type: str) -> Any:
+        """The ControlNet for a conditioning type: a local model, or with a stand-in base a
+        stand-in ControlNet built deterministically (random weights, the real class)."""
+        if control_type not in self._controlnets:
+            from diffusers import ControlNetModel
+
+            path = self._controlnet_paths.get(control_type)
+            if path:
+                model = ControlNetModel.from_pretrained(
+                    resolve_pretrained(path), dtype=self.pipeline.unet.dtype
+                )
+            elif self.base.stand_in:
+                model = build_stand_in_controlnet(self.pipeline.unet, control_type)
+            else:
+                raise ConfigError(
+                    f"eval.controlnets.{control_type}: no local ControlNet given for a real "
+                    "base model (nothing is downloaded)"
+                )
+            self._controlnets[control_type] = model.eval()
+        return self._controlnets[control_type]
+
+    def _conditioning_arguments(self, conditioning: Conditioning, first: dict) -> dict[str, Any]:
+        size = (first["width"], first["height"])
+        image = conditioning.image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        if conditioning.kind == "control":
+            return {
+                "image": image,
+                "controlnet_conditioning_scale": float(conditioning.conditioning_scale),
+            }
+        arguments: dict[str, Any] = {"image": image, "strength": float(conditioning.strength)}
+        if conditioning.kind == "inpaint":
+            assert conditioning.mask is not None
+            arguments["mask_image"] = conditioning.mask.convert("L").resize(
+                size, Image.Resampling.NEAREST
+            )
+        return arguments

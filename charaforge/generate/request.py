@@ -1,0 +1,132 @@
+"""What one image is rendered from: a typed request, its conditioning, schedulers and presets.
+
+`RenderRequest` is the one way the sweep, the CLI and the HTTP server ask the engine for an
+image; a misspelt field is a TypeError at construction, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+from charaforge.core.files import sha256_bytes
+
+# Config name -> (diffusers class, extra config, A1111 sampler name).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "dpmpp_2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "DPM++ 2M",
+    ),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+
+
+SchedulerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    steps: int
+    guidance_scale: float
+
+
+# Quality presets: steps and guidance, the two knobs that trade time for quality.
+PRESETS: dict[str, Preset] = {
+    "draft": Preset(steps=8, guidance_scale=5.0),
+    "standard": Preset(steps=20, guidance_scale=7.0),
+    "high": Preset(steps=30, guidance_scale=7.0),
+    "ultra": Preset(steps=50, guidance_scale=7.5),
+}
+
+
+PresetName = Literal["draft", "standard", "high", "ultra"]
+
+
+CONTROL_TYPES = ("openpose", "canny", "depth")
+
+
+def image_digest(image: Image.Image) -> str:
+    """A stable id of an image's pixels (mode, size, bytes), recorded in the parameters."""
+    header = f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode()
+    return sha256_bytes(header + image.tobytes())[:16]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What conditions an image besides the prompt.
+
+    kind `control`: a ControlNet of `control_type` reads `image` (an OpenPose skeleton, a canny
+    edge map or a depth map, already in that form: see generate.conditioning for making them).
+    kind `img2img`: `image` is the starting picture, noised to `strength`.
+    kind `inpaint`: as img2img, only where `mask` is white.
+    `source` names where the image came from (a dataset image_id...), for the record.
+    """
+
+    kind: Literal["control", "img2img", "inpaint"]
+    image: Image.Image
+    mask: Image.Image | None = None
+    control_type: str = "openpose"
+    conditioning_scale: float = 1.0
+    strength: float = 0.75
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "inpaint" and self.mask is None:
+            raise ValueError("inpainting needs a mask (white = repaint)")
+        if self.kind == "control" and self.control_type not in CONTROL_TYPES:
+            raise ValueError(f"control_type {self.control_type!r}: one of {CONTROL_TYPES}")
+        if self.kind != "control" and not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+
+    def record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"kind": self.kind, "image": image_digest(self.image)}
+        if self.source:
+            record["source"] = self.source
+        if self.kind == "control":
+            record.update(
+                control_type=self.control_type, conditioning_scale=float(self.conditioning_scale)
+            )
+        else:
+            record["strength"] = float(self.strength)
+        if self.mask is not None:
+            record["mask"] = image_digest(self.mask)
+        return record
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderRequest:
+    """Everything that decides one image (unset fields take the engine's or the preset's value).
+
+    `loras` maps loaded LoRA names to scales; only those are active for this image. `preset`
+    fills `steps` and `guidance_scale` that are not given; `clip_skip` counts as A1111 does.
+    """
+
+    prompt: str
+    seed: int
+    loras: Mapping[str, float] = field(default_factory=dict)
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    preset: str | None = None
+    clip_skip: int = 1
+    conditioning: Conditioning | None = None
+
+    @classmethod
+    def from_options(cls, prompt: str, seed: int, **options: Any) -> RenderRequest:
+        """A request from keyword options (a misspelt option is a TypeError naming it)."""
+        return cls(prompt=prompt, seed=seed, **options)

@@ -1,0 +1,414 @@
+"""The evaluation sweep: candidates x checkpoints x LoRA scales x prompts x seeds (x poses).
+
+Prompts are `eval.prompts` plus the CharaConsist suites (`eval.suites`), numbered together by
+`prompt_index`. Pose conditions render chosen prompts once more through a ControlNet reading a
+skeleton of the pose stage. Scale 0 is the base model whatever the LoRA, so it is rendered once,
+as candidate `base` at step 0. Every candidate uses the same generator seed for a given (prompt,
+sample), so images differ only by the LoRA: the comparison is paired.
+
+Jobs that share a LoRA cell and a conditioning render in batches (`eval.batch_size`); every image
+is byte-identical to its single render, so batching never changes the result. A rerun skips
+images whose PNG exists and whose sidecar holds the very parameters it would render with; each
+file is written atomically (sidecar first), so an interrupted sweep resumes with no half-written
+file and renders only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from charaforge.config import EvalConfig
+from charaforge.core import layout
+from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
+from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
+from charaforge.errors import ConfigError, MissingInputError
+from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.loras import adapter_name
+from charaforge.generate.prompts import read_suite
+from charaforge.generate.records import read_sidecar, write_image
+from charaforge.generate.request import Conditioning, RenderRequest
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = [
+    "image_id",
+    "image_path",
+    "candidate",
+    "step",
+    "lora_scale",
+    "prompt_index",
+    "prompt",
+    "seed",
+    "suite",
+    "prompt_group",
+    "identity_shot",
+    "pose_image_id",
+]
+GRID_DIR = "grids"
+
+
+@dataclass(frozen=True)
+class SweepPrompt:
+    index: int
+    text: str
+    seeds: tuple[int, ...]  # entries of eval.seeds (or the suite's seeds)
+    suite: str | None = None
+    group: int | None = None
+    identity_shot: bool = False
+
+
+@dataclass(frozen=True)
+class PoseCondition:
+    image_id: str
+    skeleton: Path
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    candidate: str
+    step: int
+    lora_scale: float
+    prompt: SweepPrompt
+    sample: int  # the entry of eval.seeds
+    seed: int  # the generator seed actually used
+    pose: PoseCondition | None = None
+
+    @property
+    def prompt_index(self) -> int:
+        return self.prompt.index
+
+    def relative_path(self) -> str:
+        pose = f"_pose-{self.pose.image_id}" if self.pose else ""
+        return (
+            f"images/{self.candidate}/step-{self.step:06d}/scale-{self.lora_scale:g}/"
+            f"p{self.prompt.index:02d}_s{self.sample}{pose}.png"
+        )
+
+    def cell(self) -> tuple:
+        """Jobs of one cell share LoRA state and conditioning: they can share a batch."""
+        return (self.candidate, self.step, self.lora_scale, self.pose)
+
+
+@dataclass
+class SweepResult:
+    index: pd.DataFrame
+    rendered: int
+    skipped: int
+    seconds: float
+    grids: list[Path] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rendered / self.seconds if self.seconds > 0 else 0.0
+
+
+def image_seed(seed: int, prompt_index: int, sample: int) -> int:
+    """Independent of the candidate, so every candidate starts from the same noise."""
+    return derive_seed(seed, "generate", prompt_index, sample)
+
+
+def read_candidates(train_dir: str | Path) -> list[dict]:
+    summary = Path(train_dir) / "summary.json"
+    if not summary.is_file():
+        raise MissingInputError(f"{summary}: not found (run the `train` stage first)")
+    candidates = json.loads(summary.read_text(encoding="utf-8"))["candidates"]
+    return candidates
+
+
+def sweep_prompts(eval: EvalConfig, trigger: str, root: str | Path = ".") -> list[SweepPrompt]:
+    """eval.prompts, then each suite's prompts (suites in name order), numbered together."""
+    prompts = [
+        SweepPrompt(index, text.replace("{trigger}", trigger), tuple(eval.seeds))
+        for index, text in enumerate(eval.prompts)
+    ]
+    for name, suite in sorted(eval.suites.items()):
+        for item in read_suite(Path(root) / suite.file, name):
+            if suite.max_groups is not None and item.group >= suite.max_groups:
+                continue
+            prompts.append(
+                SweepPrompt(
+                    len(prompts),
+                    item.text(trigger),
+                    tuple(suite.seeds),
+                    suite=name,
+                    group=item.group,
+                    identity_shot=item.identity_shot,
+                )
+            )
+    return prompts
+
+
+def pose_conditions(eval: EvalConfig, pose_dir: str | Path | None) -> list[PoseCondition]:
+    """The first `eval.pose.skeletons` people of the pose stage, in image_id order."""
+    if not eval.pose.enabled:
+        return []
+    if pose_dir is None:
+        raise ConfigError("eval.pose.enabled: the sweep was given no pose folder")
+    table = Path(pose_dir) / "keypoints.parquet"
+    if not table.is_file():
+        raise ConfigError(f"eval.pose.enabled: {table} not found (run the `pose` stage first)")
+    rows = pd.read_parquet(table, columns=["image_id", "has_person"])
+    people = sorted(rows.loc[rows["has_person"], "image_id"])
+    conditions = []
+    for image_id in people[: eval.pose.skeletons]:
+        skeleton = Path(pose_dir) / "skeletons" / f"{image_id}.png"
+        if not skeleton.is_file():
+            raise ConfigError(f"eval.pose: skeleton {skeleton} not found")
+        conditions.append(PoseCondition(image_id, skeleton))
+    if not conditions:
+        log.warning("eval.pose.enabled, but the pose stage found no person: no pose conditions")
+    return conditions
+
+
+def plan_jobs(
+    candidates: list[dict],
+    eval: EvalConfig,
+    trigger: str,
+    seed: int,
+    poses: list[PoseCondition] | None = None,
+    root: str | Path = ".",
+) -> list[SweepJob]:
+    """Every image of the sweep, in rendering order (one LoRA load per checkpoint)."""
+    prompts = sweep_prompts(eval, trigger, root)
+    scales = sorted(set(eval.lora_scales))  # the schema keeps them >= 0
+    pose_prompts = [prompts[index] for index in eval.pose.prompt_indices]
+
+    def grid(candidate: str, step: int, scale: float) -> list[SweepJob]:
+        jobs = [
+            SweepJob(candidate, step, scale, prompt, sample, image_seed(seed, prompt.index, sample))
+            for prompt in prompts
+            for sample in prompt.seeds
+        ]
+        jobs += [
+            SweepJob(
+                candidate,
+                step,
+                scale,
+                prompt,
+                sample,
+                image_seed(seed, prompt.index, sample),
+                pose,
+            )
+            for pose in poses or []
+            for prompt in pose_prompts
+            for sample in eval.pose.seeds
+        ]
+        return jobs
+
+    jobs = grid(BASE_CANDIDATE, 0, 0.0) if 0.0 in scales else []
+    for candidate in candidates:
+        for step in candidate["checkpoints"]:
+            for scale in (scale for scale in scales if scale > 0):
+                jobs += grid(candidate["name"], step, scale)
+    return jobs
+
+
+def run_sweep(
+    engine: GenerationEngine,
+    train_dir: str | Path,
+    eval: EvalConfig,
+    trigger: str,
+    resolution: int,
+    seed: int,
+    out_dir: str | Path = layout.GENERATE_DIR,
+    pose_dir: str | Path | None = None,
+    root: str | Path = ".",
+    on_image: Callable[[SweepJob], None] | None = None,
+) -> SweepResult:
+    """Render the sweep into out_dir/images, write out_dir/index.parquet and out_dir/grids/.
+
+    `on_image` is called after each image is on disk (progress; tests interrupt through it).
+    """
+    out_dir = Path(out_dir)
+    poses = pose_conditions(eval, pose_dir)
+    jobs = plan_jobs(read_candidates(train_dir), eval, trigger, seed, poses, root)
+    skeletons = {pose: Image.open(pose.skeleton).convert("RGB") for pose in poses}
+    rendered, skipped = 0, 0
+    loaded: str | None = None
+    started = time.perf_counter()
+    progress = tqdm(total=len(jobs), desc="generate", leave=False)
+    for cell_jobs in _cells(jobs):
+        first = cell_jobs[0]
+        loras = {}
+        if first.candidate != BASE_CANDIDATE:
+            name = adapter_name(f"{first.candidate}-{first.step}")
+            if loaded != name:
+                _release(engine, loaded)
+                engine.load_lora(
+                    name, checkpoint_path(Path(train_dir) / first.candidate, first.step)
+                )
+                loaded = name
+            loras = {name: first.lora_scale}
+        conditioning = None
+        if first.pose is not None:
+            conditioning = Conditioning(
+                "control",
+                skeletons[first.pose],
+                control_type="openpose",
+                conditioning_scale=eval.pose.conditioning_scale,
+                source=first.pose.image_id,
+            )
+        pending = []
+        for job in cell_jobs:
+            request = _request(job, loras, eval, resolution, conditioning)
+            path = out_dir / job.relative_path()
+            if path.is_file() and read_sidecar(path) == engine.parameters(request):
+                skipped += 1
+                progress.update(1)
+            else:
+                pending.append((job, request))
+        for start in range(0, len(pending), eval.batch_size):
+            batch = pending[start : start + eval.batch_size]
+            images = engine.render_batch([request for _, request in batch])
+            for (job, _), image in zip(batch, images, strict=True):
+                write_image(out_dir / job.relative_path(), image)
+                rendered += 1
+                progress.update(1)
+                if on_image is not None:
+                    on_image(job)
+    progress.close()
+    _release(engine, loaded)
+    seconds = time.perf_counter() - started
+    index = _index(jobs, out_dir)
+    write_parquet(out_dir / "index.parquet", index)
+    grids = write_contact_sheets(index, eval, out_dir, stand_in=engine.base.stand_in)
+    log.info(
+        "sweep: %d images (%d rendered, %d reused) in %.1f s", len(jobs), rendered, skipped, seconds
+    )
+    return SweepResult(index, rendered, skipped, seconds, grids)
+
+
+def _cells(jobs: list[SweepJob]) -> list[list[SweepJob]]:
+    cells: list[list[SweepJob]] = []
+    for job in jobs:
+        if cells and cells[-1][0].cell() == job.cell():
+            cells[-1].append(job)
+        else:
+            cells.append([job])
+    return cells
+
+
+def _request(
+    job: SweepJob,
+    loras: dict[str, float],
+    eval: EvalConfig,
+    resolution: int,
+    conditioning: Conditioning | None,
+) -> dict:
+    return RenderRequest(
+        prompt=job.prompt.text,
+        seed=job.seed,
+        loras=loras,
+        steps=eval.steps,
+        guidance_scale=eval.guidance_scale,
+        negative_prompt=eval.negative_prompt,
+        width=resolution,
+        height=resolution,
+        scheduler=eval.scheduler,
+        clip_skip=eval.clip_skip,
+        conditioning=conditioning,
+    )
+
+
+def _index(jobs: list[SweepJob], out_dir: Path) -> pd.DataFrame:
+    rows = [
+        {
+            "image_id": sha256_file(out_dir / job.relative_path())[:16],
+            "image_path": (out_dir / job.relative_path()).as_posix(),
+            "candidate": job.candidate,
+            "step": job.step,
+            "lora_scale": job.lora_scale,
+            "prompt_index": job.prompt.index,
+            "prompt": job.prompt.text,
+            "seed": job.seed,
+            "suite": job.prompt.suite,
+            "prompt_group": job.prompt.group,
+            "identity_shot": job.prompt.identity_shot,
+            "pose_image_id": job.pose.image_id if job.pose else None,
+        }
+        for job in jobs
+    ]
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS).astype(
+        {
+            "step": "int64",
+            "lora_scale": "float64",
+            "prompt_index": "int64",
+            "seed": "int64",
+            "suite": "string",
+            "prompt_group": "Int64",
+            "identity_shot": "bool",
+            "pose_image_id": "string",
+        }
+    )
+
+
+def write_contact_sheets(
+    index: pd.DataFrame, eval: EvalConfig, out_dir: Path, stand_in: bool, cell: int = 96
+) -> list[Path]:
+    """One grid per candidate: rows are prompts (first seed, no pose), columns the base model
+    then checkpoints at the largest scale (`step`) or scales at the last checkpoint (`scale`)."""
+    plain = index[index["pose_image_id"].isna()]
+    base = plain[plain["candidate"] == BASE_CANDIDATE]
+    written = []
+    for candidate in sorted(set(plain["candidate"]) - {BASE_CANDIDATE}):
+        rows = plain[plain["candidate"] == candidate]
+        if eval.grid_columns == "step":
+            top = rows["lora_scale"].max()
+            columns = [
+                (f"step {s}", rows[(rows.step == s) & (rows.lora_scale == top)])
+                for s in sorted(rows["step"].unique())
+            ]
+        else:
+            last = rows["step"].max()
+            columns = [
+                (f"x{s:g}", rows[(rows.step == last) & (rows.lora_scale == s)])
+                for s in sorted(rows["lora_scale"].unique())
+            ]
+        if not base.empty:
+            columns.insert(0, ("base", base))
+        written.append(
+            _draw_grid(out_dir / GRID_DIR / f"{candidate}.png", candidate, columns, stand_in, cell)
+        )
+    return written
+
+
+def _draw_grid(
+    path: Path, title: str, columns: list[tuple[str, pd.DataFrame]], stand_in: bool, cell: int
+) -> Path:
+    prompt_indices = sorted({int(i) for _, frame in columns for i in frame["prompt_index"]})
+    label_width, header = 40, 32
+    sheet = Image.new(
+        "RGB",
+        (label_width + cell * len(columns), header + cell * len(prompt_indices)),
+        "white",
+    )
+    draw = ImageDraw.Draw(sheet)
+    caption = f"{title}" + (" (stand-in model: images mean nothing)" if stand_in else "")
+    draw.text((4, 2), caption, fill="black")
+    for column, (label, frame) in enumerate(columns):
+        draw.text((label_width + column * cell + 4, 16), label, fill="black")
+        for row, prompt_index in enumerate(prompt_indices):
+            matches = frame[frame["prompt_index"] == prompt_index].sort_values("image_path")
+            if column == 0:
+                draw.text((4, header + row * cell + 4), f"p{prompt_index:02d}", fill="black")
+            if matches.empty:
+                continue
+            with Image.open(matches.iloc[0]["image_path"]) as image:
+                thumbnail = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+            sheet.paste(thumbnail, (label_width + column * cell, header + row * cell))
+    write_png(path, sheet)
+    return path
+
+
+def _release(engine: GenerationEngine, name: str | None) -> None:
+    if name is not None and name in engine.loras:
+        engine.unload_lora(name)

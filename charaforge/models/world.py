@@ -1,0 +1,215 @@
+"""The world stage's library entry: pretrain every world model, two processes side by side.
+
+With `model.source: world` the stage trains, in two spawned worker processes of one torch thread
+each (torch with two threads on shared cores is ~25x slower than two one-thread processes):
+  - the diffusion world model (VAE, then UNet + text encoder; `world_diffusion`), then a contact
+    sheet of its generations;
+  - the scorers: a CLIP, a WD14-format tagger and the attribute oracle (`world_scorers`).
+Everything under data/world is byte-identical from run to run; the run's timings, which are not,
+go to reports/world.json (a DVC metric, not cached) and MLflow.
+
+With any other model source the stage only writes data/world/world.json saying the world is not
+used, so the stand-in pipeline never pays for pretraining.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import io
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from charaforge.config import WorldConfig
+from charaforge.core.files import atomic_path, derive_seed, write_json, write_png, write_text
+from charaforge.models.base import set_cpu_threads, set_determinism
+from charaforge.models.world_diffusion import pretrain_diffusion
+from charaforge.prepare.world import (
+    ATTRIBUTES,
+    CHARACTER_ATTRIBUTES,
+    DEMO_CHARACTER,
+    caption,
+    make_scene,
+)
+
+log = logging.getLogger(__name__)
+
+WORLD_JSON = "world.json"
+PIPELINE_DIR = "pipeline"
+LOSSES_CSV = "losses.csv"
+CONTACT_SHEET = "samples/contact_sheet.png"
+SCORERS_MODULE = "charaforge.models.world_scorers"
+SHEET_CELL = 96  # contact-sheet cell side: 32 px images upscaled 3x (nearest) to be looked at
+
+
+def world_description() -> dict[str, Any]:
+    """The world's vocabulary and its held-out character, as world.json records them."""
+    demo_scene = make_scene(**DEMO_CHARACTER, background=ATTRIBUTES["background"][0])
+    return {
+        "attributes": {name: list(values) for name, values in ATTRIBUTES.items()},
+        "character_attributes": list(CHARACTER_ATTRIBUTES),
+        "held_out_character": dict(DEMO_CHARACTER),
+        "held_out_caption": caption(demo_scene),
+    }
+
+
+def write_unused(out_dir: str | Path, model_source: str) -> dict[str, Any]:
+    """data/world when the pipeline does not use the world: one small file, no training."""
+    payload = {
+        "used": False,
+        "reason": f"model.source is {model_source!r}; the world models are built only with "
+        "model=world",
+    }
+    with atomic_path(out_dir) as temp:
+        temp.mkdir(parents=True)
+        write_json(temp / WORLD_JSON, payload)
+    return payload
+
+
+def _init_worker(threads: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    set_cpu_threads(threads)
+    set_determinism()
+
+
+@torch.no_grad()
+def contact_sheet(pipeline: Any, config: WorldConfig, seed: int) -> Image.Image:
+    """Generations of the pretrained model: one row per sample prompt, one column per seed."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    samples = config.samples
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    side = SHEET_CELL
+    sheet = Image.new("RGB", (side * len(samples.seeds), side * len(samples.prompts)), "white")
+    for row, prompt in enumerate(samples.prompts):
+        for column, sample_seed in enumerate(samples.seeds):
+            generator = torch.Generator("cpu").manual_seed(
+                derive_seed(seed, "world", "sample", sample_seed)
+            )
+            image = pipeline(
+                prompt,
+                num_inference_steps=samples.steps,
+                guidance_scale=samples.guidance_scale,
+                height=config.image_size,
+                width=config.image_size,
+                generator=generator,
+            ).images[0]
+            cell = image.resize((side, side), Image.Resampling.NEAREST)
+            sheet.paste(cell, (column * side, row * side))
+    return sheet
+
+
+def diffusion_job(config: WorldConfig, out_dir: Path, seed: int) -> dict[str, Any]:
+    """Worker: pretrain the diffusion model, save it, draw its contact sheet."""
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    pipeline, result = pretrain_diffusion(config, out_dir / PIPELINE_DIR, seed)
+    sample_wall, sample_cpu = time.perf_counter(), time.process_time()
+    write_png(out_dir / CONTACT_SHEET, contact_sheet(pipeline, config, seed))
+    result.seconds["samples"] = round(time.perf_counter() - sample_wall, 3)
+    result.cpu_seconds["samples"] = round(time.process_time() - sample_cpu, 3)
+    result.seconds["total"] = round(time.perf_counter() - start_wall, 3)
+    result.cpu_seconds["total"] = round(time.process_time() - start_cpu, 3)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "step", "loss"])
+    for model, losses in (("vae", result.vae_losses), ("unet", result.unet_losses)):
+        writer.writerows((model, step, f"{loss:.6g}") for step, loss in enumerate(losses))
+    write_text(out_dir / LOSSES_CSV, buffer.getvalue())
+    return {
+        **result.summary(),
+        "vae_losses": result.vae_losses,
+        "unet_losses": result.unet_losses,
+    }
+
+
+def scorers_available() -> bool:
+    return importlib.util.find_spec(SCORERS_MODULE) is not None
+
+
+def scorers_job(config: WorldConfig, out_dir: Path, seed: int) -> dict[str, Any]:
+    """Worker: the CLIP scorer, WD14-format tagger and oracle (world_scorers, built beside us)."""
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    # Looked up by name so this stage runs before that module exists; a plain import once it has.
+    module = importlib.import_module(SCORERS_MODULE)
+    metrics = module.train_world_scorers(config, out_dir, seed)
+    timing = {
+        "seconds": round(time.perf_counter() - start_wall, 3),
+        "cpu_seconds": round(time.process_time() - start_cpu, 3),
+    }
+    return {"metrics": metrics, "timing": timing}
+
+
+def _is_timing(key: str) -> bool:
+    # The scorers name every timing `<...>_seconds`; the diffusion summary `seconds`/`cpu_seconds`.
+    return key == "seconds" or key.endswith("_seconds")
+
+
+def _deterministic(summary: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a worker's summary that are the same on every run (no timings)."""
+    return {key: value for key, value in summary.items() if not _is_timing(key)}
+
+
+def _timings(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in summary.items() if _is_timing(key)}
+
+
+def train_world(
+    config: WorldConfig, out_dir: str | Path, seed: int, model_source: str = "world"
+) -> dict[str, Any]:
+    """Build data/world. Returns world.json's content plus the (non-deterministic) timings."""
+    if model_source != "world":
+        return {**write_unused(out_dir, model_source), "timings": {}}
+    jobs = {"diffusion": diffusion_job}
+    if scorers_available():
+        jobs["scorers"] = scorers_job
+    else:
+        log.warning("%s not found: training the diffusion world model only", SCORERS_MODULE)
+    start_wall = time.perf_counter()
+    with atomic_path(out_dir) as temp:
+        temp.mkdir(parents=True)
+        with ProcessPoolExecutor(
+            max_workers=len(jobs),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(config.cpu_threads,),
+        ) as pool:
+            futures = {name: pool.submit(job, config, temp, seed) for name, job in jobs.items()}
+            results = {name: future.result() for name, future in futures.items()}
+        diffusion = results["diffusion"]
+        scorers = results.get("scorers")
+        payload = {
+            "used": True,
+            **world_description(),
+            "settings": config.model_dump(mode="json"),
+            "seed": seed,
+            "diffusion": _deterministic(
+                {k: v for k, v in diffusion.items() if not k.endswith("_losses")}
+            ),
+            "scorers": _deterministic(scorers["metrics"]) if scorers else None,
+            "files": {"pipeline": PIPELINE_DIR, "losses": LOSSES_CSV, "samples": CONTACT_SHEET},
+        }
+        write_json(temp / WORLD_JSON, payload)
+    timings = {
+        "stage_seconds": round(time.perf_counter() - start_wall, 3),
+        "diffusion_seconds": diffusion["seconds"],
+        "diffusion_cpu_seconds": diffusion["cpu_seconds"],
+        "scorers": {**scorers["timing"], **_timings(scorers["metrics"])} if scorers else None,
+    }
+    return {
+        **payload,
+        "timings": timings,
+        "vae_losses": diffusion["vae_losses"],
+        "unet_losses": diffusion["unet_losses"],
+    }

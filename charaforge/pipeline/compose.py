@@ -1,0 +1,36 @@
+"""Compose conf/ into params.yaml exactly as `dvc exp run` does.
+
+`dvc repro` never recomposes, so `charaforge params` (and `make params`) call the same DVC
+function that `dvc exp run` calls; a test checks the committed params.yaml is in sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from charaforge.config import Params, load_params
+from charaforge.core.files import atomic_path
+
+
+def compose_params(
+    root: str | Path = ".", overrides: Sequence[str] = (), output: str | Path | None = None
+) -> Params:
+    """Compose `<root>/conf` with Hydra overrides into `output` (default `<root>/params.yaml`).
+
+    The composed file is validated against the schema before it replaces params.yaml, so a bad
+    override fails here, naming the key, and leaves the old params.yaml in place.
+    """
+    import tempfile
+
+    from dvc.utils.hydra import compose_and_dump
+
+    root = Path(root).resolve()
+    output = Path(output) if output is not None else root / "params.yaml"
+    with tempfile.TemporaryDirectory() as scratch:
+        candidate = Path(scratch) / "params.yaml"
+        compose_and_dump(candidate, str(root / "conf"), None, "config", str(root), list(overrides))
+        params = load_params(candidate)
+        with atomic_path(output) as temp:
+            temp.write_bytes(candidate.read_bytes())
+    return params

@@ -1,0 +1,363 @@
+"""Dataset: the metadata table, captions, a deterministic train/val split and the exports.
+
+One row per kept image. Columns (docs/data-contracts.md):
+`image_id, image_path, character, outfit, pose_tag, style, tags, source, split, notes, caption`.
+
+- character: `data.character` for every row (the dataset is one character's).
+- outfit / pose_tag: the image's tags that match OUTFIT_WORDS / POSE_TAGS, in tag order, joined
+  with ", " ("" when none match). A tag matches the outfit vocabulary when its last word (or the
+  whole tag) is an item of clothing, so "blue dress" is an outfit.
+- style: "photo" when a tag is in PHOTO_TAGS, else "illustration".
+- tags: list[str], the tagger's tags. source: the source file the image was ingested from.
+- split: "val" when a uniform number drawn from hash(seed, image_id) is below val_fraction, else
+  "train"; with at least two images and val_fraction > 0, each split gets at least one image.
+- notes: "; "-joined remarks a person should see ("no person detected", "no tags", ...).
+- caption: `caption_template` with {trigger}, {character}, {outfit}, {pose}, {style} and {tags}
+  filled in; {tags} holds the tags that no other field of the template already placed.
+
+Exports: `kohya/<repeats>_<trigger>/` holds the train split (image + .txt caption: kohya trains on
+every image in the folder, so validation images stay out); `imagefolder/{train,val}/` holds
+both splits with `metadata.jsonl` lines `{"file_name", "text"}` (Hugging Face imagefolder).
+The dataset card `README.md` gives the counts, the split rule, example captions and the most
+frequent tags with a bar chart (`tag_frequency.png`); `tag_frequency.csv` has every tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from charaforge.config import DatasetConfig
+from charaforge.core.contracts import kept_rows, tag_frequency
+from charaforge.core.files import (
+    atomic_path,
+    derive_seed,
+    write_bytes,
+    write_csv,
+    write_parquet,
+    write_text,
+)
+from charaforge.prepare.ingest import portable_path
+
+log = logging.getLogger(__name__)
+
+METADATA_COLUMNS = [
+    "image_id",
+    "image_path",
+    "character",
+    "outfit",
+    "pose_tag",
+    "style",
+    "tags",
+    "source",
+    "split",
+    "notes",
+    "caption",
+]
+OUTFIT_WORDS = frozenset(
+    {
+        "dress", "skirt", "shirt", "blouse", "sweater", "hoodie", "jacket", "coat", "suit",
+        "spacesuit", "uniform", "serafuku", "kimono", "yukata", "armor", "bikini", "swimsuit",
+        "leotard", "pants", "shorts", "jeans", "overalls", "apron", "cape", "cloak", "robe",
+        "bodysuit", "pajamas", "tuxedo", "vest", "scarf", "hat",
+    }
+)  # fmt: skip
+POSE_TAGS = (
+    "standing", "sitting", "kneeling", "lying", "squatting", "walking", "running", "jumping",
+    "arms up", "arms at sides", "arms behind back", "arms behind head", "crossed arms",
+    "outstretched arms", "hand on hip", "hands on hips", "waving", "v", "peace sign",
+)  # fmt: skip
+PHOTO_TAGS = frozenset({"photo", "photo (medium)", "photorealistic", "realistic", "real life"})
+
+
+@dataclass
+class DatasetSummary:
+    images: int
+    train: int
+    val: int
+    without_person: int
+    without_tags: int
+
+
+def outfit_of(tags: list[str]) -> str:
+    return ", ".join(t for t in tags if t in OUTFIT_WORDS or t.rsplit(" ", 1)[-1] in OUTFIT_WORDS)
+
+
+def pose_tag_of(tags: list[str]) -> str:
+    vocabulary = set(POSE_TAGS)
+    return ", ".join(t for t in tags if t in vocabulary)
+
+
+def style_of(tags: list[str]) -> str:
+    return "photo" if any(t in PHOTO_TAGS for t in tags) else "illustration"
+
+
+def split_of(image_ids: list[str], seed: int, val_fraction: float) -> list[str]:
+    """train/val per image from a hash of (seed, image_id): stable when images come and go."""
+    draws = [derive_seed(seed, "split", image_id) / 2**63 for image_id in image_ids]
+    splits = ["val" if draw < val_fraction else "train" for draw in draws]
+    if len(splits) >= 2 and val_fraction > 0:
+        if "val" not in splits:
+            splits[min(range(len(draws)), key=draws.__getitem__)] = "val"
+        if "train" not in splits:
+            splits[max(range(len(draws)), key=draws.__getitem__)] = "train"
+    return splits
+
+
+def caption_of(template: str, trigger: str, character: str, tags: list[str]) -> str:
+    """The caption from `template`; {tags} holds the tags no other field of it placed."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    outfit, pose = outfit_of(tags), pose_tag_of(tags)
+    placed: set[str] = set()
+    if "outfit" in fields:
+        placed |= set(outfit.split(", "))
+    if "pose" in fields:
+        placed |= set(pose.split(", "))
+    style = style_of(tags)
+    if "style" in fields and style == "photo":
+        placed |= PHOTO_TAGS
+    rest = [tag for tag in tags if tag not in placed]
+    text = template.format(
+        trigger=trigger,
+        character=character,
+        outfit=outfit,
+        pose=pose,
+        style=style,
+        tags=", ".join(rest),
+    )
+    # An empty field leaves separators behind ("aoi_cf, "): tidy them away.
+    text = re.sub(r"(\s*,\s*)+", ", ", text)
+    return text.strip().strip(",").strip()
+
+
+def build_metadata(
+    rows: pd.DataFrame,
+    tags: pd.DataFrame,
+    poses: pd.DataFrame,
+    config: DatasetConfig,
+    character: str,
+    trigger: str,
+    seed: int,
+    images_dir: str,
+) -> pd.DataFrame:
+    """The metadata table for the kept manifest rows, sorted by source path."""
+    tags_of = dict(zip(tags["image_id"], tags["tags"], strict=True))
+    person_of = dict(zip(poses["image_id"], poses["has_person"], strict=True))
+    rows = rows.sort_values("source_path").reset_index(drop=True)
+    records = []
+    for row in rows.itertuples():
+        image_tags = [str(t) for t in tags_of.get(row.image_id, [])]
+        notes = []
+        if not person_of.get(row.image_id, False):
+            notes.append("no person detected")
+        if not image_tags:
+            notes.append("no tags")
+        records.append(
+            {
+                "image_id": row.image_id,
+                "image_path": f"{images_dir}/{row.image_id}.png",
+                "character": character,
+                "outfit": outfit_of(image_tags),
+                "pose_tag": pose_tag_of(image_tags),
+                "style": style_of(image_tags),
+                "tags": image_tags,
+                "source": row.source_path,
+                "notes": "; ".join(notes),
+                "caption": caption_of(config.caption_template, trigger, character, image_tags),
+            }
+        )
+    table = pd.DataFrame(records, columns=[c for c in METADATA_COLUMNS if c != "split"])
+    table.insert(
+        METADATA_COLUMNS.index("split"),
+        "split",
+        split_of(table["image_id"].tolist(), seed, config.val_fraction),
+    )
+    return table[METADATA_COLUMNS]
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+
+
+def build_dataset(
+    ingest_dir: str | Path,
+    dedupe_dir: str | Path,
+    tag_dir: str | Path,
+    pose_dir: str | Path,
+    out_dir: str | Path,
+    config: DatasetConfig,
+    character: str,
+    trigger: str,
+    seed: int,
+) -> DatasetSummary:
+    """Write metadata.parquet, images/, kohya/ and imagefolder/ under `out_dir`."""
+    out_dir = Path(out_dir)
+    manifest = pd.read_parquet(Path(ingest_dir) / "manifest.parquet")
+    dedupe_table = pd.read_parquet(Path(dedupe_dir) / "dedupe.parquet")
+    tags = pd.read_parquet(Path(tag_dir) / "tags.parquet")
+    poses = pd.read_parquet(Path(pose_dir) / "keypoints.parquet")
+    rows = kept_rows(manifest, dedupe_table)
+    images_dir = portable_path(out_dir / "images")
+    table = build_metadata(rows, tags, poses, config, character, trigger, seed, images_dir)
+    source_of = dict(zip(rows["image_id"], rows["image_path"], strict=True))
+    payload = {image_id: Path(source_of[image_id]).read_bytes() for image_id in table["image_id"]}
+
+    with atomic_path(out_dir / "images") as folder:
+        folder.mkdir(parents=True)
+        for image_id, data in payload.items():
+            write_bytes(folder / f"{image_id}.png", data)
+    with atomic_path(out_dir / "kohya") as folder:
+        concept = folder / f"{config.kohya_repeats}_{trigger}"
+        concept.mkdir(parents=True)
+        for row in table[table["split"] == "train"].itertuples():
+            write_bytes(concept / f"{row.image_id}.png", payload[row.image_id])
+            write_text(concept / f"{row.image_id}.txt", row.caption + "\n")
+    with atomic_path(out_dir / "imagefolder") as folder:
+        for split in ("train", "val"):
+            (folder / split).mkdir(parents=True)
+            part = table[table["split"] == split]
+            for row in part.itertuples():
+                write_bytes(folder / split / f"{row.image_id}.png", payload[row.image_id])
+            lines = [
+                {"file_name": f"{r.image_id}.png", "text": r.caption} for r in part.itertuples()
+            ]
+            write_text(folder / split / "metadata.jsonl", _jsonl(lines))
+    write_parquet(out_dir / "metadata.parquet", table)
+    ingest_summary = Path(ingest_dir) / "summary.json"
+    counts = {
+        "source files accepted by ingest": len(manifest),
+        "dropped by dedupe (exact and near-duplicates)": int((~dedupe_table["keep"]).sum()),
+    }
+    if ingest_summary.is_file():
+        report = json.loads(ingest_summary.read_text(encoding="utf-8"))
+        counts["quarantined by ingest"] = int(report.get("quarantined", 0))
+    write_card(out_dir, table, config, character, trigger, sorted(set(tags["tagger"])), counts)
+
+    summary = DatasetSummary(
+        images=len(table),
+        train=int((table["split"] == "train").sum()),
+        val=int((table["split"] == "val").sum()),
+        without_person=int(table["notes"].str.contains("no person detected").sum()),
+        without_tags=int((table["tags"].map(len) == 0).sum()),
+    )
+    log.info(
+        "dataset: %d images (%d train, %d val), %d without a person, %d without tags",
+        summary.images,
+        summary.train,
+        summary.val,
+        summary.without_person,
+        summary.without_tags,
+    )
+    return summary
+
+
+def tag_frequency_plot(frequency: pd.DataFrame, images: int, title: str) -> bytes:
+    """A horizontal bar chart of tag counts (PNG bytes, no timestamp: same data, same bytes)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    height = 1.2 + 0.28 * max(len(frequency), 1)
+    figure, axis = plt.subplots(figsize=(6.4, height), dpi=100)
+    try:
+        ordered = frequency.iloc[::-1]
+        axis.barh(ordered["tag"], ordered["count"], color="#4878a8")
+        axis.set_xlabel(f"images with the tag (of {images})")
+        axis.set_xlim(0, max(images, 1))
+        axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="y", labelsize=8)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+    finally:
+        plt.close(figure)
+    return buffer.getvalue()
+
+
+def _markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_card(
+    out_dir: Path,
+    table: pd.DataFrame,
+    config: DatasetConfig,
+    character: str,
+    trigger: str,
+    taggers: list[str],
+    counts: dict[str, int],
+) -> None:
+    """README.md (the dataset card), tag_frequency.csv and tag_frequency.png under `out_dir`."""
+    frequency = tag_frequency(table["tags"].tolist())
+    write_csv(out_dir / "tag_frequency.csv", frequency)
+    top = frequency.head(config.card_top_tags)
+    stand_in = any("stand-in" in name for name in taggers)
+    title = f"{character}: top {len(top)} tags" + (" (stand-in tagger)" if stand_in else "")
+    write_bytes(out_dir / "tag_frequency.png", tag_frequency_plot(top, len(table), title))
+
+    splits = table["split"].value_counts()
+    styles = table["style"].value_counts()
+    rows = [
+        ["images", len(table)],
+        ["train / val", f"{int(splits.get('train', 0))} / {int(splits.get('val', 0))}"],
+        *[[f"style: {name}", int(count)] for name, count in sorted(styles.items())],
+        ["no person detected", int(table["notes"].str.contains("no person detected").sum())],
+        ["without tags", int((table["tags"].map(len) == 0).sum())],
+        ["distinct tags", len(frequency)],
+        *[[name, value] for name, value in counts.items()],
+    ]
+    examples = table.head(3)["caption"].tolist()
+    warning = (
+        "\n> **Stand-in tagger**: the tags come from a model with random weights; they mean "
+        "nothing about the images.\n"
+        if stand_in
+        else ""
+    )
+    card = f"""# Dataset card: {character}
+
+A character LoRA training set built by CharaForge (ingest, dedupe, tag, pose, dataset stages).
+Trigger word: `{trigger}`. Tagger: {", ".join(f"`{name}`" for name in taggers) or "none"}.
+{warning}
+## Counts
+
+{_markdown_table(["", "count"], rows)}
+
+## Split
+
+Deterministic by content: an image is in `val` when a number drawn from hash(seed, image_id) is
+below {config.val_fraction}; adding or removing images never moves the others.
+
+## Captions
+
+Template `{config.caption_template}`. Examples:
+
+{chr(10).join(f"- `{caption}`" for caption in examples)}
+
+## Tag frequencies (top {len(top)})
+
+![tag frequencies](tag_frequency.png)
+
+{_markdown_table(["tag", "images", "fraction"], top.values.tolist())}
+
+Every tag: `tag_frequency.csv`.
+
+## Files
+
+- `metadata.parquet`: one row per image (`image_id, image_path, character, outfit, pose_tag,
+  style, tags, source, split, notes, caption`)
+- `images/`: the training images (RGB PNG, named by content hash)
+- `kohya/{config.kohya_repeats}_{trigger}/`: the train split with `.txt` captions (kohya sd-scripts)
+- `imagefolder/{{train,val}}/metadata.jsonl`: Hugging Face `imagefolder` layout
+"""
+    write_text(out_dir / "README.md", card)

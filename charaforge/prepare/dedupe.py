@@ -1,0 +1,474 @@
+"""Dedupe: exact and perceptual near-duplicates, clustered, with a deterministic keep policy.
+
+Every distinct image (`image_id`) gets a perceptual hash (imagehash: pHash by default, dHash,
+wHash, average hash or colour hash). Two images are linked when the Hamming distance of their
+hashes is at most `threshold`; clusters are the connected components of that graph (so A~B and
+B~C put A, B and C together even if A and C are further apart). Manifest rows that share an
+`image_id` (byte-identical after normalisation) are exact duplicates and always share a cluster.
+
+Speed, so that a million images is practical:
+- Hashing decodes no more pixels than the hash needs: a JPEG is decoded by libjpeg's DCT scaling
+  (PIL draft mode, up to 8x smaller, greyscale straight from the luma plane) and other formats are
+  box-reduced right after decoding, before imagehash's own resize. The work is spread over a
+  process pool, results in input order.
+- The search is multi-index hashing (Norouzi et al.): the hash is cut into m blocks; by the
+  pigeonhole principle two hashes within distance r agree within floor(r / m) bits on at least
+  one block, so each block is a hash table probed with every key within that small radius, and
+  only the pairs found are checked in full. A cost model picks m (block size near log2 of the
+  number of hashes), or the vectorised all-pairs search when that is cheaper (few hashes). Both
+  return exactly the same pairs (a test checks this against imagehash's own distance).
+
+Keep policy inside a cluster, deterministic: the largest resolution, then the sharpest (variance of
+the Laplacian), then one that came with a sidecar caption (so exact copies do not lose their
+caption), then the smallest source path. Exactly one row per cluster is kept, so of several rows
+sharing an `image_id` one is kept and the others point at it. dedupe.parquet has one row per
+manifest row (docs/data-contracts.md: it adds `source_path` to say which row).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from charaforge.config import DedupeConfig
+from charaforge.core.files import write_parquet, write_png
+from charaforge.prepare.ingest import to_rgb
+
+log = logging.getLogger(__name__)
+
+
+def _colorhash(image: Image.Image, hash_size: int = 3) -> imagehash.ImageHash:
+    return imagehash.colorhash(image, binbits=hash_size)
+
+
+def _whash(image: Image.Image, hash_size: int = 8) -> imagehash.ImageHash:
+    # A fixed working scale: imagehash's default (the largest power of two below the image
+    # side) would make the hash depend on resolution, which is what near-duplicates differ in.
+    return imagehash.whash(image, hash_size=hash_size, image_scale=whash_scale(hash_size))
+
+
+HASHERS = {
+    "phash": imagehash.phash,
+    "dhash": imagehash.dhash,
+    "whash": _whash,
+    "average_hash": imagehash.average_hash,
+    "colorhash": _colorhash,
+}
+DEDUPE_COLUMNS = ["image_id", "source_path", "hash", "cluster_id", "keep", "duplicate_of"]
+# Popcount of every byte value: Hamming distance = sum of POPCOUNT[a ^ b] over the packed bytes.
+POPCOUNT = (
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint16)
+)
+# Popcount of every 16-bit value: four look-ups per 64-bit word (numpy<2 has no bitwise_count).
+POPCOUNT16 = (POPCOUNT[np.arange(1 << 16) >> 8] + POPCOUNT[np.arange(1 << 16) & 0xFF]).astype(
+    np.uint8
+)
+# Cost-model units (one element operation of a vectorised pass): the fixed cost of one probe,
+# and of one pair compared by brute force per 64-bit word.
+PROBE_OVERHEAD = 5000.0
+BRUTE_PAIR = 2.0
+# Fewer hashes than this are hashed in the calling process: a pool costs more than it saves.
+PARALLEL_MIN = 64
+
+
+@dataclass
+class DedupeSummary:
+    rows: int
+    kept: int
+    dropped: int
+    clusters: int  # clusters with more than one row
+
+
+def whash_scale(hash_size: int) -> int:
+    return max(64, hash_size * 8)
+
+
+def working_size(hash_name: str, hash_size: int) -> int:
+    """The side, in pixels, that the hash resizes every image to (what decoding must reach)."""
+    return {
+        "phash": hash_size * 4,
+        "dhash": hash_size + 1,
+        "average_hash": hash_size,
+        "whash": whash_scale(hash_size),
+        "colorhash": 64,
+    }[hash_name]
+
+
+def image_hash(image: Image.Image, config: DedupeConfig) -> imagehash.ImageHash:
+    return HASHERS[config.hash](image, hash_size=config.hash_size)
+
+
+def load_for_hash(path: str | Path, hash_name: str, hash_size: int) -> Image.Image:
+    """Decode only as many pixels as the hash needs (see the module docstring); EXIF applied."""
+    need = working_size(hash_name, hash_size)
+    mode = "RGB" if hash_name == "colorhash" else "L"
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            # DCT scaling: the decoder skips the detail the hash would throw away. At least
+            # twice the working side is kept so that imagehash's antialiased resize still
+            # averages over several source pixels.
+            image.draft(mode, (2 * need, 2 * need))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode not in ("L", "RGB"):
+            # Palette, CMYK, 16-bit, alpha: ingest's conversion (16-bit rescaled, not clipped;
+            # alpha on white), and reduce() wants 8-bit pixels anyway.
+            image = to_rgb(image, (255, 255, 255)).convert(mode)
+        factor = min(image.size) // (2 * need)
+        if factor >= 2:
+            image = image.reduce(factor)
+        return image.convert(mode)
+
+
+def hash_file(path: str | Path, hash_name: str, hash_size: int) -> bytes:
+    """Packed hash bits of one image file (the row format of `pack_hashes`)."""
+    image = load_for_hash(path, hash_name, hash_size)
+    code = HASHERS[hash_name](image, hash_size=hash_size)
+    return np.packbits(np.asarray(code.hash, dtype=bool).ravel()).tobytes()
+
+
+def hash_files(
+    paths: Sequence[str | Path], config: DedupeConfig, workers: int | None = None
+) -> np.ndarray:
+    """Packed hashes (n x bytes, uint8) of image files, in input order, over a process pool."""
+    workers = workers if workers is not None else (config.workers or os.cpu_count() or 1)
+    task = partial(hash_file, hash_name=config.hash, hash_size=config.hash_size)
+    if workers <= 1 or len(paths) < PARALLEL_MIN:
+        rows = [task(path) for path in paths]
+    else:
+        chunk = max(1, min(64, len(paths) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            rows = list(pool.map(task, paths, chunksize=chunk))
+    if not rows:
+        return np.zeros((0, 0), dtype=np.uint8)
+    return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), -1).copy()
+
+
+def hex_of(packed: np.ndarray) -> list[str]:
+    """Hex strings of packed hashes, as imagehash's str() writes them."""
+    return [row.tobytes().hex() for row in packed]
+
+
+def hex_distance(a: str, b: str) -> int:
+    """Hamming distance of two hex-written hashes of the same length."""
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def pack_hashes(hashes: list[imagehash.ImageHash]) -> np.ndarray:
+    """Hashes as rows of packed bits, shape (n, ceil(bits / 8)), dtype uint8."""
+    if not hashes:
+        return np.zeros((0, 0), dtype=np.uint8)
+    bits = np.stack([np.asarray(h.hash, dtype=bool).ravel() for h in hashes])
+    return np.packbits(bits, axis=1)
+
+
+def as_words(packed: np.ndarray) -> np.ndarray:
+    """Packed hash bytes as big-endian uint64 words (n x ceil(bytes / 8)), zero-padded."""
+    n, width = packed.shape
+    words = -(-width // 8)
+    padded = np.zeros((n, words * 8), dtype=np.uint8)
+    padded[:, :width] = packed
+    return padded.view(">u8").astype(np.uint64)
+
+
+def popcount64(values: np.ndarray) -> np.ndarray:
+    """Bits set in each uint64 (as int64)."""
+    mask = np.uint64(0xFFFF)
+    total = POPCOUNT16[values & mask].astype(np.int64)
+    for shift in (16, 32, 48):
+        total += POPCOUNT16[(values >> np.uint64(shift)) & mask]
+    return total
+
+
+def _distances(words: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    total = popcount64(words[i, 0] ^ words[j, 0])
+    for column in range(1, words.shape[1]):
+        total += popcount64(words[i, column] ^ words[j, column])
+    return total
+
+
+def near_pairs(packed: np.ndarray, threshold: int, block: int = 1024) -> np.ndarray:
+    """All-pairs brute force: pairs (i < j) within `threshold`, as an (m, 3) int64 array of
+    i, j, distance, sorted. Vectorised XOR + popcount over a block of rows against all rows, so
+    memory stays at block x n words instead of n x n.
+    """
+    words = as_words(packed) if packed.size else np.zeros((len(packed), 1), np.uint64)
+    found: list[np.ndarray] = [np.zeros((0, 3), dtype=np.int64)]
+    n = len(words)
+    for start in range(0, n, block):
+        rows = words[start : start + block]
+        # Only columns j > i are needed: the block is compared with itself and what follows.
+        rest = words[start:]
+        distances = popcount64(rows[:, None, 0] ^ rest[None, :, 0])
+        for column in range(1, words.shape[1]):
+            distances += popcount64(rows[:, None, column] ^ rest[None, :, column])
+        i, j = np.nonzero(distances <= threshold)
+        upper = i < j
+        i, j = i[upper], j[upper]
+        found.append(np.stack([i + start, j + start, distances[i, j]], axis=1).astype(np.int64))
+    return np.concatenate(found)
+
+
+def _ball_size(bits: int, radius: int) -> int:
+    return sum(math.comb(bits, k) for k in range(radius + 1))
+
+
+def _blocks(bits: int, m: int, threshold: int) -> list[tuple[int, int, int]]:
+    """(start bit, length, search radius) of each block; blocks with radius < 0 are left out.
+
+    Pigeonhole, sharpened: with r = m * q + a, two hashes within r differ by at most q bits on
+    one of the first a + 1 blocks or by at most q - 1 on one of the others.
+    """
+    q, a = divmod(threshold, m)
+    sizes = [bits // m + (1 if k < bits % m else 0) for k in range(m)]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    blocks = [
+        (start, size, q if k <= a else q - 1)
+        for k, (start, size) in enumerate(zip(starts, sizes, strict=True))
+    ]
+    return [block for block in blocks if block[2] >= 0]
+
+
+def mih_cost(n: int, bits: int, m: int, threshold: int) -> float:
+    """Expected work of multi-index hashing with m blocks (uniform hashes): probes + candidates."""
+    cost = 0.0
+    for _, size, radius in _blocks(bits, m, threshold):
+        probes = _ball_size(size, radius)
+        # Per probe: a fixed overhead (a dozen numpy calls, worth ~5000 element operations),
+        # one pass over the keys, and the candidates found in the probed buckets.
+        cost += probes * (PROBE_OVERHEAD + n * (1.0 + 1.5 * n / 2.0**size))
+    return cost
+
+
+def choose_blocks(n: int, bits: int, threshold: int) -> int:
+    """The number of blocks m with the lowest expected cost (blocks of at most 32 bits)."""
+    options = [m for m in range(1, bits + 1) if bits / m <= 32]
+    return min(options, key=lambda m: (mih_cost(n, bits, m, threshold), m))
+
+
+def mih_pairs(packed: np.ndarray, threshold: int, blocks: int | None = None) -> np.ndarray:
+    """Multi-index hashing: exactly the pairs `near_pairs` finds, without comparing all pairs."""
+    n = len(packed)
+    if n < 2:
+        return np.zeros((0, 3), dtype=np.int64)
+    bits_total = packed.shape[1] * 8
+    words = as_words(packed)
+    bit_matrix = np.unpackbits(packed, axis=1)
+    m = blocks or choose_blocks(n, bits_total, threshold)
+    found: list[np.ndarray] = [np.zeros((0, 3), dtype=np.int64)]
+    for start, size, radius in _blocks(bits_total, m, threshold):
+        keys = np.zeros(n, dtype=np.int64)
+        for bit in range(start, start + size):
+            keys = (keys << 1) | bit_matrix[:, bit]
+        found.extend(_block_pairs(keys, size, radius, words, threshold))
+    pairs = np.concatenate(found)
+    # A pair close on several blocks (or probes) is found several times: keep one of each.
+    _, first = np.unique(pairs[:, 0] * n + pairs[:, 1], return_index=True)
+    return pairs[first]
+
+
+def _block_pairs(
+    keys: np.ndarray, size: int, radius: int, words: np.ndarray, threshold: int
+) -> list[np.ndarray]:
+    """Verified pairs among hashes whose block keys differ by at most `radius` bits.
+
+    Works in sorted-key order: a bucket is then a contiguous run, and for every probe mask the
+    keys u ^ mask of sorted keys u are piecewise sorted too, so the table look-ups and the hash
+    comparisons walk memory almost sequentially (about twice as fast as in input order).
+    """
+    n = len(keys)
+    index_type = np.int32 if n < 2**31 else np.int64
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order].astype(np.int32 if size <= 31 else np.int64)
+    sorted_words = words[order]
+    dense = size <= 22
+    if dense:  # a direct table: bucket start and size by key
+        counts = np.bincount(sorted_keys, minlength=1 << size).astype(index_type)
+        starts = (np.cumsum(counts, dtype=np.int64) - counts).astype(index_type)
+
+    def lookup(query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if dense:
+            return starts[query], counts[query]
+        left = np.searchsorted(sorted_keys, query, side="left")
+        return left, np.searchsorted(sorted_keys, query, side="right") - left
+
+    found = []
+    masks = [0] + [
+        sum(1 << b for b in flipped)
+        for k in range(1, radius + 1)
+        for flipped in itertools.combinations(range(size), k)
+    ]
+    positions = np.arange(n, dtype=index_type)
+    for mask in masks:
+        if mask == 0:
+            # Pairs inside a bucket: each sorted position with the positions after it.
+            source = positions
+            bucket_start, bucket_count = lookup(sorted_keys)
+            first = positions + 1
+            count = bucket_start + bucket_count - first
+        else:
+            query = sorted_keys ^ sorted_keys.dtype.type(mask)
+            # Each unordered pair of buckets (u, u ^ mask) once: from its smaller key.
+            source = np.flatnonzero(sorted_keys < query).astype(index_type)
+            first, count = lookup(query[source])
+        hit = count > 0
+        source, first, count = source[hit], first[hit], count[hit]
+        if not len(source):
+            continue
+        total = int(count.sum())
+        i = np.repeat(source, count)
+        offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+        j = np.repeat(first, count) + offsets
+        distance = _distances(sorted_words, i, j)
+        close = distance <= threshold
+        i, j, distance = order[i[close]], order[j[close]], distance[close]
+        found.append(np.stack([np.minimum(i, j), np.maximum(i, j), distance], axis=1))
+    return found
+
+
+def search_pairs(packed: np.ndarray, threshold: int, method: str = "auto") -> np.ndarray:
+    """Pairs within `threshold` by `method` (auto: the cheaper of MIH and brute force)."""
+    n = len(packed)
+    if method == "auto":
+        bits = packed.shape[1] * 8 if n else 0
+        brute = n * n / 2 * max(1, bits // 64) * BRUTE_PAIR
+        mih = mih_cost(n, bits, choose_blocks(n, bits, threshold), threshold) if n > 1 else 0
+        method = "mih" if mih < brute else "brute"
+    return mih_pairs(packed, threshold) if method == "mih" else near_pairs(packed, threshold)
+
+
+def sharpness(image: Image.Image) -> float:
+    """Variance of the Laplacian of the grey image: higher is sharper."""
+    grey = np.asarray(image.convert("L"), dtype=np.float64)
+    return float(ndimage.laplace(grey).var())
+
+
+def _cluster_labels(n: int, pairs: np.ndarray) -> np.ndarray:
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    # Renumber clusters by first appearance so ids follow manifest order, not scipy's internals.
+    _, first = np.unique(labels, return_index=True)
+    order = np.argsort(first)
+    remap = np.empty_like(order)
+    remap[order] = np.arange(len(order))
+    return remap[labels]
+
+
+def dedupe(manifest: pd.DataFrame, config: DedupeConfig) -> pd.DataFrame:
+    """The dedupe table for a manifest (one row per manifest row, in manifest order)."""
+    manifest = manifest.reset_index(drop=True)
+    unique = manifest.drop_duplicates("image_id").reset_index(drop=True)
+    if unique.empty:
+        return pd.DataFrame(columns=DEDUPE_COLUMNS).astype({"cluster_id": "int64", "keep": bool})
+    path_of = dict(zip(unique["image_id"], unique["image_path"], strict=True))
+
+    def load(image_id: str) -> Image.Image:
+        with Image.open(path_of[image_id]) as image:
+            return image.convert("RGB")
+
+    packed = hash_files(unique["image_path"].tolist(), config)
+    pairs = search_pairs(packed, config.threshold, config.search)
+    labels = _cluster_labels(len(unique), pairs)
+    hash_of = dict(zip(unique["image_id"], hex_of(packed), strict=True))
+    cluster_of = dict(zip(unique["image_id"], labels.tolist(), strict=True))
+
+    frame = manifest[["image_id", "source_path", "width", "height"]].copy()
+    frame["captioned"] = manifest["sidecar_text"].notna()
+    frame["hash"] = frame["image_id"].map(hash_of)
+    frame["cluster_id"] = frame["image_id"].map(cluster_of).astype("int64")
+    frame["keep"] = False
+    frame["duplicate_of"] = None
+    for _, members in frame.groupby("cluster_id", sort=True):
+        if len(members) == 1:
+            frame.loc[members.index, "keep"] = True
+            continue
+        ranked = members.assign(
+            pixels=members["width"] * members["height"],
+            sharp=[sharpness(load(i)) for i in members["image_id"]],
+        ).sort_values(
+            ["pixels", "sharp", "captioned", "source_path"], ascending=[False, False, False, True]
+        )
+        winner = ranked.index[0]
+        frame.loc[winner, "keep"] = True
+        losers = members.index.drop(winner)
+        frame.loc[losers, "duplicate_of"] = frame.loc[winner, "image_id"]
+    return frame[DEDUPE_COLUMNS].astype({"keep": bool})
+
+
+def contact_sheet(table: pd.DataFrame, manifest: pd.DataFrame, thumb: int = 128) -> Image.Image:
+    """One row per cluster with more than one member: the kept image, then the dropped ones."""
+    path_of = dict(zip(manifest["image_id"], manifest["image_path"], strict=False))
+    sizes = table.groupby("cluster_id")["image_id"].transform("size")
+    clusters = [group for _, group in table[sizes > 1].groupby("cluster_id", sort=True)]
+    font = ImageFont.load_default()
+    label = 28
+    columns = max((len(group) for group in clusters), default=1)
+    sheet = Image.new(
+        "RGB", (columns * (thumb + 8) + 8, max(len(clusters), 1) * (thumb + label + 8) + 8), "white"
+    )
+    draw = ImageDraw.Draw(sheet)
+    if not clusters:
+        draw.text((8, 8), "no duplicate clusters", fill="black", font=font)
+        return sheet
+    for row, group in enumerate(clusters):
+        group = group.sort_values(["keep", "source_path"], ascending=[False, True])
+        kept_hash = group["hash"].iloc[0] if group["keep"].iloc[0] else None
+        for column, member in enumerate(group.itertuples()):
+            x, y = 8 + column * (thumb + 8), 8 + row * (thumb + label + 8)
+            with Image.open(path_of[member.image_id]) as image:
+                preview = image.convert("RGB")
+                preview.thumbnail((thumb, thumb), Image.LANCZOS)
+            sheet.paste(preview, (x, y))
+            if member.keep:
+                status = "KEEP"
+            else:
+                distance = hex_distance(member.hash, kept_hash) if kept_hash else "?"
+                status = f"drop (d={distance})"
+            draw.rectangle(
+                [x, y, x + thumb - 1, y + thumb - 1], outline="green" if member.keep else "red"
+            )
+            draw.text((x, y + thumb + 2), status, fill="black", font=font)
+            draw.text(
+                (x, y + thumb + 14), Path(member.source_path).name[:22], fill="black", font=font
+            )
+    return sheet
+
+
+def dedupe_folder(
+    ingest_dir: str | Path, out_dir: str | Path, config: DedupeConfig
+) -> DedupeSummary:
+    """Read `ingest_dir/manifest.parquet`; write dedupe.parquet and contact_sheet.png."""
+    manifest = pd.read_parquet(Path(ingest_dir) / "manifest.parquet")
+    table = dedupe(manifest, config)
+    write_parquet(Path(out_dir) / "dedupe.parquet", table)
+    write_png(Path(out_dir) / "contact_sheet.png", contact_sheet(table, manifest))
+    sizes = table.groupby("cluster_id").size()
+    summary = DedupeSummary(
+        rows=len(table),
+        kept=int(table["keep"].sum()),
+        dropped=int((~table["keep"]).sum()),
+        clusters=int((sizes > 1).sum()),
+    )
+    log.info(
+        "dedupe: %d rows, %d kept, %d dropped, %d duplicate clusters",
+        summary.rows,
+        summary.kept,
+        summary.dropped,
+        summary.clusters,
+    )
+    return summary

@@ -1,0 +1,99 @@
+"""Render the report: the Markdown and HTML pages from Jinja2 templates (`templates/`).
+
+Both templates read the same document context (`document_context`): the words of `wording`, the
+plots and contact sheets of `plots`. Each section of a page is a named template block; a new
+section is a block in both templates plus one entry here.
+
+HTML escaping is the standard library's `html.escape` (quotes as `&quot;` / `&#x27;`), applied by
+the environment's `finalize` to every `{{ value }}`, rather than Jinja's own autoescape (which
+writes `&#34;` / `&#39;`): the report's bytes are a DVC output and stay those of earlier runs.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
+
+from charaforge.selection import wording
+from charaforge.selection.plots import ContactSheet, png_data_uri
+from charaforge.selection.wording import ReportContext
+
+
+def _escape_html(value: Any) -> Markup:
+    # Markup (a macro's output) is already HTML; anything else is text.
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape(str(value)))
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _environment(autoescape: bool) -> Environment:
+    environment = Environment(
+        loader=PackageLoader("charaforge.selection", "templates"),
+        autoescape=autoescape,
+        finalize=_escape_html if autoescape else None,
+        undefined=StrictUndefined,  # a misspelt context entry is an error, not an empty string
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters["md_cell"] = _md_cell
+    return environment
+
+
+_MARKDOWN = _environment(autoescape=False)
+_HTML = _environment(autoescape=True)
+
+
+def document_context(context: ReportContext) -> dict[str, Any]:
+    """What both pages show, as text: one entry per template variable."""
+    ranking_rows = wording.ranking_rows(context)
+    breakdown_header, breakdown_rows = wording.breakdown_table(context)
+    return {
+        "title": context.config.title,
+        "banner": wording.banner(context) if context.stand_in else None,
+        "champion": wording.champion_sentence(context),
+        "baseline": wording.baseline_sentence(context),
+        "tie": wording.tie_sentence(context),
+        "warnings": list(context.selection.warnings),
+        "rule": wording.rule_sentence(context),
+        "composite": wording.composite_sentence(context),
+        "memorisation": wording.memorisation_sentence(context),
+        "ranking": {
+            "header": wording.ranking_header(context),
+            "rows": ranking_rows,
+            "classes": [row[-1] for row in ranking_rows],  # the note names the row's CSS class
+        },
+        "breakdown": {"header": breakdown_header, "rows": breakdown_rows},
+        "scorers": wording.scorer_lines(context),
+        "candidates": wording.candidate_lines(context),
+        "stand_in_note": " (stand-in models)" if context.stand_in else "",
+    }
+
+
+def render_markdown(context: ReportContext) -> str:
+    return _MARKDOWN.get_template("selection.md.j2").render(document_context(context))
+
+
+def render_html(
+    context: ReportContext,
+    step_png: bytes,
+    pareto_png: bytes | None,
+    sheets: list[ContactSheet],
+) -> str:
+    pareto = None
+    if pareto_png is not None and context.pareto_axes is not None:
+        identity, alignment = context.pareto_axes
+        pareto = {"identity": identity, "alignment": alignment, "plot": png_data_uri(pareto_png)}
+    return _HTML.get_template("selection.html.j2").render(
+        document_context(context),
+        step_plot=png_data_uri(step_png),
+        pareto=pareto,
+        sheets=sheets,
+    )

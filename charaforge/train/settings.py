@@ -1,0 +1,53 @@
+"""What identifies a candidate's run: the settings that decide its numbers, its checkpoint
+steps, the fingerprint a saved state must match, and the provenance its files record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from charaforge.config import TrainConfig, config_hash
+from charaforge.config.train import CandidateConfig
+
+
+@dataclass
+class RunContext:
+    """What a run's files record about where they came from (provenance)."""
+
+    trigger: str | None = None
+    git_commit: str = "unknown"
+
+
+def checkpoint_steps(train: TrainConfig) -> list[int]:
+    """Every `checkpoint_every` steps, and always the last step."""
+    steps = list(range(train.checkpoint_every, train.max_steps + 1, train.checkpoint_every))
+    return steps if steps and steps[-1] == train.max_steps else [*steps, train.max_steps]
+
+
+def result_settings(
+    candidate: CandidateConfig, train: TrainConfig, resolution: int, seed: int
+) -> dict[str, Any]:
+    """The configuration that decides the numbers: not where caches and states live, not the
+    resume switch, not the other candidates."""
+    settings = train.model_dump(mode="json", exclude={"candidates", "resume", "state_dir", "cache"})
+    return {
+        "candidate": candidate.model_dump(mode="json"),
+        "train": settings,
+        "resolution": resolution,
+        "seed": seed,
+    }
+
+
+def run_fingerprint(
+    candidate: CandidateConfig,
+    train: TrainConfig,
+    resolution: int,
+    seed: int,
+    data: str,
+    model: str,
+) -> str:
+    """What a saved state must match to be resumed: everything that changes the numbers (the
+    caches and the resume switch do not)."""
+    return config_hash(
+        {**result_settings(candidate, train, resolution, seed), "data": data, "model": model}
+    )

@@ -1,0 +1,69 @@
+"""Text conditioning as the SD1.5 and SDXL pipelines compute it, and SDXL's size conditioning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from charaforge.train.data import Item
+
+# The pipeline attributes of the text encoders, in the order SDXL concatenates their states.
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+def text_encoders(pipeline: Any) -> list[torch.nn.Module]:
+    """The pipeline's text encoders (one for SD1.5, two for SDXL)."""
+    encoders = [pipeline.text_encoder]
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        encoders.append(pipeline.text_encoder_2)
+    return encoders
+
+
+def tokenizers(pipeline: Any) -> list[Any]:
+    """The tokenizers, paired with `text_encoders`."""
+    found = [pipeline.tokenizer]
+    if getattr(pipeline, "tokenizer_2", None) is not None:
+        found.append(pipeline.tokenizer_2)
+    return found
+
+
+def encode_captions(pipeline: Any, family: str, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Text conditioning as the pipelines compute it: SD1.5's last hidden state; SDXL's two
+    penultimate hidden states side by side plus text_encoder_2's pooled projection.
+
+    One caption at a time, so a batch gives the very bits the cache holds per caption.
+    """
+    device = pipeline.unet.device
+    states, pooled = [], []
+    for caption in captions:
+        parts = []
+        for tokenizer, encoder in zip(tokenizers(pipeline), text_encoders(pipeline), strict=True):
+            ids = tokenizer(
+                [caption],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            if family == "sd15":
+                parts.append(encoder(ids)[0])
+            else:
+                output = encoder(ids, output_hidden_states=True)
+                parts.append(output.hidden_states[-2])
+                last_pooled = output[0]  # text_encoder_2's text_embeds (the last encoder's)
+        states.append(torch.cat(parts, dim=-1))
+        if family == "sdxl":
+            pooled.append(last_pooled)
+    encoded = {"states": torch.cat(states)}
+    if family == "sdxl":
+        encoded["pooled"] = torch.cat(pooled)
+    return encoded
+
+
+def sdxl_time_ids(items: list[Item]) -> torch.Tensor:
+    """SDXL's micro-conditioning per image: original size, crop corner, target size."""
+    return torch.tensor(
+        [[*item.original, *item.crop, item.size[1], item.size[0]] for item in items],
+        dtype=torch.float32,
+    )
