@@ -39,10 +39,10 @@ class WorldSamplesConfig(Strict):
 class WorldClipConfig(Strict):
     """The scorers' open_clip CLIP, trained contrastively on renders and their tag captions."""
 
-    steps: int = Field(default=200, ge=1)
-    batch_size: int = Field(default=128, ge=2)
+    steps: int = Field(default=400, ge=1)
+    batch_size: int = Field(default=64, ge=2)
     learning_rate: float = Field(default=2e-3, gt=0)
-    warmup_steps: int = Field(default=20, ge=0)
+    warmup_steps: int = Field(default=40, ge=0)
     weight_decay: float = Field(default=0.1, ge=0)
     train_images: int = Field(default=8192, ge=2)  # renders; each step draws fresh caption variants
     eval_images: int = Field(default=600, ge=1)  # held-out renders for the zero-shot accuracies

@@ -7,6 +7,20 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+# The sweep index (generate/index.parquet): these columns always, in this order ...
+SWEEP_INDEX_COLUMNS = (
+    "image_id",
+    "image_path",
+    "candidate",
+    "step",
+    "lora_scale",
+    "prompt_index",
+    "prompt",
+    "seed",
+)
+# ... then these, which say how an image was conditioned (empty when it was not).
+SWEEP_CONDITION_COLUMNS = ("suite", "prompt_group", "identity_shot", "pose_image_id")
+
 # The tag frequency table (tag/tag_frequency.csv and the dataset card).
 FREQUENCY_COLUMNS = ["tag", "count", "fraction"]
 

@@ -16,20 +16,12 @@ from typing import Any
 import numpy as np
 
 from charaforge.config import SCORE_METRICS
+from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUMNS
 
 # The sweep index columns every score row carries (written by generate).
-INDEX_COLUMNS = (
-    "image_id",
-    "image_path",
-    "candidate",
-    "step",
-    "lora_scale",
-    "prompt_index",
-    "prompt",
-    "seed",
-)
+INDEX_COLUMNS = SWEEP_INDEX_COLUMNS
 # Columns the engine may add (data-contracts.md); carried into scores.parquet when present.
-OPTIONAL_INDEX_COLUMNS = ("suite", "prompt_group", "identity_shot", "pose_image_id")
+OPTIONAL_INDEX_COLUMNS = SWEEP_CONDITION_COLUMNS
 
 # Metric columns by family, each family in the order it is written.
 CLIP_COLUMNS = ("clip_i", "clip_t")

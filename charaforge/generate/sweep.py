@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from charaforge.config import EvalConfig
 from charaforge.core import layout
+from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUMNS
 from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
 from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
 from charaforge.errors import ConfigError, MissingInputError
@@ -39,20 +40,7 @@ from charaforge.generate.request import Conditioning, RenderRequest
 
 log = logging.getLogger(__name__)
 
-INDEX_COLUMNS = [
-    "image_id",
-    "image_path",
-    "candidate",
-    "step",
-    "lora_scale",
-    "prompt_index",
-    "prompt",
-    "seed",
-    "suite",
-    "prompt_group",
-    "identity_shot",
-    "pose_image_id",
-]
+INDEX_COLUMNS = [*SWEEP_INDEX_COLUMNS, *SWEEP_CONDITION_COLUMNS]
 GRID_DIR = "grids"
 
 

@@ -180,7 +180,7 @@ def build_stand_in_pipeline(family: str, seed: int, resolution: int) -> Any:
         return build_stand_in_sdxl(seed, resolution)
     if family != "sd15":
         raise ConfigError(f"model.family: unknown family {family!r}")
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     vae = _stand_in_vae(seed, family, resolution)
@@ -203,18 +203,7 @@ def build_stand_in_pipeline(family: str, seed: int, resolution: int) -> Any:
         derive_seed(seed, "stand_in", family, "text_encoder"),
         lambda: CLIPTextModel(_clip_text_config(32)),
     )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**SD15_SCHEDULE),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return assemble_sd15_pipeline(vae, unet, text_encoder, build_clip_tokenizer())
 
 
 # SDXL's micro-conditioning: six time ids (original size, crop corner, target size), each
@@ -436,3 +425,21 @@ def load_base_pipeline(
     pipeline = pipeline_class(info.family).from_pretrained(location, **_load_kwargs(info.family))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or default_device())
+
+
+def assemble_sd15_pipeline(vae: Any, unet: Any, text_encoder: Any, tokenizer: Any) -> Any:
+    """An SD1.5 pipeline from its parts (stand-in or world): Euler, no safety checker."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SD15_SCHEDULE),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
