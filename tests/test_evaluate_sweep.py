@@ -38,6 +38,7 @@ WRITTEN_ORDER = (
     "pose_detected",
     "tag_precision",
     "tag_recall",
+    "context_alignment",
 )
 CONFIG = ScoreConfig(clip=ClipConfig(source="stand_in", model_name="ViT-B-32"), batch_size=4)
 

@@ -204,6 +204,7 @@ def test_both_pages_have_one_block_per_section() -> None:
         "selection_rule",
         "ranking",
         "breakdown",
+        "ground_truth",
         "scorers",
         "candidates",
     }

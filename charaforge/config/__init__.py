@@ -45,8 +45,11 @@ class ModelConfig(Strict):
 
 
 class DemoConfig(Strict):
+    # "drawn": the stand-in demo's figure; "world": the world's held-out character
+    # (charaforge.prepare.world.DEMO_CHARACTER), which the world models never saw in pretraining.
+    character_kind: Literal["drawn", "world"] = "drawn"
     images_per_character: int = Field(ge=2)
-    image_size: int = Field(ge=64)
+    image_size: int = Field(ge=32)
     near_duplicates: int = Field(ge=0)
     broken_files: int = Field(ge=0)
     include_photos: bool = True
@@ -269,6 +272,7 @@ SCORE_METRICS = (
     "nn_similarity",
     "nn_phash_distance",
     "memorised",
+    "context_alignment",
 )
 
 
@@ -312,6 +316,9 @@ class MemorisationConfig(Strict):
 
 class ScoreConfig(Strict):
     clip: ClipConfig
+    # The world's attribute oracle (data/world/oracle with score=world): ground truth about every
+    # sweep image, written to oracle.parquet and shown apart in the report; never a scorer.
+    oracle: str | None = None
     face: FaceConfig = FaceConfig()
     tags: TagScoreConfig = TagScoreConfig()
     memorisation: MemorisationConfig = MemorisationConfig()

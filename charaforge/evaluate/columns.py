@@ -2,9 +2,9 @@
 
 `scores.parquet` is the sweep index's `INDEX_COLUMNS`, then those `OPTIONAL_INDEX_COLUMNS` the
 index has, then one float column per metric in `METRIC_COLUMNS` order; `scorers.json` has one
-description per metric. Each metric family module (clip, diversity, face, pose, tags) writes
-exactly its own tuple below; `charaforge.config.SCORE_METRICS` (what the report may weigh) is
-the same set, checked at import.
+description per metric. Each metric family module (clip, groups, memorisation, face, pose, tags,
+context) writes exactly its own tuple below; `charaforge.config.SCORE_METRICS` (what the report
+may weigh) is the same set, checked at import.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ MEMORISATION_COLUMNS = ("nn_similarity", "nn_phash_distance", "memorised")
 FACE_COLUMNS = ("face_detected", "arcface", "consistency_arcface")
 POSE_COLUMNS = ("pose_oks", "pose_pck_01", "pose_pck_02", "pose_detected")
 TAG_COLUMNS = ("tag_precision", "tag_recall")
+CONTEXT_COLUMNS = ("context_alignment",)
 
 # The order of the metric columns in scores.parquet (part of its bytes: do not reorder).
 METRIC_COLUMNS = (
@@ -39,6 +40,7 @@ METRIC_COLUMNS = (
     *FACE_COLUMNS,
     *POSE_COLUMNS,
     *TAG_COLUMNS,
+    *CONTEXT_COLUMNS,
 )
 METRICS = SCORE_METRICS
 

@@ -25,6 +25,7 @@ import pandas as pd
 from PIL import Image
 
 from charaforge.core.images import open_rgb
+from charaforge.evaluate.columns import resolve_image_path
 from charaforge.models.world_oracle import (
     OracleNet,
     load_world_oracle,
@@ -123,3 +124,12 @@ def judge_images(
 ) -> pd.DataFrame:
     """`judge_predictions` on the oracle's predictions for `images` (batched, deterministic)."""
     return judge_predictions(oracle.predict(images), prompts, character)
+
+
+def judge_sweep(
+    index: pd.DataFrame, folder: str | Path, root: str | Path, batch_size: int = 64
+) -> pd.DataFrame:
+    """oracle.parquet: the sweep's index columns, then the oracle's verdict on every image."""
+    images = [resolve_image_path(Path(root), str(path)) for path in index["image_path"]]
+    judged = judge_images(load_oracle(folder, batch_size), images, list(index["prompt"]))
+    return pd.concat([index.reset_index(drop=True), judged], axis=1)

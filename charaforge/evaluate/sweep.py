@@ -27,9 +27,11 @@ from charaforge.evaluate.columns import (
     FamilyScores,
     resolve_image_path,
 )
+from charaforge.evaluate.context import score_context
 from charaforge.evaluate.face import score_faces
 from charaforge.evaluate.groups import score_groups, suite_groups
 from charaforge.evaluate.memorisation import score_memorisation
+from charaforge.evaluate.oracle import judge_sweep
 from charaforge.evaluate.pose import score_poses
 from charaforge.evaluate.tags import score_tags
 from charaforge.models.clip import load_clip
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 # What the score stage writes into its folder (docs/data-contracts.md).
 SCORES_FILE = "scores.parquet"
 SCORERS_FILE = "scorers.json"
+ORACLE_FILE = "oracle.parquet"  # ground truth (world only), never read by the ranking
 
 
 def read_stage_table(path: Path, stage: str, columns: Sequence[str] = ()) -> pd.DataFrame:
@@ -130,6 +133,15 @@ def score_sweep(
             root,
             config.batch_size,
         ),
+        score_context(
+            index,
+            train,
+            config.tags.defining_fraction,
+            embedder,
+            embeddings.images,
+            trigger,
+            config.batch_size,
+        ),
     ]
 
     carried = [*INDEX_COLUMNS, *(c for c in OPTIONAL_INDEX_COLUMNS if c in index.columns)]
@@ -144,4 +156,10 @@ def score_sweep(
     out_dir = Path(out_dir)
     write_parquet(out_dir / SCORES_FILE, scores)
     write_json(out_dir / SCORERS_FILE, records)
+    if config.oracle:
+        require_stage_output(Path(config.oracle), "world")
+        write_parquet(
+            out_dir / ORACLE_FILE,
+            judge_sweep(index.loc[:, carried], config.oracle, root, config.batch_size),
+        )
     return scores

@@ -35,6 +35,14 @@ def defining_tags(tag_lists: Sequence[Sequence[str]], fraction: float) -> list[s
     return sorted(tag for tag, count in counts.items() if count >= needed - 1e-9)
 
 
+def character_tag_lists(train: pd.DataFrame) -> list[list[str]]:
+    """The tags of the character's own training images (real photos in the set are not it)."""
+    rows = train
+    if "style" in train.columns and (train["style"] != "photo").any():
+        rows = train[train["style"] != "photo"]
+    return [list(tags) for tags in rows["tags"]]
+
+
 def prompt_tags(prompt: str) -> set[str]:
     """The comma-separated tags of a prompt, lower-cased."""
     return {part.strip().lower() for part in prompt.split(",") if part.strip()}
@@ -98,12 +106,7 @@ def score_tags(
     tagger = build_score_tagger(config, tagger_config, embedder, train, batch_size)
     if config.tagger == "clip":
         tagger_config = None  # the pipeline's post-processing belongs to the pipeline's tagger
-    character_rows = train
-    if "style" in train.columns and (train["style"] != "photo").any():
-        # The character's own images; real photos in the set are not the character.
-        character_rows = train[train["style"] != "photo"]
-    tag_lists = [list(tags) for tags in character_rows["tags"]]
-    defining = set(defining_tags(tag_lists, config.defining_fraction))
+    defining = set(defining_tags(character_tag_lists(train), config.defining_fraction))
     vocabulary = {tag for tags in train["tags"] for tag in tags}
     precision = np.full(len(index), np.nan)
     recall = np.full(len(index), np.nan)

@@ -27,6 +27,7 @@ from charaforge.core.files import (
     write_png,
     write_text,
 )
+from charaforge.prepare import world
 
 log = logging.getLogger(__name__)
 
@@ -189,18 +190,35 @@ def _character_image(
     return image, [*CHARACTER_TAGS, *posture, framing, background]
 
 
+def _world_character_image(index: int, size: int, seed: int) -> tuple[Image.Image, list[str]]:
+    """The world's held-out character on the next background (cycling), jittered by `seed`."""
+    backgrounds = world.ATTRIBUTES["background"]
+    scene = world.make_scene(
+        **world.DEMO_CHARACTER, background=backgrounds[index % len(backgrounds)]
+    )
+    return world.render(scene, seed, size), [world.SUBJECT_TAG, *world.attribute_tags(scene)]
+
+
 def _phash(image: Image.Image) -> imagehash.ImageHash:
     return imagehash.phash(image, hash_size=8)
 
 
 def _separated_character_image(
-    index: int, size: int, seed: int, character: str, taken: list[imagehash.ImageHash]
+    index: int,
+    config: DemoConfig,
+    seed: int,
+    character: str,
+    taken: list[imagehash.ImageHash],
 ) -> tuple[Image.Image, list[str]]:
     """Draw image `index`, redrawing until it is MIN_SEPARATION from every earlier one."""
     best = None
     for attempt in range(MAX_ATTEMPTS):
-        rng = np.random.default_rng(derive_seed(seed, "demo", character, index, attempt))
-        image, tags = _character_image(index, size, rng)
+        draw_seed = derive_seed(seed, "demo", character, index, attempt)
+        if config.character_kind == "world":
+            image, tags = _world_character_image(index, config.image_size, draw_seed)
+        else:
+            rng = np.random.default_rng(draw_seed)
+            image, tags = _character_image(index, config.image_size, rng)
         code = _phash(image)
         gap = min((code - other for other in taken), default=64)
         if best is None or gap > best[0]:
@@ -278,9 +296,7 @@ def make_demo_set(
         originals: list[tuple[str, Image.Image, list[str]]] = []
         taken: list[imagehash.ImageHash] = []
         for index in range(config.images_per_character):
-            image, tags = _separated_character_image(
-                index, config.image_size, seed, character, taken
-            )
+            image, tags = _separated_character_image(index, config, seed, character, taken)
             name = f"{character}/{character}_{index:03d}.png"
             write_png(root / name, image)
             write_text((root / name).with_suffix(".txt"), ", ".join(tags) + "\n")

@@ -55,6 +55,7 @@ def document_context(context: ReportContext) -> dict[str, Any]:
     """What both pages show, as text: one entry per template variable."""
     ranking_rows = wording.ranking_rows(context)
     breakdown_header, breakdown_rows = wording.breakdown_table(context)
+    truth = wording.ground_truth_table(context)
     return {
         "title": context.config.title,
         "banner": wording.banner(context) if context.stand_in else None,
@@ -74,6 +75,9 @@ def document_context(context: ReportContext) -> dict[str, Any]:
         "scorers": wording.scorer_lines(context),
         "candidates": wording.candidate_lines(context),
         "stand_in_note": " (stand-in models)" if context.stand_in else "",
+        "ground_truth": None
+        if truth is None
+        else {"intro": wording.GROUND_TRUTH_INTRO, "header": truth[0], "rows": truth[1]},
     }
 
 

@@ -30,6 +30,7 @@ from charaforge.selection.champion import (
     choose_champion,
     compare_with_baseline,
 )
+from charaforge.selection.ground_truth import read_ground_truth
 from charaforge.selection.plots import Thumbnails, contact_sheet, plot_by_step, plot_pareto
 from charaforge.selection.ranking import (
     aggregate,
@@ -148,7 +149,32 @@ def _metrics_payload(context: ReportContext) -> dict[str, Any]:
         "not_applicable": sorted(context.not_applicable),
         "rows_ranked": len(context.selection.table),
         "rows_memorising": int(context.selection.table["memorising"].sum()),
+        "ground_truth": _ground_truth_payload(context),
     }
+
+
+def _ground_truth_payload(context: ReportContext) -> dict[str, Any] | None:
+    """The oracle's verdict on the champion and on the row it rates best (world models only)."""
+    if context.ground_truth is None:
+        return None
+    table = context.ground_truth.table
+    champion = context.selection.champion
+    mine = context.ground_truth.row(champion["candidate"], champion["step"], champion["lora_scale"])
+    best = table.sort_values("identity", ascending=False, kind="stable").iloc[0]
+
+    def summary(row: pd.Series) -> dict[str, Any]:
+        return {
+            "candidate": str(row["candidate"]),
+            "step": int(row["step"]),
+            "lora_scale": _metric(row["lora_scale"]),
+            "identity": _metric(row["identity"]),
+            "identity_ci_low": _metric(row["identity_ci_low"]),
+            "identity_ci_high": _metric(row["identity_ci_high"]),
+            "character_right": _metric(row["character_right"]),
+            "prompt_following": _metric(row["prompt_following"]),
+        }
+
+    return {"champion": summary(mine), "best_identity": summary(best)}
 
 
 def report_selection(
@@ -211,6 +237,9 @@ def report_selection(
         pareto_axes=axes,
         copy_threshold=copy_threshold,
         breakdown=per_prompt_breakdown(scores, highlight_rows(table, selection.champion), weights),
+        ground_truth=read_ground_truth(
+            score_dir, selection.table, config.bootstrap_draws, config.confidence, seed
+        ),
     )
     write_json(out_dir / "metrics.json", _metrics_payload(context))
     write_text(out_dir / "selection.md", render_markdown(context))

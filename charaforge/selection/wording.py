@@ -15,6 +15,7 @@ import pandas as pd
 
 from charaforge.config import ReportConfig
 from charaforge.selection.champion import Selection, selection_rule
+from charaforge.selection.ground_truth import GroundTruth
 from charaforge.selection.ranking import BASE_CANDIDATE, row_label
 from charaforge.selection.statistics import MISSING_FILL
 
@@ -35,6 +36,7 @@ class ReportContext:
     pareto_axes: tuple[str, str] | None
     copy_threshold: float | None  # the score stage's CLIP copy threshold, when it recorded one
     breakdown: pd.DataFrame = field(default_factory=pd.DataFrame)
+    ground_truth: GroundTruth | None = None  # the world's attribute oracle (world models only)
 
 
 def fmt(value: float) -> str:
@@ -253,3 +255,51 @@ def breakdown_table(context: ReportContext) -> tuple[list[str], list[list[str]]]
         for _, row in frame.iterrows()
     ]
     return ["prompt", *labels], rows
+
+
+GROUND_TRUTH_INTRO = (
+    "What the world's attribute oracle sees in the same images. The oracle is a classifier "
+    "trained apart from every scorer on the world's renders; it is never part of the composite "
+    "or the selection, and it exists only for the world models, whose attributes are known. "
+    "Identity: share of the character's attributes drawn right; character right: share of "
+    "images with all of them right; prompt-following: share of the prompted context (the "
+    "background) drawn right. Rows in ranking order."
+)
+
+
+def ground_truth_table(context: ReportContext) -> tuple[list[str], list[list[str]]] | None:
+    """The oracle's summary per ranking row (header, rows), or None without an oracle."""
+    if context.ground_truth is None:
+        return None
+    champion = context.selection.champion
+    confidence = f"{context.config.confidence:.0%} CI"
+    rows = []
+    for ranked in context.selection.table.itertuples():
+        truth = context.ground_truth.row(ranked.candidate, ranked.step, ranked.lora_scale)
+        rows.append(
+            [
+                str(ranked.rank),
+                str(ranked.candidate),
+                str(ranked.step),
+                f"{ranked.lora_scale:g}",
+                fmt(truth["identity"]),
+                f"{fmt(truth['identity_ci_low'])} to {fmt(truth['identity_ci_high'])}",
+                fmt(truth["character_right"]),
+                fmt(truth["prompt_following"]),
+                str(int(truth["n_images"])),
+                _note(ranked, champion),
+            ]
+        )
+    header = [
+        "rank",
+        "candidate",
+        "step",
+        "LoRA scale",
+        "oracle identity",
+        confidence,
+        "character right",
+        "prompt-following",
+        "n",
+        "note",
+    ]
+    return header, rows
