@@ -20,7 +20,7 @@ from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name, lora_file
 from charaforge.generate.records import write_image
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
-from charaforge.pipeline.compose import compose_params
+from charaforge.pipeline.compose import DEFAULT_CONFIG, compose_params
 from charaforge.pipeline.stage import configure_logging
 from charaforge.serve.http import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
 from charaforge.serve.http import serve as run_server
@@ -268,11 +268,15 @@ def params(
         list[str] | None, typer.Argument(help="Hydra overrides, e.g. eval.seeds=[0,1,2].")
     ] = None,
     root: Annotated[Path, typer.Option(help="Repository root holding conf/.")] = Path("."),
+    config_name: Annotated[
+        str,
+        typer.Option(help="Primary config in conf/: config (the world demo) or stand_in."),
+    ] = DEFAULT_CONFIG,
 ) -> None:
     """Compose conf/ into params.yaml exactly as `dvc exp run` does (`dvc repro` never does)."""
 
     try:
-        compose_params(root, overrides or [])
+        compose_params(root, overrides or [], config_name=config_name)
     except ConfigError as error:
         log.error("%s", error)
         raise typer.Exit(2) from None

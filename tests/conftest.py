@@ -1,8 +1,14 @@
-"""Shared fixtures: the repository root and a params dictionary composed from the real conf/."""
+"""Shared fixtures: the repository root and a params dictionary composed from the real conf/.
+
+The fast tests run the stand-in pipeline (conf/stand_in.yaml: random-weight models, the drawn
+demo character); params.yaml, the demo's, is the world (conf/config.yaml).
+"""
 
 from __future__ import annotations
 
 import copy
+import functools
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +17,23 @@ import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+STAND_IN_CONFIG = "stand_in"
+
+
+@functools.cache
+def stand_in_params_text() -> str:
+    """params.yaml as `charaforge params --config-name stand_in` writes it (composed once)."""
+    from charaforge.pipeline.compose import compose_params
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "params.yaml"
+        compose_params(REPO_ROOT, output=output, config_name=STAND_IN_CONFIG)
+        return output.read_text(encoding="utf-8")
+
+
+def stand_in_params_dict() -> dict:
+    """A fresh, mutable copy of the stand-in params."""
+    return yaml.safe_load(stand_in_params_text())
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,14 +70,14 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def _committed_params() -> dict:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+def _stand_in_params() -> dict:
+    return stand_in_params_dict()
 
 
 @pytest.fixture
-def params_dict(_committed_params: dict) -> dict:
-    """A fresh, mutable copy of the committed params.yaml."""
-    return copy.deepcopy(_committed_params)
+def params_dict(_stand_in_params: dict) -> dict:
+    """A fresh, mutable copy of the stand-in params (conf/stand_in.yaml composed)."""
+    return copy.deepcopy(_stand_in_params)
 
 
 # The trainer tests share a tiny stand-in base model and dataset, built once per test module

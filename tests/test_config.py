@@ -29,7 +29,7 @@ def test_params_yaml_is_the_composition_of_conf(repo_root: Path, tmp_path: Path)
 
 def test_committed_params_validate(repo_root: Path) -> None:
     params = load_params(repo_root / "params.yaml")
-    assert params.model.source == "stand_in"
+    assert params.model.source == "world"  # the demo's default; the tests use conf/stand_in
     assert params.train.candidates
 
 

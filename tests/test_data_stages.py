@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import stand_in_params_dict
 from PIL import Image
 
-from charaforge.config import DatasetConfig, DedupeConfig, Params, load_params
+from charaforge.config import DatasetConfig, DedupeConfig, Params, validate_params
 from charaforge.core.contracts import kept_rows
 from charaforge.prepare import dataset, dedupe, demo, ingest, pose
 from charaforge.tagging import run, sidecar
@@ -29,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def params() -> Params:
-    return load_params(REPO_ROOT / "params.yaml")
+    return validate_params(stand_in_params_dict())
 
 
 def run_data_pipeline(root: Path, params: Params) -> None:

@@ -29,6 +29,44 @@ def test_caption_template_fields_place_each_tag_once() -> None:
     assert photo == "photo of kim, smile"
 
 
+def test_pruning_leaves_the_characters_defining_tags_to_the_trigger() -> None:
+    """prune_defining_fraction: tags on >= that share of the character's images leave {tags}
+    (the trigger absorbs them); tags that vary stay; a photo's tags do not count."""
+    image_tags = {
+        "a": ["1girl", "pink hair", "hat", "beach background"],
+        "b": ["1girl", "pink hair", "hat", "snow background"],
+        "c": ["1girl", "pink hair", "city background"],
+        "d": ["1girl", "pink hair", "hat", "room background"],
+        "p": ["photo", "1boy", "smile"],  # a photo in the set: not the character
+    }
+    rows = pd.DataFrame(
+        {"image_id": list(image_tags), "source_path": [f"{k}.png" for k in image_tags]}
+    )
+    tags = pd.DataFrame({"image_id": list(image_tags), "tags": list(image_tags.values())})
+    poses = pd.DataFrame({"image_id": list(image_tags), "has_person": True})
+
+    def captions(fraction: float | None) -> dict[str, str]:
+        config = DatasetConfig(
+            val_fraction=0.0,
+            caption_template="{trigger}, {tags}",
+            kohya_repeats=1,
+            prune_defining_fraction=fraction,
+        )
+        table = dataset.build_metadata(rows, tags, poses, config, "momo", "momo_cf", 0, "x")
+        return dict(zip(table["image_id"], table["caption"], strict=True))
+
+    # 1girl and pink hair are on 4/4 character images, hat on 3/4: 0.75 prunes all three.
+    assert captions(0.75) == {
+        "a": "momo_cf, beach background",
+        "b": "momo_cf, snow background",
+        "c": "momo_cf, city background",
+        "d": "momo_cf, room background",
+        "p": "momo_cf, photo, 1boy, smile",
+    }
+    assert captions(1.0)["a"] == "momo_cf, hat, beach background"
+    assert captions(None)["a"] == "momo_cf, 1girl, pink hair, hat, beach background"
+
+
 def test_caption_template_rejects_unknown_fields() -> None:
     with pytest.raises(ValueError, match="unknown fields"):
         DatasetConfig(val_fraction=0.2, caption_template="{trigger}, {hair}", kohya_repeats=1)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import STAND_IN_CONFIG, stand_in_params_text
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +70,13 @@ def _stages_run(output: str) -> set[str]:
     return {name for name in STAGES if f"Running stage '{name}'" in output}
 
 
-def _fresh_copy(repo_root: Path, destination: Path) -> Path:
-    """A clean clone as a new user gets it: the files git would carry, committed."""
+def _fresh_copy(repo_root: Path, destination: Path, stand_in: bool = True) -> Path:
+    """A clean clone as a new user gets it: the files git would carry, committed.
+
+    `stand_in`: switched to the stand-in pipeline (conf/stand_in.yaml, for params.yaml and for
+    `dvc exp run`'s Hydra composition) so the test runs in seconds rather than pretraining the
+    world; the world pipeline has its own test (test_world_pipeline.py).
+    """
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=repo_root,
@@ -84,7 +90,11 @@ def _fresh_copy(repo_root: Path, destination: Path) -> Path:
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    if stand_in:
+        (destination / "params.yaml").write_text(stand_in_params_text(), encoding="utf-8")
     _run(["git", "init", "-q"], destination)
+    if stand_in:
+        _dvc(destination, "config", "hydra.config_name", STAND_IN_CONFIG)
     _run(["git", "add", "-A"], destination)
     _run(["git", "commit", "-q", "-m", "fresh clone"], destination)
     return destination

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import stand_in_params_dict
 from test_models_train import tiny_train
 
 from charaforge.train import RunContext, train_all, train_candidate
@@ -120,7 +121,7 @@ def test_state_of_a_different_configuration_is_not_resumed(
 
 def _stage_workdir(root: Path, base_dir: Path, dataset_dir: Path, train_section: dict) -> Path:
     """A working copy for `python -m stages.train`: params.yaml, data/base, data/dataset."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params = stand_in_params_dict()
     params["train"] = train_section
     params["tracking"]["enabled"] = False
     params["seed"] = 5

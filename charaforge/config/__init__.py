@@ -91,6 +91,10 @@ class DatasetConfig(Strict):
     # Fields: {trigger}, {character}, {outfit}, {pose}, {style}, {tags}; {tags} leaves out the
     # tags another field of the template already placed.
     caption_template: str
+    # Leave out of {tags} the tags carried by at least this share of the character's images (its
+    # defining tags), so the trigger word alone learns what they describe, as kohya users prune a
+    # character's own tags; None keeps every tag.
+    prune_defining_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     kohya_repeats: int = Field(ge=1)
     card_top_tags: int = Field(default=20, ge=1)  # tags in the dataset card's table and plot
 

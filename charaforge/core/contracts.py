@@ -39,3 +39,12 @@ def tag_frequency(tag_lists: Sequence[Sequence[str]]) -> pd.DataFrame:
     return pd.DataFrame(
         [(tag, count, round(count / images, 6)) for tag, count in ranked], columns=FREQUENCY_COLUMNS
     ).astype({"count": "int64"})
+
+
+def defining_tags(tag_lists: Sequence[Sequence[str]], fraction: float) -> list[str]:
+    """Tags carried by at least `fraction` of the images: what makes the character recognisable."""
+    if not tag_lists:
+        return []
+    counts = Counter(tag for tags in tag_lists for tag in set(tags))
+    needed = fraction * len(tag_lists)
+    return sorted(tag for tag, count in counts.items() if count >= needed - 1e-9)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from charaforge.core.contracts import defining_tags
 from charaforge.evaluate.columns import CONTEXT_COLUMNS, FamilyScores
-from charaforge.evaluate.tags import character_tag_lists, defining_tags, prompt_tags
+from charaforge.evaluate.tags import character_tag_lists, prompt_tags
 from charaforge.models.clip import ClipEmbedder
 from charaforge.tagging.clip import ClipZeroShotTagger
 

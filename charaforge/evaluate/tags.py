@@ -10,7 +10,6 @@ pixels). Recall and precision of the defining tags follow per image.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,20 +18,12 @@ import numpy as np
 import pandas as pd
 
 from charaforge.config import TaggerConfig, TagScoreConfig
+from charaforge.core.contracts import defining_tags
 from charaforge.evaluate.columns import FamilyScores, resolve_image_path
 from charaforge.models.clip import ClipEmbedder
 from charaforge.tagging.base import TagRequest, postprocess
 from charaforge.tagging.clip import ClipZeroShotTagger
 from charaforge.tagging.run import build_tagger
-
-
-def defining_tags(tag_lists: Sequence[Sequence[str]], fraction: float) -> list[str]:
-    """Tags carried by at least `fraction` of the images: what makes the character recognisable."""
-    if not tag_lists:
-        return []
-    counts = Counter(tag for tags in tag_lists for tag in set(tags))
-    needed = fraction * len(tag_lists)
-    return sorted(tag for tag, count in counts.items() if count >= needed - 1e-9)
 
 
 def character_tag_lists(train: pd.DataFrame) -> list[list[str]]:

@@ -119,12 +119,14 @@ def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
-def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
+def build_clip_tokenizer(
+    pad_token: str = "<|endoftext|>", max_length: int = CLIP_MAX_LENGTH
+) -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocabulary()
     return CLIPTokenizer(
-        vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH, pad_token=pad_token
+        vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token
     )
 
 
@@ -135,7 +137,7 @@ def _seeded(seed: int, build: Any) -> Any:
         return build()
 
 
-def _clip_text_config(hidden_size: int) -> Any:
+def _clip_text_config(hidden_size: int, max_length: int = CLIP_MAX_LENGTH) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -144,7 +146,7 @@ def _clip_text_config(hidden_size: int) -> Any:
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
+        max_position_embeddings=max_length,
         hidden_act="quick_gelu",
         projection_dim=hidden_size,
         bos_token_id=49406,

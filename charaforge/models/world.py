@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -32,12 +33,14 @@ from charaforge.config import WorldConfig
 from charaforge.core.files import atomic_path, derive_seed, write_json, write_png, write_text
 from charaforge.models.base import set_cpu_threads, set_determinism
 from charaforge.models.world_diffusion import pretrain_diffusion
+from charaforge.models.world_oracle import load_world_oracle, oracle_pixels, predict_indices
 from charaforge.prepare.world import (
     ATTRIBUTES,
     CHARACTER_ATTRIBUTES,
     DEMO_CHARACTER,
     caption,
     make_scene,
+    sample_scenes,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ PIPELINE_DIR = "pipeline"
 LOSSES_CSV = "losses.csv"
 CONTACT_SHEET = "samples/contact_sheet.png"
 SCORERS_MODULE = "charaforge.models.world_scorers"
+BASE_EVAL_BATCH = 25  # prompts per sampling loop when the oracle judges the base model
 SHEET_CELL = 96  # contact-sheet cell side: 32 px images upscaled 3x (nearest) to be looked at
 
 
@@ -109,6 +113,59 @@ def contact_sheet(pipeline: Any, config: WorldConfig, seed: int) -> Image.Image:
             cell = image.resize((side, side), Image.Resampling.NEAREST)
             sheet.paste(cell, (column * side, row * side))
     return sheet
+
+
+def _load_pipeline(folder: Path) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )
+
+
+@torch.no_grad()
+def base_model_accuracy(pipeline: Any, oracle_dir: Path, config: WorldConfig, seed: int) -> dict:
+    """The oracle's verdict on the base model: prompts naming all six attributes of combinations
+    seen in pretraining (never the demo character), DPM-Solver++ as the contact sheet."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    samples = config.samples
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    scenes = sample_scenes(derive_seed(seed, "world", "base-eval"), samples.eval_images)
+    prompts = [caption(scene) for scene in scenes]
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), BASE_EVAL_BATCH):
+        chunk = prompts[start : start + BASE_EVAL_BATCH]
+        generators = [
+            torch.Generator("cpu").manual_seed(derive_seed(seed, "world", "base-eval", index))
+            for index in range(start, start + len(chunk))
+        ]
+        images += pipeline(
+            chunk,
+            num_inference_steps=samples.steps,
+            guidance_scale=samples.guidance_scale,
+            height=config.image_size,
+            width=config.image_size,
+            generator=generators,
+        ).images
+    predicted = predict_indices(load_world_oracle(oracle_dir), oracle_pixels(images))
+    right = np.stack(
+        [
+            predicted[name] == np.array([values.index(s.get(name)) for s in scenes])
+            for name, values in ATTRIBUTES.items()
+        ],
+        axis=1,
+    )
+    metrics = {
+        f"base_accuracy_{name}": round(float(right[:, i].mean()), 4)
+        for i, name in enumerate(ATTRIBUTES)
+    }
+    metrics["base_all_right"] = round(float(right.all(axis=1).mean()), 4)
+    metrics["base_eval_images"] = len(scenes)
+    return metrics
 
 
 def diffusion_job(config: WorldConfig, out_dir: Path, seed: int) -> dict[str, Any]:
@@ -189,6 +246,13 @@ def train_world(
             results = {name: future.result() for name, future in futures.items()}
         diffusion = results["diffusion"]
         scorers = results.get("scorers")
+        if scorers is not None:
+            watch = time.perf_counter()
+            set_cpu_threads(config.cpu_threads)
+            pipeline = _load_pipeline(temp / PIPELINE_DIR)
+            diffusion.update(base_model_accuracy(pipeline, temp / "oracle", config, seed))
+            diffusion["base_eval_seconds"] = round(time.perf_counter() - watch, 3)
+            log.info("world base model, judged by the oracle: %s", diffusion)
         payload = {
             "used": True,
             **world_description(),
@@ -205,6 +269,7 @@ def train_world(
         "stage_seconds": round(time.perf_counter() - start_wall, 3),
         "diffusion_seconds": diffusion["seconds"],
         "diffusion_cpu_seconds": diffusion["cpu_seconds"],
+        "base_eval_seconds": diffusion.get("base_eval_seconds"),
         "scorers": {**scorers["timing"], **_timings(scorers["metrics"])} if scorers else None,
     }
     return {

@@ -12,11 +12,17 @@ from pathlib import Path
 from charaforge.config import Params, load_params
 from charaforge.core.files import atomic_path
 
+DEFAULT_CONFIG = "config"  # conf/config.yaml: the world demo; conf/stand_in.yaml: the tests'
+
 
 def compose_params(
-    root: str | Path = ".", overrides: Sequence[str] = (), output: str | Path | None = None
+    root: str | Path = ".",
+    overrides: Sequence[str] = (),
+    output: str | Path | None = None,
+    config_name: str = DEFAULT_CONFIG,
 ) -> Params:
-    """Compose `<root>/conf` with Hydra overrides into `output` (default `<root>/params.yaml`).
+    """Compose `<root>/conf/<config_name>.yaml` with Hydra overrides into `output` (default
+    `<root>/params.yaml`).
 
     The composed file is validated against the schema before it replaces params.yaml, so a bad
     override fails here, naming the key, and leaves the old params.yaml in place.
@@ -29,7 +35,9 @@ def compose_params(
     output = Path(output) if output is not None else root / "params.yaml"
     with tempfile.TemporaryDirectory() as scratch:
         candidate = Path(scratch) / "params.yaml"
-        compose_and_dump(candidate, str(root / "conf"), None, "config", str(root), list(overrides))
+        compose_and_dump(
+            candidate, str(root / "conf"), None, config_name, str(root), list(overrides)
+        )
         params = load_params(candidate)
         with atomic_path(output) as temp:
             temp.write_bytes(candidate.read_bytes())

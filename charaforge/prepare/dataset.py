@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from charaforge.config import DatasetConfig
-from charaforge.core.contracts import kept_rows, tag_frequency
+from charaforge.core.contracts import defining_tags, kept_rows, tag_frequency
 from charaforge.core.files import (
     atomic_path,
     derive_seed,
@@ -110,11 +110,18 @@ def split_of(image_ids: list[str], seed: int, val_fraction: float) -> list[str]:
     return splits
 
 
-def caption_of(template: str, trigger: str, character: str, tags: list[str]) -> str:
-    """The caption from `template`; {tags} holds the tags no other field of it placed."""
+def caption_of(
+    template: str,
+    trigger: str,
+    character: str,
+    tags: list[str],
+    pruned: frozenset[str] = frozenset(),
+) -> str:
+    """The caption from `template`; {tags} holds the tags no other field of it placed, less the
+    `pruned` ones (the character's defining tags, with `prune_defining_fraction`)."""
     fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
     outfit, pose = outfit_of(tags), pose_tag_of(tags)
-    placed: set[str] = set()
+    placed: set[str] = set(pruned)
     if "outfit" in fields:
         placed |= set(outfit.split(", "))
     if "pose" in fields:
@@ -150,6 +157,14 @@ def build_metadata(
     tags_of = dict(zip(tags["image_id"], tags["tags"], strict=True))
     person_of = dict(zip(poses["image_id"], poses["has_person"], strict=True))
     rows = rows.sort_values("source_path").reset_index(drop=True)
+    pruned: frozenset[str] = frozenset()
+    if config.prune_defining_fraction is not None:
+        character_tags = [
+            [str(t) for t in tags_of.get(image_id, [])]
+            for image_id in rows["image_id"]
+            if style_of([str(t) for t in tags_of.get(image_id, [])]) != "photo"
+        ]
+        pruned = frozenset(defining_tags(character_tags, config.prune_defining_fraction))
     records = []
     for row in rows.itertuples():
         image_tags = [str(t) for t in tags_of.get(row.image_id, [])]
@@ -169,7 +184,9 @@ def build_metadata(
                 "tags": image_tags,
                 "source": row.source_path,
                 "notes": "; ".join(notes),
-                "caption": caption_of(config.caption_template, trigger, character, image_tags),
+                "caption": caption_of(
+                    config.caption_template, trigger, character, image_tags, pruned
+                ),
             }
         )
     table = pd.DataFrame(records, columns=[c for c in METADATA_COLUMNS if c != "split"])
