@@ -177,6 +177,33 @@ def _ground_truth_payload(context: ReportContext) -> dict[str, Any] | None:
     return {"champion": summary(mine), "best_identity": summary(best)}
 
 
+RANKING_FILE = "ranking.csv"  # every ranked row, as the report's ranking table shows it
+
+
+def _ranking_csv(context: ReportContext) -> pd.DataFrame:
+    """The ranking in machine-readable form: one row per candidate x step x scale."""
+    table = context.selection.table
+    columns = [
+        "rank",
+        *KEY,
+        *context.metrics,
+        "composite",
+        "ci_low",
+        "ci_high",
+        "n_images",
+        "copy_fraction",
+        "memorising",
+    ]
+    frame = table.loc[:, columns].copy()
+    champion = context.selection.champion
+    frame["champion"] = (
+        (frame["candidate"] == champion["candidate"])
+        & (frame["step"] == champion["step"])
+        & (frame["lora_scale"] == champion["lora_scale"])
+    )
+    return frame.round(6)
+
+
 def report_selection(
     score_dir: str | Path,
     generate_dir: str | Path,
@@ -242,6 +269,7 @@ def report_selection(
         ),
     )
     write_json(out_dir / "metrics.json", _metrics_payload(context))
+    write_csv(out_dir / RANKING_FILE, _ranking_csv(context))
     write_text(out_dir / "selection.md", render_markdown(context))
     by_step = best_scale_by_step(table, shown)
     with atomic_path(out_dir / "plots" / "score_by_step") as plots_dir:
