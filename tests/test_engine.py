@@ -116,10 +116,11 @@ def test_png_carries_a1111_parameters_and_a_json_sidecar(
     write_image(tmp_path / "out.png", image)
     text = Image.open(tmp_path / "out.png").info["parameters"]
     lines = text.split("\n")
-    assert lines[0] == f"{PROMPT} <lora:r4:0.5>"
+    # A1111 lists a LoRA by its file's stem: the kohya file beside the checkpoint.
+    assert lines[0] == f"{PROMPT} <lora:r4-000002:0.5>"
     assert lines[1] == "Negative prompt: lowres"
     assert "Steps: 4, Sampler: Euler, CFG scale: 5, Seed: 5, Size: 64x64" in lines[2]
-    assert f'Lora hashes: "r4: {expected["loras"][0]["short_hash"]}"' in lines[2]
+    assert f'Lora hashes: "r4-000002: {expected["loras"][0]["short_hash"]}"' in lines[2]
     assert read_sidecar(tmp_path / "out.png") == expected
     assert expected["stand_in"] is True
 

@@ -62,7 +62,35 @@ def test_coco17_and_openpose18_views_agree_with_the_landmarks(results: dict) -> 
     assert openpose[names.index("r_shoulder"), 0] < openpose[names.index("l_shoulder"), 0]
     document = found.openpose_json()
     assert document["canvas_width"] == 512 and len(document["people"]) == 1
-    assert document["people"][0]["pose_keypoints_2d"] == found.openpose18()
+    written = np.asarray(document["people"][0]["pose_keypoints_2d"]).reshape(18, 3)
+    np.testing.assert_array_equal(written[:, :2], openpose[:, :2])
+    # Kept keypoints say 1.0 (ControlNet's reader), the table keeps MediaPipe's visibility.
+    np.testing.assert_array_equal(written[:, 2], (openpose[:, 2] > 0).astype(float))
+    assert 0 < openpose[openpose[:, 2] > 0, 2].min() < 1.0
+
+
+def _controlnet_reader(document: dict) -> list[list[tuple[float, float] | None]]:
+    """What sd-webui-controlnet's `decode_json_as_poses` keeps of an OpenPose JSON: per person,
+    a keypoint only where its confidence is 1.0 (pixel coordinates over the canvas size)."""
+    width, height = document["canvas_width"], document["canvas_height"]
+    people = []
+    for person in document.get("people", []):
+        numbers = person["pose_keypoints_2d"]
+        triples = [numbers[i : i + 3] for i in range(0, len(numbers), 3)]
+        people.append([(x / width, y / height) if c >= 1.0 else None for x, y, c in triples])
+    return people
+
+
+@pytest.mark.parametrize("name", ["astronaut", "camera"])
+def test_controlnet_json_reader_keeps_every_detected_keypoint(results: dict, name: str) -> None:
+    found = results[name]
+    document = found.openpose_json(CONFIG.min_visibility)
+    assert (document["canvas_width"], document["canvas_height"]) == (found.width, found.height)
+    (kept,) = _controlnet_reader(document)
+    detected = np.asarray(found.openpose18(CONFIG.min_visibility)).reshape(18, 3)
+    expected = [(x / found.width, y / found.height) if c > 0 else None for x, y, c in detected]
+    assert kept == expected
+    assert sum(point is not None for point in kept) >= 5, name
 
 
 def test_openpose18_marks_unseen_keypoints_with_zeros() -> None:

@@ -31,11 +31,10 @@ import torch
 from PIL import Image
 
 from charaforge.core import layout
-from charaforge.core.files import sha256_file
 from charaforge.errors import ConfigError
 from charaforge.generate.batching import RenderTimer, split_rows, text_model_shim, timed
 from charaforge.generate.conditioning import build_stand_in_controlnet
-from charaforge.generate.loras import LoadedLora, lora_file, lora_short_hash
+from charaforge.generate.loras import LoadedLora, describe_lora, lora_file
 from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
 from charaforge.models.base import (
@@ -166,9 +165,7 @@ class GenerationEngine:
             # peft warns whenever a second adapter joins the first: that is the point here.
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             self.pipeline.load_lora_weights(str(file), adapter_name=name)
-        loaded = LoadedLora(
-            name, file, sha256_file(file), lora_short_hash(file), tuple(trigger_words)
-        )
+        loaded = describe_lora(name, file, tuple(trigger_words))
         self.loras[name] = loaded
         log.debug("loaded LoRA %s from %s", name, file)
         return loaded
@@ -247,6 +244,7 @@ class GenerationEngine:
                     "scale": float(scale),
                     "sha256": self.loras[name].sha256,
                     "short_hash": self.loras[name].short_hash,
+                    "a1111_name": self.loras[name].a1111_name,
                 }
                 for name, scale in sorted(loras.items())
             ],

@@ -31,8 +31,12 @@ def batch_key(params: dict[str, Any]) -> str:
 
 def a1111_parameters(params: dict[str, Any]) -> str:
     """The `parameters` text A1111 writes (and its PNG Info tab and ComfyUI read back)."""
+    # A1111 finds a LoRA by the file stem it lists (the kohya file of a checkpoint), and
+    # repairs a missing one by the hash; both name the file A1111 loads, not our adapter.
+    names = [lora.get("a1111_name") or lora["name"] for lora in params["loras"]]
     prompt = params["prompt"] + "".join(
-        f" <lora:{lora['name']}:{lora['scale']:g}>" for lora in params["loras"]
+        f" <lora:{name}:{lora['scale']:g}>"
+        for name, lora in zip(names, params["loras"], strict=True)
     )
     fields = [
         f"Steps: {params['steps']}",
@@ -53,7 +57,10 @@ def a1111_parameters(params: dict[str, Any]) -> str:
             f'Weight: {conditioning["conditioning_scale"]:g}"'
         )
     if params["loras"]:
-        hashes = ", ".join(f"{lora['name']}: {lora['short_hash']}" for lora in params["loras"])
+        hashes = ", ".join(
+            f"{name}: {lora['short_hash']}"
+            for name, lora in zip(names, params["loras"], strict=True)
+        )
         fields.append(f'Lora hashes: "{hashes}"')
     lines = [prompt]
     if params["negative_prompt"]:

@@ -23,6 +23,11 @@ KOHYA_PREFIXES: dict[str, dict[str, str]] = {
     "sd15": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
 }
+# CLIP's text tower lives under `text_model` in the original checkpoints and in every tool's
+# key rules (`cond_stage_model.transformer.text_model.encoder...`); transformers 5 flattened
+# CLIPTextModel (its modules start at `encoder.`) but not CLIPTextModelWithProjection.
+TEXT_MODEL_LEVEL = "text_model"
+TEXT_MODEL_CHILDREN = ("embeddings", "encoder", "final_layer_norm")
 # What A1111 (ss_base_model_version) and modelspec call each family.
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {
@@ -85,6 +90,22 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def text_encoder_module_path(module: str) -> str:
+    """A text-encoder module path in the layout of the original checkpoints, whatever the
+    installed transformers: `encoder.layers.0...` becomes `text_model.encoder.layers.0...`;
+    paths that already have the level (and `text_projection`, which sits beside it) stay."""
+    if module.partition(".")[0] in TEXT_MODEL_CHILDREN:
+        return f"{TEXT_MODEL_LEVEL}.{module}"
+    return module
+
+
+def standard_layout(component: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A component's peft state with text-encoder keys in the standard layout (UNet unchanged)."""
+    if component == "unet":
+        return dict(state)
+    return {text_encoder_module_path(key): tensor for key, tensor in state.items()}
+
+
 # --- kohya ---------------------------------------------------------------------------------------
 
 
@@ -96,14 +117,15 @@ def kohya_state_dict(
 
     The `.alpha` is the trained lora_alpha, so the tools apply the trained scale alpha / rank
     (diffusers' own converter writes alpha = rank, which changes the scale whenever they differ).
-    Module paths are diffusers' names, as kohya writes them for SD1; A1111 and ComfyUI map them to
-    their own for SD1 and SDXL alike.
+    UNet module paths are diffusers' names, as kohya writes them for SD1; A1111 and ComfyUI map
+    them to their own for SD1 and SDXL alike. Text-encoder paths keep CLIP's `text_model` level
+    (`lora_te_text_model_encoder_layers_0_...`), the only form the tools match.
     """
     prefixes = KOHYA_PREFIXES[family]
     converted: dict[str, torch.Tensor] = {}
     for component, state in peft_states.items():
         prefix = prefixes[component]
-        for key, tensor in state.items():
+        for key, tensor in standard_layout(component, state).items():
             module, _, kind = key.rpartition(".lora_")
             name = f"{prefix}_{module.replace('.', '_')}"
             if kind == "A.weight":
@@ -164,6 +186,8 @@ def write_lora_files(
     ours, to get deterministic bytes. Keys stay in peft's naming (`lora_A`/`lora_B`), which
     diffusers loads natively: its legacy converter renames attention layers only, and a file
     that mixes the two namings (attention plus convolutions) does not load back completely.
+    Text-encoder keys get the `text_model` level as diffusers' own trainers write them
+    (`text_encoder.text_model.encoder...`); its loader drops the level for a flattened model.
     """
 
     metadata = diffusers_metadata(export.configs)
@@ -171,7 +195,10 @@ def write_lora_files(
     def save_function(weights: dict[str, torch.Tensor], filename: str) -> None:
         save_safetensors(filename, weights, metadata)
 
-    layers = {f"{component}_lora_layers": dict(state) for component, state in peft_states.items()}
+    layers = {
+        f"{component}_lora_layers": standard_layout(component, state)
+        for component, state in peft_states.items()
+    }
     pipeline_class(export.family).save_lora_weights(out_dir, save_function=save_function, **layers)
     save_safetensors(
         out_dir / kohya_file_name(export.name, export.step),

@@ -84,10 +84,18 @@ class PoseResult:
 
     def openpose_json(self, min_visibility: float = 0.0) -> dict:
         """OpenPose's JSON output format (version 1.3), which pose editors and ControlNet tools
-        read: one person, `pose_keypoints_2d` as flat x, y, confidence triples."""
+        read: one person, `pose_keypoints_2d` as flat x, y, confidence triples, and the canvas
+        size the keypoints' pixels refer to.
+
+        Kept keypoints carry confidence 1.0: sd-webui-controlnet's reader (and the editors built
+        on it) drops every keypoint whose confidence is below 1.0, so MediaPipe's visibilities
+        would lose most of them. The visibilities stay in the keypoints table (`openpose18`).
+        """
         people = []
         if self.has_person:
-            people.append({"person_id": [-1], "pose_keypoints_2d": self.openpose18(min_visibility)})
+            rows = np.asarray(self.openpose18(min_visibility), dtype=np.float64).reshape(18, 3)
+            rows[rows[:, 2] > 0, 2] = 1.0
+            people.append({"person_id": [-1], "pose_keypoints_2d": rows.ravel().tolist()})
         return {
             "version": 1.3,
             "people": people,
