@@ -45,6 +45,14 @@ log = logging.getLogger(__name__)
 TEXT_WIDTH = 64  # the text encoder's width = the UNet's cross-attention dimension
 VAE_BLOCKS = (32, 64, 64)  # three blocks: 4x down-sampling
 UNET_BLOCKS = (32, 64)
+# Group norm over 4 channels per group (SD's VAE: 32 groups). With 32 groups the 32-channel
+# full-resolution blocks normalise every channel on its own, which washes out the colour of
+# small regions: after 300 steps the oracle read the hair colour of 65% of reconstructions
+# right with 32 groups, 79% with 8 (all six attributes 55% / 69%, 256 held-out renders).
+VAE_NORM_GROUPS = 8
+# The UNet likewise (blocks of 32 and 64 channels): 1100 steps reached loss 0.053 with 8 groups
+# against 0.070 with 32, and the oracle read the prompted outfit colour right 94% vs 57%.
+UNET_NORM_GROUPS = 8
 # The world's prompt length in tokens (SD1.5: 77). World captions are at most ~20 tokens, and
 # with 77 the UNet's cross-attention spreads over ~57 padding tokens. Measured with the oracle
 # (200 generations, 1100 steps): with 77 tokens the prompted background was right 0.26-0.48 of
@@ -147,7 +155,7 @@ def build_vae(seed: int, size: int) -> Any:
             up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
             block_out_channels=VAE_BLOCKS,
             layers_per_block=1,
-            norm_num_groups=32,
+            norm_num_groups=VAE_NORM_GROUPS,
             latent_channels=4,
             sample_size=size,
         ),
@@ -217,7 +225,7 @@ def build_unet(seed: int, size: int) -> Any:
             layers_per_block=1,
             cross_attention_dim=TEXT_WIDTH,
             attention_head_dim=UNET_HEADS,
-            norm_num_groups=32,
+            norm_num_groups=UNET_NORM_GROUPS,
         ),
     )
 
