@@ -184,6 +184,8 @@ def test_real_budget_scorers_and_oracle_see_the_attributes(
     assert metrics["tagger_accuracy"] >= 0.97
     for name in ("hair_colour", "outfit_colour", "outfit", "accessory", "background"):
         assert metrics[f"clip_zero_shot_{name}"] >= 0.9, name
+    # Hair length is the hardest for the CLIP (0.87-0.95 measured with the text tower's own rate).
+    assert metrics["clip_zero_shot_hair_length"] >= 0.75
 
     # The oracle judges renders of known scenes it never saw, the demo character among them.
     scenes = [make_scene(**DEMO_CHARACTER, background="forest"), *sample_scenes(99, 30)]
