@@ -22,6 +22,7 @@ from test_score_report import _make_generate, _make_train_and_base, _report, _sy
 from charaforge.core.files import write_json, write_parquet
 from charaforge.errors import MissingInputError
 from charaforge.selection import render, statistics, tracking
+from charaforge.selection.ground_truth import read_ground_truth
 
 
 @pytest.fixture
@@ -236,3 +237,29 @@ def test_tracking_logs_every_metric_column_but_keys_and_flags(
         "composite",
         "copy_fraction",
     ]
+
+
+def test_ground_truth_summarises_the_oracle_per_ranked_row(tmp_path: Path) -> None:
+    """The oracle's section: hand-computed means per row, in ranking order; absent without it."""
+    ranking = pd.DataFrame(
+        {"candidate": ["good", "base"], "step": [600, 0], "lora_scale": [1.0, 0.0]}
+    )
+    assert read_ground_truth(tmp_path, ranking, 200, 0.95, 0) is None
+    judged = pd.DataFrame(
+        {
+            "candidate": ["base", "base", "good", "good", "good"],
+            "step": [0, 0, 600, 600, 600],
+            "lora_scale": [0.0, 0.0, 1.0, 1.0, 1.0],
+            "oracle_identity": [0.2, 0.4, 1.0, 0.6, 0.8],
+            "oracle_prompt_following": [1.0, 0.0, 1.0, 1.0, float("nan")],
+        }
+    )
+    judged.to_parquet(tmp_path / "oracle.parquet")
+    table = read_ground_truth(tmp_path, ranking, 200, 0.95, 0).table
+    assert table["candidate"].tolist() == ["good", "base"]
+    assert table["identity"].tolist() == pytest.approx([0.8, 0.3])
+    assert table["character_right"].tolist() == pytest.approx([1 / 3, 0.0])
+    assert table["prompt_following"].tolist() == pytest.approx([1.0, 0.5])
+    assert table["n_images"].tolist() == [3, 2]
+    assert (table["identity_ci_low"] <= table["identity"]).all()
+    assert (table["identity"] <= table["identity_ci_high"]).all()

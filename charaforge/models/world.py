@@ -32,8 +32,9 @@ from PIL import Image
 from charaforge.config import WorldConfig
 from charaforge.core.files import atomic_path, derive_seed, write_json, write_png, write_text
 from charaforge.models.base import set_cpu_threads, set_determinism
+from charaforge.models.world_common import RenderPool
 from charaforge.models.world_diffusion import pretrain_diffusion
-from charaforge.models.world_oracle import load_world_oracle, oracle_pixels, predict_indices
+from charaforge.models.world_oracle import load_world_oracle, oracle_accuracy
 from charaforge.prepare.world import (
     ATTRIBUTES,
     CHARACTER_ATTRIBUTES,
@@ -151,19 +152,10 @@ def base_model_accuracy(pipeline: Any, oracle_dir: Path, config: WorldConfig, se
             width=config.image_size,
             generator=generators,
         ).images
-    predicted = predict_indices(load_world_oracle(oracle_dir), oracle_pixels(images))
-    right = np.stack(
-        [
-            predicted[name] == np.array([values.index(s.get(name)) for s in scenes])
-            for name, values in ATTRIBUTES.items()
-        ],
-        axis=1,
-    )
-    metrics = {
-        f"base_accuracy_{name}": round(float(right[:, i].mean()), 4)
-        for i, name in enumerate(ATTRIBUTES)
-    }
-    metrics["base_all_right"] = round(float(right.all(axis=1).mean()), 4)
+    pool = RenderPool(scenes, np.stack([np.asarray(image.convert("RGB")) for image in images]))
+    judged = oracle_accuracy(load_world_oracle(oracle_dir), pool)
+    # oracle_accuracy_<attribute> / oracle_all_right, named for what was judged: the base model.
+    metrics = {key.replace("oracle_", "base_", 1): value for key, value in judged.items()}
     metrics["base_eval_images"] = len(scenes)
     return metrics
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from charaforge.selection.statistics import KEY, bootstrap_mean_ci
+from charaforge.selection.statistics import KEY, bootstrap_mean_ci, row_mask
 
 ORACLE_FILE = "oracle.parquet"
 _REQUIRED = [*KEY, "oracle_identity", "oracle_prompt_following"]
@@ -30,12 +30,8 @@ class GroundTruth:
     table: pd.DataFrame  # KEY, identity, identity_ci_low/high, character_right, prompt_following
 
     def row(self, candidate: str, step: int, lora_scale: float) -> pd.Series:
-        mask = (
-            (self.table["candidate"] == candidate)
-            & (self.table["step"] == step)
-            & (self.table["lora_scale"] == lora_scale)
-        )
-        return self.table[mask].iloc[0]
+        wanted = pd.Series({"candidate": candidate, "step": step, "lora_scale": lora_scale})
+        return self.table[row_mask(self.table, wanted)].iloc[0]
 
 
 def read_ground_truth(
@@ -54,12 +50,8 @@ def read_ground_truth(
     if missing:
         raise ValueError(f"{path}: lacks column(s) {missing}; rerun the `score` stage")
     rows = []
-    for ranked in ranking.itertuples():
-        images = judged[
-            (judged["candidate"] == ranked.candidate)
-            & (judged["step"] == ranked.step)
-            & (judged["lora_scale"] == ranked.lora_scale)
-        ]
+    for _, ranked in ranking.iterrows():
+        images = judged[row_mask(judged, ranked)]
         identity = images["oracle_identity"].to_numpy(dtype=np.float64)
         following = images["oracle_prompt_following"].to_numpy(dtype=np.float64)
         low, high = (
@@ -67,9 +59,9 @@ def read_ground_truth(
         )
         rows.append(
             {
-                "candidate": ranked.candidate,
-                "step": ranked.step,
-                "lora_scale": ranked.lora_scale,
+                "candidate": ranked["candidate"],
+                "step": ranked["step"],
+                "lora_scale": ranked["lora_scale"],
                 "identity": float(identity.mean()) if len(identity) else np.nan,
                 "identity_ci_low": low,
                 "identity_ci_high": high,
