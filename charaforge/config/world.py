@@ -17,6 +17,11 @@ class WorldVaeConfig(Strict):
     kl_weight: float = Field(default=1e-6, ge=0)
 
 
+# The world stage trains its UNet data-parallel over its two worker processes (models/
+# world_parallel): a fixed rank count, so the bytes never depend on the machine.
+WORLD_UNET_RANKS = 2
+
+
 class WorldUnetConfig(Strict):
     """The UNet and the text encoder, trained together."""
 
@@ -29,6 +34,16 @@ class WorldUnetConfig(Strict):
     # the text encoder pulls prompts that differ in a small attribute together before the UNet
     # has learnt to draw it (the world CLIP's text tower did the same; see world_clip).
     text_learning_rate: float | None = Field(default=None, ge=0)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _splits_over_the_ranks(cls, value: int) -> int:
+        if value % WORLD_UNET_RANKS:
+            raise ValueError(
+                f"must be a multiple of {WORLD_UNET_RANKS}: the world UNet trains data-parallel "
+                f"over the stage's {WORLD_UNET_RANKS} worker processes, each on its share"
+            )
+        return value
 
 
 class WorldSamplesConfig(Strict):

@@ -38,6 +38,12 @@ from charaforge.models.base import (
     save_stand_in,
     set_determinism,
 )
+from charaforge.models.world_parallel import (
+    Shard,
+    average_gradients,
+    broadcast_tensors,
+    process_group,
+)
 from charaforge.prepare.world import caption, render, sample_scenes
 
 log = logging.getLogger(__name__)
@@ -257,11 +263,17 @@ def train_unet(
     config: WorldConfig,
     seed: int,
     on_step: Callable[[int, float], None],
+    shard: Shard | None = None,
 ) -> tuple[Any, Any]:
-    """UNet and text encoder together: epsilon loss, caption dropout for guidance."""
+    """UNet and text encoder together: epsilon loss, caption dropout for guidance.
+
+    With a `shard` (world_parallel), this process trains on its rows of every global batch and
+    the gradients are averaged over the ranks, so all ranks keep the same weights.
+    """
     from diffusers import DDPMScheduler
 
     settings = config.unet
+    rows = shard.rows(settings.batch_size) if shard else slice(None)
     unet = build_unet(seed, config.image_size)
     text_encoder = build_text_encoder(seed)
     unet.train()
@@ -296,15 +308,19 @@ def train_unet(
         ids = token_ids[indices].clone()
         dropped = torch.rand(len(indices), generator=generator) < settings.caption_dropout
         ids[dropped] = empty_ids
+        # Every rank drew the whole batch's randomness above (the generators stay in step);
+        # each trains on its own rows of it.
+        clean, noise, timesteps, ids = clean[rows], noise[rows], timesteps[rows], ids[rows]
         hidden = text_encoder(ids)[0]
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, hidden).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        step_loss = average_gradients(parameters, loss) if shard else loss.item()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        on_step(step, loss.item())
+        on_step(step, step_loss)
     unet.eval()
     text_encoder.eval()
     return unet, text_encoder
@@ -315,8 +331,13 @@ def pretrain_diffusion(
     out_dir: str | Path,
     seed: int,
     on_step: Callable[[str, int, float], None] | None = None,
+    rendezvous: str | None = None,
 ) -> tuple[Any, DiffusionResult]:
-    """Render the corpus, train VAE then UNet + text encoder, save the pipeline to `out_dir`."""
+    """Render the corpus, train VAE then UNet + text encoder, save the pipeline to `out_dir`.
+
+    With a `rendezvous` file the UNet phase is data-parallel: this process is rank 0 and another
+    runs `unet_peer` with the same file (world_parallel).
+    """
     set_determinism()
     result = DiffusionResult()
     timer = _Timer(result)
@@ -349,14 +370,15 @@ def pretrain_diffusion(
         token_ids = tokenize(tokenizer, corpus.captions)
         empty_ids = tokenize(tokenizer, [""])[0]
     with timer.phase("unet"):
-        unet, text_encoder = train_unet(
-            latents * scaling,
-            token_ids,
-            empty_ids,
-            config,
-            seed,
-            record("unet", result.unet_losses),
-        )
+        on_unet_step = record("unet", result.unet_losses)
+        if rendezvous is None:
+            unet, text_encoder = train_unet(
+                latents * scaling, token_ids, empty_ids, config, seed, on_unet_step
+            )
+        else:
+            with process_group(rendezvous, rank=0) as shard:
+                inputs = broadcast_tensors([latents * scaling, token_ids, empty_ids], 3)
+                unet, text_encoder = train_unet(*inputs, config, seed, on_unet_step, shard)
     with timer.phase("save"):
         pipeline = assemble_sd15_pipeline(vae, unet, text_encoder, tokenizer)
         save_stand_in(pipeline, out_dir)
@@ -368,3 +390,15 @@ def pretrain_diffusion(
         result.cpu_seconds,
     )
     return pipeline, result
+
+
+def unet_peer(config: WorldConfig, seed: int, rendezvous: str, rank: int) -> None:
+    """Another rank of the data-parallel UNet phase: rank 0's inputs, its rows of every batch.
+
+    Builds the same initial weights from the seed and keeps them in step with rank 0 through the
+    averaged gradients; rank 0 saves the result, so nothing is returned.
+    """
+    set_determinism()
+    with process_group(rendezvous, rank=rank) as shard:
+        latents, token_ids, empty_ids = broadcast_tensors(None, 3)
+        train_unet(latents, token_ids, empty_ids, config, seed, lambda _step, _loss: None, shard)
