@@ -15,11 +15,19 @@ import typer
 from charaforge.core import layout
 from charaforge.core.layout import checkpoint_path
 from charaforge.errors import ConfigError
-from charaforge.generate.conditioning import canny_map, depth_map, load_image, mask_image
+from charaforge.generate.conditioning import load_image, mask_image
+from charaforge.generate.controls import ControlPreprocessor, save_control_maps
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name, lora_file
 from charaforge.generate.records import write_image
-from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
+from charaforge.generate.request import (
+    CONTROL_TYPES,
+    PRESETS,
+    SCHEDULERS,
+    Conditioning,
+    ControlUnit,
+    RenderRequest,
+)
 from charaforge.pipeline.compose import DEFAULT_CONFIG, compose_params
 from charaforge.pipeline.stage import configure_logging
 from charaforge.serve.http import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
@@ -49,6 +57,22 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
+
+
+def parse_control_spec(spec: str, preprocess: ControlPreprocessor | None) -> ControlUnit:
+    """`TYPE:IMAGE[:SCALE[:START:END]]` -> a ControlUnit (the map made from a photo if asked)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3, 5):
+        raise ValueError(f"--extra-control {spec!r}: expected TYPE:IMAGE[:SCALE[:START:END]]")
+    try:
+        numbers = [float(part) for part in parts[2:]]
+    except ValueError:
+        raise ValueError(f"--extra-control {spec!r}: SCALE, START and END are numbers") from None
+    image = load_image(parts[1])
+    image = preprocess(parts[0], image) if preprocess else image
+    scale = numbers[0] if numbers else 1.0
+    start, end = numbers[1:] if len(numbers) == 3 else (0.0, 1.0)
+    return ControlUnit(parts[0], image, scale, start, end)
 
 
 def resolve_lora(reference: str, train_dir: Path) -> tuple[str, Path]:
@@ -111,13 +135,23 @@ def generate(
         Path | None, typer.Option(help="ControlNet input: a skeleton/edge/depth map or a photo.")
     ] = None,
     control_type: Annotated[
-        str, typer.Option(help="openpose (a skeleton image), canny or depth.")
+        str, typer.Option(help=f"One of {', '.join(CONTROL_TYPES)} (the map's type).")
     ] = "openpose",
     control_from_photo: Annotated[
-        bool, typer.Option(help="Derive the canny/depth map from --control-image.")
+        bool, typer.Option(help="Make the control maps from photos (the preprocessors).")
     ] = False,
+    control_scale: Annotated[float, typer.Option(help="ControlNet weight.")] = 1.0,
+    control_window: Annotated[
+        tuple[float, float], typer.Option(help="Fractions of the steps the ControlNet acts in.")
+    ] = (0.0, 1.0),
+    extra_control: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another ControlNet: TYPE:IMAGE[:SCALE[:START:END]] (repeat for several)."
+        ),
+    ] = None,
     depth_model: Annotated[
-        str | None, typer.Option(help="A local depth-estimation model (for depth from a photo).")
+        str | None, typer.Option(help="A local depth-estimation model (depth/normal from photos).")
     ] = None,
     controlnet: Annotated[
         str | None, typer.Option(help="A local ControlNet folder (required with real weights).")
@@ -146,6 +180,7 @@ def generate(
 
     try:
         controlnets = {control_type: controlnet} if controlnet else {}
+        extra_units: list[ControlUnit] = []
         engine = GenerationEngine(
             base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
         )
@@ -165,12 +200,20 @@ def generate(
             scales[name] = scale
         conditioning = None
         if control_image is not None:
+            preprocess = ControlPreprocessor(depth_model) if control_from_photo else None
             image = load_image(control_image)
-            if control_from_photo and control_type == "canny":
-                image = canny_map(image)
-            elif control_from_photo and control_type == "depth":
-                image = depth_map(image, depth_model)
-            conditioning = Conditioning("control", image, control_type=control_type)
+            image = preprocess(control_type, image) if preprocess else image
+            for spec in extra_control or []:
+                extra_units.append(parse_control_spec(spec, preprocess))
+            conditioning = Conditioning(
+                "control",
+                image,
+                control_type=control_type,
+                conditioning_scale=control_scale,
+                guidance_start=control_window[0],
+                guidance_end=control_window[1],
+                controls=tuple(extra_units),
+            )
         elif init_image is not None:
             kind = "inpaint" if mask is not None else "img2img"
             conditioning = Conditioning(
@@ -205,6 +248,8 @@ def generate(
     for offset, image in enumerate(images):
         path = out if batch_size == 1 else out.with_name(f"{out.stem}-{offset}{out.suffix}")
         write_image(path, image)
+        if conditioning is not None and conditioning.kind == "control":
+            save_control_maps(path, conditioning.control_units())
         parameters = json.loads(image.info["charaforge"])
         log.info(
             "wrote %s (%s)",

@@ -1,5 +1,5 @@
-"""Conditioning images for the engine: ControlNet maps (OpenPose skeletons from the pose stage,
-canny edges, depth) and the stand-in ControlNet used with a stand-in base model.
+"""Conditioning inputs for the engine: image and mask files, and the stand-in ControlNet used
+with a stand-in base model (the control maps themselves are made in generate.controls).
 
 The stand-in ControlNet is the real diffusers ControlNetModel shaped after the base UNet, with
 random weights from a fixed seed. A trained ControlNet starts with zero-initialised output
@@ -16,8 +16,6 @@ import numpy as np
 from PIL import Image
 
 from charaforge.core.files import derive_seed
-from charaforge.errors import ConfigError
-from charaforge.models.base import resolve_pretrained
 
 # Small conditioning encoder: four blocks = three stride-2 steps, i.e. 8x down to latent size.
 STAND_IN_EMBEDDING_CHANNELS = (8, 16, 16, 16)
@@ -60,33 +58,6 @@ def load_image(path: str | Path) -> Image.Image:
             return image.convert("RGB")
     except OSError as error:
         raise ValueError(f"{path}: not a readable image ({error})") from None
-
-
-def canny_map(image: Image.Image, sigma: float = 2.0) -> Image.Image:
-    """Canny edges (white on black, three channels), as ControlNet-canny expects."""
-    from skimage.feature import canny
-
-    gray = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
-    edges = canny(gray, sigma=sigma)
-    return Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")
-
-
-def depth_map(image: Image.Image, model_path: str | None) -> Image.Image:
-    """A depth map from a local depth-estimation model (DPT/Depth-Anything folder).
-
-    There is no depth model to build offline that would mean anything, so this needs real local
-    weights; the error says so.
-    """
-    if not model_path:
-        raise ConfigError(
-            "depth conditioning needs a local depth-estimation model (depth_model); "
-            "nothing is downloaded"
-        )
-    from transformers import pipeline
-
-    estimator = pipeline("depth-estimation", model=str(resolve_pretrained(model_path)))
-    depth = estimator(image.convert("RGB"))["depth"]
-    return depth.convert("RGB")
 
 
 def mask_image(path: str | Path) -> Image.Image:
