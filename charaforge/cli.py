@@ -259,6 +259,73 @@ def generate(
 
 
 @app.command()
+def edit(
+    image: Annotated[Path, typer.Argument(help="The photo whose subject is kept.")],
+    prompt: Annotated[str, typer.Argument(help="The new background.")],
+    mask: Annotated[
+        Path | None, typer.Option(help="Subject mask (white = keep); default: segment a person.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--cfg", help="Guidance.")] = None,
+    negative_prompt: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
+    size: Annotated[
+        tuple[int, int] | None, typer.Option(help="Output WIDTH HEIGHT (default: the photo's).")
+    ] = None,
+    shadow: Annotated[bool, typer.Option(help="Add a ground shadow under the subject.")] = False,
+    shadow_opacity: Annotated[float, typer.Option(help="Darkest shadow (0-1).")] = 0.5,
+    blend_margin: Annotated[
+        int, typer.Option(min=0, help="Feathered edge (px) where the subject meets the new image.")
+    ] = 4,
+    subject_blend: Annotated[
+        float, typer.Option(help="Weight of the original subject (1 = its exact colours).")
+    ] = 1.0,
+    relight: Annotated[bool, typer.Option(help="Relight with IC-Light before blending.")] = False,
+    relight_strength: Annotated[float, typer.Option(help="IC-Light denoising strength.")] = 0.5,
+    iclight: Annotated[
+        str | None, typer.Option(help="A local IC-Light offsets file (fc or fbc).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    out: Annotated[Path, typer.Option(help="Output PNG (+ .mask.png and .sheet.png).")] = Path(
+        "edit.png"
+    ),
+    base: Annotated[Path, typer.Option(help="The base model folder (the `base` stage).")] = Path(
+        layout.BASE_DIR
+    ),
+) -> None:
+    """Replace a photo's background from a prompt, keeping the subject (ProdGen's edit)."""
+    from charaforge.generate import edit as editing
+
+    try:
+        photo = load_image(image)
+        subject = mask_image(mask) if mask is not None else None
+        request = editing.EditRequest(
+            image=photo,
+            prompt=prompt,
+            seed=seed,
+            mask=subject,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            size=size,
+            shadow=shadow,
+            shadow_opacity=shadow_opacity,
+            blend_margin=blend_margin,
+            subject_blend=subject_blend,
+            relight=relight,
+            relight_strength=relight_strength,
+        )
+        engine = GenerationEngine(base, device=device)
+        relighter = editing.make_relighter(engine, iclight) if relight else None
+        result = editing.replace_background(engine, request, relighter)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+        log.error("%s", str(error).strip("'\""))
+        raise typer.Exit(2) from None
+    paths = editing.write_edit(result, out, prompt, engine.base.stand_in)
+    log.info("wrote %s, %s and %s", paths["image"], paths["mask"], paths["sheet"])
+
+
+@app.command()
 def serve(
     host: Annotated[
         str, typer.Option(help="Listen address (loopback unless told).")

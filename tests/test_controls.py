@@ -182,7 +182,8 @@ def test_several_controlnets_with_their_own_scales_and_windows(
     write_image(out, both)
     units = (ControlUnit("canny", canny), ControlUnit("segmentation", seg))
     written = controls.save_control_maps(out, units)
-    assert [p.name for p in written] == ["both.control0-canny.png", "both.control1-segmentation.png"]
+    names = ["both.control0-canny.png", "both.control1-segmentation.png"]
+    assert [p.name for p in written] == names
     assert np.array_equal(np.asarray(Image.open(written[1]).convert("RGB")), np.asarray(seg))
     assert read_sidecar(out)["conditioning"]["controls"][0]["control_type"] == "segmentation"
 

@@ -29,9 +29,9 @@ from PIL import Image
 
 from charaforge.config import PoseConfig
 from charaforge.core.files import derive_seed, write_png
+from charaforge.generate.request import CONTROL_TYPES, ControlUnit
 from charaforge.models.base import resolve_pretrained
 from charaforge.prepare.pose import PoseDetector, draw_skeleton
-from charaforge.generate.request import CONTROL_TYPES, ControlUnit
 
 log = logging.getLogger(__name__)
 

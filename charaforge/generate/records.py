@@ -59,7 +59,7 @@ def a1111_parameters(params: dict[str, Any]) -> str:
         for index, unit in enumerate(conditioning.get("controls", []), start=1):
             fields.append(
                 f'ControlNet {index}: "Module: {unit["control_type"]}, '
-                f'Weight: {unit["conditioning_scale"]:g}, Guidance Start: '
+                f"Weight: {unit['conditioning_scale']:g}, Guidance Start: "
                 f'{unit["guidance_start"]:g}, Guidance End: {unit["guidance_end"]:g}"'
             )
     if params["loras"]:
