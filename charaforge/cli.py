@@ -325,6 +325,54 @@ def edit(
     log.info("wrote %s, %s and %s", paths["image"], paths["mask"], paths["sheet"])
 
 
+@app.command(name="filter")
+def filter_images(
+    images: Annotated[Path, typer.Argument(help="A folder of generated images.")],
+    references: Annotated[
+        Path,
+        typer.Option(help="The character's dataset folder (its train split) or reference images."),
+    ],
+    out: Annotated[Path, typer.Option(help="Where accepted/, rejected/ and scores go.")],
+    clip_threshold: Annotated[
+        float | None, typer.Option(help="Minimum CLIP-I (mean cosine with the references).")
+    ] = None,
+    identity_threshold: Annotated[
+        float | None, typer.Option(help="Minimum ArcFace identity (cosine with the mean face).")
+    ] = None,
+    params_file: Annotated[
+        Path, typer.Option("--params", help="params.yaml whose score.clip / score.face are used.")
+    ] = Path("params.yaml"),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per embedding batch.")] = 16,
+) -> None:
+    """Sort a batch into accepted/ and rejected/ by likeness to the character (rejects kept)."""
+    import contextlib
+
+    from charaforge.config import load_params
+    from charaforge.evaluate import consistency
+    from charaforge.models.clip import load_clip
+    from charaforge.models.face import load_face_scorer
+
+    try:
+        thresholds = consistency.FilterThresholds(clip_threshold, identity_threshold)
+        score = load_params(params_file).score
+        reference_images = consistency.dataset_references(references)
+        clip = load_clip(score.clip) if clip_threshold is not None else None
+        with contextlib.ExitStack() as stack:
+            face = None
+            if identity_threshold is not None:
+                face = stack.enter_context(load_face_scorer(score.face))
+            for model, label in ((clip, "CLIP"), (face, "face model")):
+                if model is not None and model.stand_in:
+                    log.warning("filter: the %s is a stand-in (random weights)", label)
+            table = consistency.filter_to_folders(
+                images, reference_images, out, thresholds, clip, face, batch_size
+            )
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+        log.error("%s", str(error).strip("'\""))
+        raise typer.Exit(2) from None
+    log.info("accepted %d of %d (scores in %s)", table["accepted"].sum(), len(table), out)
+
+
 @app.command()
 def serve(
     host: Annotated[
