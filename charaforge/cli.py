@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,7 +17,6 @@ from charaforge.core import layout
 from charaforge.core.layout import checkpoint_path
 from charaforge.errors import ConfigError
 from charaforge.generate.conditioning import load_image, mask_image
-from charaforge.generate.controls import ControlPreprocessor, save_control_maps
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name, lora_file
 from charaforge.generate.records import write_image
@@ -59,7 +59,7 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def parse_control_spec(spec: str, preprocess: ControlPreprocessor | None) -> ControlUnit:
+def parse_control_spec(spec: str, preprocess: Callable[[str, Any], Any] | None) -> ControlUnit:
     """`TYPE:IMAGE[:SCALE[:START:END]]` -> a ControlUnit (the map made from a photo if asked)."""
     parts = spec.split(":")
     if len(parts) not in (2, 3, 5):
@@ -177,6 +177,7 @@ def generate(
     ] = None,
 ) -> None:
     """Render images with the base model and any LoRAs, exactly as the sweep renders."""
+    from charaforge.generate.controls import ControlPreprocessor, save_control_maps
 
     try:
         controlnets = {control_type: controlnet} if controlnet else {}

@@ -9,12 +9,14 @@ pose really changes the stand-in's image and every code path downstream is exerc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from charaforge.core.files import derive_seed
+from charaforge.generate.request import ControlUnit
 
 # Small conditioning encoder: four blocks = three stride-2 steps, i.e. 8x down to latent size.
 STAND_IN_EMBEDDING_CHANNELS = (8, 16, 16, 16)
@@ -62,3 +64,37 @@ def load_image(path: str | Path) -> Image.Image:
 def mask_image(path: str | Path) -> Image.Image:
     """An inpainting mask: white where the image is repainted."""
     return load_image(path).convert("L")
+
+
+def control_arguments(units: Sequence[ControlUnit], size: tuple[int, int]) -> dict[str, Any]:
+    """The ControlNet pipeline's arguments for one or several units, maps resized to `size`.
+
+    One unit passes plain values (a single ControlNetModel); several pass lists in unit order
+    (diffusers' MultiControlNetModel).
+    """
+    images = [unit.image.convert("RGB").resize(size, Image.Resampling.BICUBIC) for unit in units]
+    scales = [float(unit.conditioning_scale) for unit in units]
+    starts = [float(unit.guidance_start) for unit in units]
+    ends = [float(unit.guidance_end) for unit in units]
+    if len(units) == 1:
+        return {
+            "image": images[0],
+            "controlnet_conditioning_scale": scales[0],
+            "control_guidance_start": starts[0],
+            "control_guidance_end": ends[0],
+        }
+    return {
+        "image": images,
+        "controlnet_conditioning_scale": scales,
+        "control_guidance_start": starts,
+        "control_guidance_end": ends,
+    }
+
+
+def combine_controlnets(models: Sequence[Any]) -> Any:
+    """One ControlNet as is; several as a MultiControlNetModel (their residuals summed)."""
+    if len(models) == 1:
+        return models[0]
+    from diffusers import MultiControlNetModel
+
+    return MultiControlNetModel(list(models))

@@ -221,40 +221,6 @@ class ControlPreprocessor:
         return np.round(scaled).astype(np.uint8)
 
 
-def control_arguments(units: Sequence[ControlUnit], size: tuple[int, int]) -> dict[str, Any]:
-    """The ControlNet pipeline's arguments for one or several units, maps resized to `size`.
-
-    One unit passes plain values (a single ControlNetModel); several pass lists in unit order
-    (diffusers' MultiControlNetModel).
-    """
-    images = [unit.image.convert("RGB").resize(size, Image.Resampling.BICUBIC) for unit in units]
-    scales = [float(unit.conditioning_scale) for unit in units]
-    starts = [float(unit.guidance_start) for unit in units]
-    ends = [float(unit.guidance_end) for unit in units]
-    if len(units) == 1:
-        return {
-            "image": images[0],
-            "controlnet_conditioning_scale": scales[0],
-            "control_guidance_start": starts[0],
-            "control_guidance_end": ends[0],
-        }
-    return {
-        "image": images,
-        "controlnet_conditioning_scale": scales,
-        "control_guidance_start": starts,
-        "control_guidance_end": ends,
-    }
-
-
-def combine_controlnets(models: Sequence[Any]) -> Any:
-    """One ControlNet as is; several as a MultiControlNetModel (their residuals summed)."""
-    if len(models) == 1:
-        return models[0]
-    from diffusers import MultiControlNetModel
-
-    return MultiControlNetModel(list(models))
-
-
 def control_map_path(image_path: str | Path, index: int, control_type: str) -> Path:
     """Where the map that conditioned an image is saved: `<stem>.control<i>-<type>.png`."""
     image_path = Path(image_path)

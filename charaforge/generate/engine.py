@@ -33,8 +33,11 @@ from PIL import Image
 from charaforge.core import layout
 from charaforge.errors import ConfigError
 from charaforge.generate.batching import RenderTimer, split_rows, text_model_shim, timed
-from charaforge.generate.conditioning import build_stand_in_controlnet
-from charaforge.generate.controls import combine_controlnets, control_arguments
+from charaforge.generate.conditioning import (
+    build_stand_in_controlnet,
+    combine_controlnets,
+    control_arguments,
+)
 from charaforge.generate.loras import LoadedLora, describe_lora, lora_file
 from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
