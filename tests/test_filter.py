@@ -15,8 +15,9 @@ from skimage import data
 from typer.testing import CliRunner
 
 from charaforge.cli import app
-from charaforge.config import ClipConfig, FaceConfig
+from charaforge.config import ClipConfig, ConsistencyFilterConfig, FaceConfig, ScoreConfig
 from charaforge.evaluate import consistency
+from charaforge.evaluate.sweep import FILTER_DIR, score_sweep
 from charaforge.models.clip import load_clip
 from charaforge.models.face import load_face_scorer
 
@@ -150,3 +151,35 @@ def test_filter_command_and_its_errors(
         app, [*command[:1], str(tmp_path / "nope"), *command[2:], "--clip-threshold", "0.5"]
     )
     assert missing.exit_code == 2
+
+
+def test_score_stage_filter_option_sorts_the_sweep(tmp_path: Path) -> None:
+    """score.filter on: the sweep's images sorted by the CLIP-I the stage computed; off: nothing."""
+    from test_evaluate_sweep import _index, _metadata
+
+    _index(tmp_path, rows=3)
+    _metadata(tmp_path)
+    # image 2 is the reference's colour: CLIP-I 1 (the others are other colours)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "data/generate/images/2.png")
+    clip = ClipConfig(source="stand_in", model_name="ViT-B-32")
+    enabled = ConsistencyFilterConfig(enabled=True, clip_threshold=0.9999)
+    arguments = (tmp_path / "data/generate", tmp_path / "data/dataset")
+    scores = score_sweep(
+        *arguments,
+        ScoreConfig(clip=clip, batch_size=4, filter=enabled),
+        "aoi_cf",
+        tmp_path / "out",
+        root=tmp_path,
+    )
+    table = pd.read_parquet(tmp_path / "out" / FILTER_DIR / "scores.parquet")
+    np.testing.assert_allclose(table["clip_i"], scores["clip_i"].round(6))
+    assert table["accepted"].tolist() == [False, False, True]
+    assert table["file"].tolist() == ["0.png", "1.png", "2.png"]
+    assert sorted(p.name for p in (tmp_path / "out/filter/accepted").iterdir()) == ["2.png"]
+    assert len(list((tmp_path / "out/filter/rejected").iterdir())) == 2
+    score_sweep(
+        *arguments, ScoreConfig(clip=clip, batch_size=4), "aoi_cf", tmp_path / "off", root=tmp_path
+    )
+    assert not (tmp_path / "off" / FILTER_DIR).exists()
+    with pytest.raises(ValueError, match="clip_threshold or identity_threshold"):
+        ConsistencyFilterConfig(enabled=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from charaforge.config import FaceConfig
+from charaforge.config import ConsistencyFilterConfig, FaceConfig
 from charaforge.core.files import write_bytes, write_csv, write_parquet
 from charaforge.evaluate.clip import clip_i_scores
 from charaforge.models.clip import ClipEmbedder
@@ -93,22 +93,14 @@ def consistency_scores(
     face: FaceScorer | None = None,
     batch_size: int = 16,
 ) -> pd.DataFrame:
-    """Each image's CLIP-I against the references and ArcFace identity against their mean face,
-    and the verdict: accepted when every threshold in use is met (no face fails identity)."""
-    frame = pd.DataFrame({"file": [p.name for p in images]})
-    frame["clip_i"] = np.nan
-    frame["identity"] = np.nan
-    frame["face_found"] = pd.array([pd.NA] * len(images), dtype="boolean")
-    reasons: list[list[str]] = [[] for _ in images]
+    """Each image's CLIP-I against the references and ArcFace identity against their mean face
+    (only the scores a threshold asks for), and the verdict (`judge`)."""
+    clip_i = identity = None
     if thresholds.clip_i is not None:
         if clip is None:
             raise ValueError("a CLIP-I threshold needs a CLIP model")
         reference = clip.embed_images(list(references), batch_size)
-        scores = clip_i_scores(clip.embed_images(list(images), batch_size), reference)
-        frame["clip_i"] = np.round(scores, 6)
-        for index, score in enumerate(scores):
-            if score < thresholds.clip_i:
-                reasons[index].append(f"clip_i {score:.3f} < {thresholds.clip_i:g}")
+        clip_i = clip_i_scores(clip.embed_images(list(images), batch_size), reference)
     if thresholds.identity is not None:
         if face is None:
             raise ValueError("an identity threshold needs a face model")
@@ -116,13 +108,37 @@ def consistency_scores(
         if mean_face is None:
             raise ValueError("consistency filter: no face found in any reference image")
         identity = identity_scores(face.embed_images(list(images), batch_size), mean_face)
-        found = ~np.isnan(identity)
-        frame["identity"] = np.round(identity, 6)
-        frame["face_found"] = pd.array(found, dtype="boolean")
-        for index, (score, has_face) in enumerate(zip(identity, found, strict=True)):
-            if not has_face:
+    return judge([p.name for p in images], thresholds, clip_i, identity)
+
+
+def judge(
+    files: Sequence[str],
+    thresholds: FilterThresholds,
+    clip_i: Sequence[float] | None,
+    identity: Sequence[float] | None,
+) -> pd.DataFrame:
+    """The verdict per image: accepted when every threshold in use is met (no face fails the
+    identity bar); `reason` says which bars an image missed."""
+    frame = pd.DataFrame({"file": list(files)})
+    count = len(frame)
+    nan = np.full(count, np.nan)
+    clip_values = nan if clip_i is None else np.asarray(clip_i, np.float64)
+    identity_values = nan if identity is None else np.asarray(identity, np.float64)
+    frame["clip_i"] = np.round(clip_values, 6)
+    frame["identity"] = np.round(identity_values, 6)
+    found = ~np.isnan(identity_values)
+    frame["face_found"] = pd.array(
+        [pd.NA] * count if identity is None else found.tolist(), dtype="boolean"
+    )
+    reasons: list[list[str]] = [[] for _ in range(count)]
+    for index in range(count):
+        if thresholds.clip_i is not None and not clip_values[index] >= thresholds.clip_i:
+            reasons[index].append(f"clip_i {clip_values[index]:.3f} < {thresholds.clip_i:g}")
+        if thresholds.identity is not None:
+            if not found[index]:
                 reasons[index].append("no face")
-            elif score < thresholds.identity:
+            elif identity_values[index] < thresholds.identity:
+                score = identity_values[index]
                 reasons[index].append(f"identity {score:.3f} < {thresholds.identity:g}")
     frame["accepted"] = [not reason for reason in reasons]
     frame["reason"] = ["; ".join(reason) for reason in reasons]
@@ -139,24 +155,38 @@ def filter_to_folders(
     batch_size: int = 16,
 ) -> pd.DataFrame:
     """Copy each image of `images_dir` (and its sidecars) into `out_dir/accepted/` or
-    `out_dir/rejected/`; write `out_dir/scores.parquet` and `.csv`; return the table.
+    `out_dir/rejected/`; write `out_dir/scores.parquet` and `.csv`; return the table."""
+    images = image_files(images_dir)
+    table = consistency_scores(images, references, thresholds, clip, face, batch_size)
+    return sort_into_folders(images, table, out_dir)
 
+
+def sort_into_folders(
+    images: Sequence[Path],
+    table: pd.DataFrame,
+    out_dir: str | Path,
+    names: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Copy each image (and its sidecars) by its verdict; write the table beside the folders.
+
+    `names`: the file names in the folders (default the images' own; the sweep flattens its
+    sub-folders into them so that no two images collide).
     Copies, not moves: the batch stays whole, and a rerun with other thresholds re-sorts it
     (an image is removed from the folder it no longer belongs in).
     """
-    images = image_files(images_dir)
     out_dir = Path(out_dir)
-    table = consistency_scores(images, references, thresholds, clip, face, batch_size)
     locations = []
-    for path, accepted in zip(images, table["accepted"], strict=True):
+    names = [path.name for path in images] if names is None else list(names)
+    for path, name, accepted in zip(images, names, table["accepted"], strict=True):
         verdict, other = (ACCEPTED, REJECTED) if accepted else (REJECTED, ACCEPTED)
+        stem = Path(name).stem
         sidecars = [path.with_suffix(suffix) for suffix in SIDECAR_SUFFIXES]
         for item in [path, *[p for p in sidecars if p.is_file()]]:
-            write_bytes(out_dir / verdict / item.name, item.read_bytes())
-            (out_dir / other / item.name).unlink(missing_ok=True)
-        locations.append(f"{verdict}/{path.name}")
-    table["location"] = locations
-    table = table[FILTER_COLUMNS]
+            target = name if item == path else stem + item.suffix
+            write_bytes(out_dir / verdict / target, item.read_bytes())
+            (out_dir / other / target).unlink(missing_ok=True)
+        locations.append(f"{verdict}/{name}")
+    table = table.assign(location=locations)[FILTER_COLUMNS]
     write_parquet(out_dir / f"{FILTER_TABLE}.parquet", table)
     write_csv(out_dir / f"{FILTER_TABLE}.csv", table)
     log.info(
@@ -231,3 +261,30 @@ def filter_folder(
         aside,
     )
     return table
+
+
+def filter_sweep(
+    image_paths: Sequence[Path],
+    clip_i: Sequence[float],
+    identity: Sequence[float],
+    config: ConsistencyFilterConfig,
+    out_dir: str | Path,
+) -> pd.DataFrame:
+    """The score stage's filter option, on the CLIP-I and ArcFace columns it already computed:
+    sweep images into `out_dir/accepted|rejected` named by their sweep path (`/` -> `__`)."""
+    thresholds = FilterThresholds(config.clip_threshold, config.identity_threshold)
+    names = [_sweep_name(Path(path)) for path in image_paths]
+    table = judge(
+        names,
+        thresholds,
+        clip_i if config.clip_threshold is not None else None,
+        identity if config.identity_threshold is not None else None,
+    )
+    return sort_into_folders(image_paths, table, out_dir, names)
+
+
+def _sweep_name(path: Path) -> str:
+    """images/<candidate>/step-N/scale-S/<file>.png -> <candidate>__step-N__scale-S__<file>.png"""
+    parts = path.parts
+    after = len(parts) - 1 - parts[::-1].index("images") if "images" in parts else len(parts) - 1
+    return "__".join(parts[after + 1 :]) if after < len(parts) - 1 else path.name
