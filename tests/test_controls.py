@@ -11,7 +11,9 @@ import pytest
 from engine_fixtures import PROMPT, one_thread  # noqa: F401  (a fixture: pytest finds it by name)
 from PIL import Image, ImageDraw
 from skimage import data
+from typer.testing import CliRunner
 
+from charaforge.cli import app
 from charaforge.config import ModelConfig
 from charaforge.generate import controls
 from charaforge.generate.engine import GenerationEngine
@@ -30,10 +32,15 @@ def astronaut() -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> GenerationEngine:
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("controls") / "base"
     write_base(ModelConfig(family="sd15", source="stand_in", resolution=32), base)
-    return GenerationEngine(base, device="cpu", cpu_threads=1)
+    return base
+
+
+@pytest.fixture(scope="module")
+def engine(base_dir: Path) -> GenerationEngine:
+    return GenerationEngine(base_dir, device="cpu", cpu_threads=1)
 
 
 def _array(image: Image.Image) -> np.ndarray:
@@ -195,3 +202,30 @@ def test_bad_control_settings_fail_clearly(astronaut: Image.Image) -> None:
         Conditioning("control", astronaut, controls=(ControlUnit("nope", astronaut),))
     with pytest.raises(ValueError, match="only kind 'control'"):
         Conditioning("img2img", astronaut, controls=(ControlUnit("canny", astronaut),))
+
+
+def test_generate_cli_makes_maps_from_photos_and_saves_them(
+    base_dir: Path, astronaut: Image.Image, tmp_path: Path
+) -> None:
+    photo = tmp_path / "photo.png"
+    astronaut.save(photo)
+    out = tmp_path / "posed.png"
+    arguments = ["generate", PROMPT, "--control-image", str(photo), "--control-type", "canny"]
+    arguments += ["--control-from-photo", "--extra-control", f"segmentation:{photo}:0.5:0:0.5"]
+    arguments += ["--control-window", "0", "0.75", "--steps", "2", "--width", "32"]
+    arguments += ["--height", "32", "--base", str(base_dir), "--out", str(out)]
+    result = CliRunner().invoke(app, [*arguments, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    canny = Image.open(tmp_path / "posed.control0-canny.png").convert("RGB")
+    assert np.array_equal(np.asarray(canny), np.asarray(controls.canny_map(astronaut)))
+    assert (tmp_path / "posed.control1-segmentation.png").is_file()
+    conditioning = read_sidecar(out)["conditioning"]
+    assert conditioning["guidance_end"] == 0.75
+    assert conditioning["controls"][0] == {
+        **conditioning["controls"][0],
+        "control_type": "segmentation",
+        "conditioning_scale": 0.5,
+        "guidance_end": 0.5,
+    }
+    bad = CliRunner().invoke(app, [*arguments[:-2], "--extra-control", "canny", "--out", str(out)])
+    assert bad.exit_code == 2
