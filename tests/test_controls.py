@@ -177,6 +177,10 @@ def test_several_controlnets_with_their_own_scales_and_windows(
     # A guidance window that ends early acts in fewer steps: a different image.
     early = render(ControlUnit("canny", canny), ControlUnit("segmentation", seg, 1.0, 0.0, 0.34))
     assert np.abs(_array(early) - _array(both)).mean() > 0.1
+    # ...and one that starts late too (each net keeps its own window)
+    late = render(ControlUnit("canny", canny), ControlUnit("segmentation", seg, 1.0, 0.6, 1.0))
+    assert np.abs(_array(late) - _array(both)).mean() > 0.1
+    assert np.abs(_array(late) - _array(early)).mean() > 0.1
     assert type(engine._derived[("control", "canny+segmentation")].controlnet).__name__ == (
         "MultiControlNetModel"
     )

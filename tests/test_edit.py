@@ -144,6 +144,14 @@ def test_stand_in_relight_changes_the_background_and_keeps_the_subject(
         engine, edit.EditRequest(**common, relight=True), relighter=relighter
     )
     assert relit.relit is not None
+    # the subject's latent reaches the UNet only through IC-Light's extra input channels
+    composite = relit.background
+    with_subject = relighter.relight(composite, mask, PROMPT, 3, steps=3)
+    without = relighter.relight(composite, Image.new("L", (64, 64), 0), PROMPT, 3, steps=3)
+    assert np.abs(_array(with_subject) - _array(without)).mean() > 0.05
+    assert np.array_equal(
+        _array(with_subject), _array(relighter.relight(composite, mask, PROMPT, 3, steps=3))
+    )
     outside = np.asarray(mask) < 128
     assert np.abs(_array(relit.image)[outside] - _array(plain.image)[outside]).mean() > 1.0
     core = (slice(18, 50), slice(22, 42))
