@@ -156,6 +156,10 @@ def generate(
     controlnet: Annotated[
         str | None, typer.Option(help="A local ControlNet folder (required with real weights).")
     ] = None,
+    extra_controlnet: Annotated[
+        list[str] | None,
+        typer.Option(help="TYPE=FOLDER: the local ControlNet of an --extra-control type."),
+    ] = None,
     init_image: Annotated[Path | None, typer.Option(help="Image-to-image: the start.")] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpainting mask (white = repaint).")] = None,
     strength: Annotated[float, typer.Option(help="img2img / inpaint denoising strength.")] = 0.75,
@@ -181,6 +185,11 @@ def generate(
 
     try:
         controlnets = {control_type: controlnet} if controlnet else {}
+        for spec in extra_controlnet or []:
+            kind, separator, folder = spec.partition("=")
+            if not separator or kind not in CONTROL_TYPES:
+                raise ValueError(f"--extra-controlnet {spec!r}: expected TYPE=FOLDER")
+            controlnets[kind] = folder
         extra_units: list[ControlUnit] = []
         engine = GenerationEngine(
             base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
@@ -323,7 +332,15 @@ def edit(
         log.error("%s", str(error).strip("'\""))
         raise typer.Exit(2) from None
     paths = editing.write_edit(result, out, prompt, engine.base.stand_in)
-    log.info("wrote %s, %s and %s", paths["image"], paths["mask"], paths["sheet"])
+    summary = editing.edit_summary(result)
+    log.info(
+        "wrote %s, %s and %s (subject %.0f%% of the image, %.0f%% kept whole)",
+        paths["image"],
+        paths["mask"],
+        paths["sheet"],
+        100 * summary["subject_fraction"],
+        100 * summary["fully_kept_fraction"],
+    )
 
 
 @app.command(name="filter")

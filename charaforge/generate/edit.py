@@ -222,8 +222,8 @@ def write_edit(result: EditResult, out: str | Path, title: str, stand_in: bool) 
     return paths
 
 
-def edit_arguments(result: EditResult) -> dict[str, Any]:
-    """Numbers a caller (CLI, HTTP) reports: the subject's share and the blend's extent."""
+def edit_summary(result: EditResult) -> dict[str, Any]:
+    """Numbers a caller (CLI, HTTP) reports: the subject's share, and the share kept whole."""
     inside = np.asarray(result.subject_mask) >= 128
     return {
         "subject_fraction": round(float(inside.mean()), 6),
