@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from charaforge.core import layout
 from charaforge.core.layout import checkpoint_path
 from charaforge.errors import ConfigError
-from charaforge.generate.conditioning import canny_map, depth_map, load_image, mask_image
+from charaforge.generate.conditioning import load_image, mask_image
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name, lora_file
 from charaforge.generate.records import write_image
-from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
+from charaforge.generate.request import (
+    CONTROL_TYPES,
+    PRESETS,
+    SCHEDULERS,
+    Conditioning,
+    ControlUnit,
+    RenderRequest,
+)
 from charaforge.pipeline.compose import DEFAULT_CONFIG, compose_params
 from charaforge.pipeline.stage import configure_logging
 from charaforge.serve.http import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
@@ -49,6 +57,22 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
+
+
+def parse_control_spec(spec: str, preprocess: Callable[[str, Any], Any] | None) -> ControlUnit:
+    """`TYPE:IMAGE[:SCALE[:START:END]]` -> a ControlUnit (the map made from a photo if asked)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3, 5):
+        raise ValueError(f"--extra-control {spec!r}: expected TYPE:IMAGE[:SCALE[:START:END]]")
+    try:
+        numbers = [float(part) for part in parts[2:]]
+    except ValueError:
+        raise ValueError(f"--extra-control {spec!r}: SCALE, START and END are numbers") from None
+    image = load_image(parts[1])
+    image = preprocess(parts[0], image) if preprocess else image
+    scale = numbers[0] if numbers else 1.0
+    start, end = numbers[1:] if len(numbers) == 3 else (0.0, 1.0)
+    return ControlUnit(parts[0], image, scale, start, end)
 
 
 def resolve_lora(reference: str, train_dir: Path) -> tuple[str, Path]:
@@ -111,16 +135,30 @@ def generate(
         Path | None, typer.Option(help="ControlNet input: a skeleton/edge/depth map or a photo.")
     ] = None,
     control_type: Annotated[
-        str, typer.Option(help="openpose (a skeleton image), canny or depth.")
+        str, typer.Option(help=f"One of {', '.join(CONTROL_TYPES)} (the map's type).")
     ] = "openpose",
     control_from_photo: Annotated[
-        bool, typer.Option(help="Derive the canny/depth map from --control-image.")
+        bool, typer.Option(help="Make the control maps from photos (the preprocessors).")
     ] = False,
+    control_scale: Annotated[float, typer.Option(help="ControlNet weight.")] = 1.0,
+    control_window: Annotated[
+        tuple[float, float], typer.Option(help="Fractions of the steps the ControlNet acts in.")
+    ] = (0.0, 1.0),
+    extra_control: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another ControlNet: TYPE:IMAGE[:SCALE[:START:END]] (repeat for several)."
+        ),
+    ] = None,
     depth_model: Annotated[
-        str | None, typer.Option(help="A local depth-estimation model (for depth from a photo).")
+        str | None, typer.Option(help="A local depth-estimation model (depth/normal from photos).")
     ] = None,
     controlnet: Annotated[
         str | None, typer.Option(help="A local ControlNet folder (required with real weights).")
+    ] = None,
+    extra_controlnet: Annotated[
+        list[str] | None,
+        typer.Option(help="TYPE=FOLDER: the local ControlNet of an --extra-control type."),
     ] = None,
     init_image: Annotated[Path | None, typer.Option(help="Image-to-image: the start.")] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpainting mask (white = repaint).")] = None,
@@ -143,9 +181,16 @@ def generate(
     ] = None,
 ) -> None:
     """Render images with the base model and any LoRAs, exactly as the sweep renders."""
+    from charaforge.generate.controls import ControlPreprocessor, save_control_maps
 
     try:
         controlnets = {control_type: controlnet} if controlnet else {}
+        for spec in extra_controlnet or []:
+            kind, separator, folder = spec.partition("=")
+            if not separator or kind not in CONTROL_TYPES:
+                raise ValueError(f"--extra-controlnet {spec!r}: expected TYPE=FOLDER")
+            controlnets[kind] = folder
+        extra_units: list[ControlUnit] = []
         engine = GenerationEngine(
             base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
         )
@@ -165,12 +210,20 @@ def generate(
             scales[name] = scale
         conditioning = None
         if control_image is not None:
+            preprocess = ControlPreprocessor(depth_model) if control_from_photo else None
             image = load_image(control_image)
-            if control_from_photo and control_type == "canny":
-                image = canny_map(image)
-            elif control_from_photo and control_type == "depth":
-                image = depth_map(image, depth_model)
-            conditioning = Conditioning("control", image, control_type=control_type)
+            image = preprocess(control_type, image) if preprocess else image
+            for spec in extra_control or []:
+                extra_units.append(parse_control_spec(spec, preprocess))
+            conditioning = Conditioning(
+                "control",
+                image,
+                control_type=control_type,
+                conditioning_scale=control_scale,
+                guidance_start=control_window[0],
+                guidance_end=control_window[1],
+                controls=tuple(extra_units),
+            )
         elif init_image is not None:
             kind = "inpaint" if mask is not None else "img2img"
             conditioning = Conditioning(
@@ -205,12 +258,137 @@ def generate(
     for offset, image in enumerate(images):
         path = out if batch_size == 1 else out.with_name(f"{out.stem}-{offset}{out.suffix}")
         write_image(path, image)
+        if conditioning is not None and conditioning.kind == "control":
+            save_control_maps(path, conditioning.control_units())
         parameters = json.loads(image.info["charaforge"])
         log.info(
             "wrote %s (%s)",
             path,
             "stand-in model" if parameters["stand_in"] else parameters["model"],
         )
+
+
+@app.command()
+def edit(
+    image: Annotated[Path, typer.Argument(help="The photo whose subject is kept.")],
+    prompt: Annotated[str, typer.Argument(help="The new background.")],
+    mask: Annotated[
+        Path | None, typer.Option(help="Subject mask (white = keep); default: segment a person.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--cfg", help="Guidance.")] = None,
+    negative_prompt: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
+    size: Annotated[
+        tuple[int, int] | None, typer.Option(help="Output WIDTH HEIGHT (default: the photo's).")
+    ] = None,
+    shadow: Annotated[bool, typer.Option(help="Add a ground shadow under the subject.")] = False,
+    shadow_opacity: Annotated[float, typer.Option(help="Darkest shadow (0-1).")] = 0.5,
+    blend_margin: Annotated[
+        int, typer.Option(min=0, help="Feathered edge (px) where the subject meets the new image.")
+    ] = 4,
+    subject_blend: Annotated[
+        float, typer.Option(help="Weight of the original subject (1 = its exact colours).")
+    ] = 1.0,
+    relight: Annotated[bool, typer.Option(help="Relight with IC-Light before blending.")] = False,
+    relight_strength: Annotated[float, typer.Option(help="IC-Light denoising strength.")] = 0.5,
+    iclight: Annotated[
+        str | None, typer.Option(help="A local IC-Light offsets file (fc or fbc).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    out: Annotated[Path, typer.Option(help="Output PNG (+ .mask.png and .sheet.png).")] = Path(
+        "edit.png"
+    ),
+    base: Annotated[Path, typer.Option(help="The base model folder (the `base` stage).")] = Path(
+        layout.BASE_DIR
+    ),
+) -> None:
+    """Replace a photo's background from a prompt, keeping the subject (ProdGen's edit)."""
+    from charaforge.generate import edit as editing
+
+    try:
+        photo = load_image(image)
+        subject = mask_image(mask) if mask is not None else None
+        request = editing.EditRequest(
+            image=photo,
+            prompt=prompt,
+            seed=seed,
+            mask=subject,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            size=size,
+            shadow=shadow,
+            shadow_opacity=shadow_opacity,
+            blend_margin=blend_margin,
+            subject_blend=subject_blend,
+            relight=relight,
+            relight_strength=relight_strength,
+        )
+        engine = GenerationEngine(base, device=device)
+        relighter = editing.make_relighter(engine, iclight) if relight else None
+        result = editing.replace_background(engine, request, relighter)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+        log.error("%s", str(error).strip("'\""))
+        raise typer.Exit(2) from None
+    paths = editing.write_edit(result, out, prompt, engine.base.stand_in)
+    summary = editing.edit_summary(result)
+    log.info(
+        "wrote %s, %s and %s (subject %.0f%% of the image, %.0f%% kept whole)",
+        paths["image"],
+        paths["mask"],
+        paths["sheet"],
+        100 * summary["subject_fraction"],
+        100 * summary["fully_kept_fraction"],
+    )
+
+
+@app.command(name="filter")
+def filter_images(
+    images: Annotated[Path, typer.Argument(help="A folder of generated images.")],
+    references: Annotated[
+        Path,
+        typer.Option(help="The character's dataset folder (its train split) or reference images."),
+    ],
+    out: Annotated[Path, typer.Option(help="Where accepted/, rejected/ and scores go.")],
+    clip_threshold: Annotated[
+        float | None, typer.Option(help="Minimum CLIP-I (mean cosine with the references).")
+    ] = None,
+    identity_threshold: Annotated[
+        float | None, typer.Option(help="Minimum ArcFace identity (cosine with the mean face).")
+    ] = None,
+    params_file: Annotated[
+        Path, typer.Option("--params", help="params.yaml whose score.clip / score.face are used.")
+    ] = Path("params.yaml"),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per embedding batch.")] = 16,
+) -> None:
+    """Sort a batch into accepted/ and rejected/ by likeness to the character (rejects kept)."""
+    import contextlib
+
+    from charaforge.config import load_params
+    from charaforge.evaluate import consistency
+    from charaforge.models.clip import load_clip
+    from charaforge.models.face import load_face_scorer
+
+    try:
+        thresholds = consistency.FilterThresholds(clip_threshold, identity_threshold)
+        score = load_params(params_file).score
+        reference_images = consistency.dataset_references(references)
+        clip = load_clip(score.clip) if clip_threshold is not None else None
+        with contextlib.ExitStack() as stack:
+            face = None
+            if identity_threshold is not None:
+                face = stack.enter_context(load_face_scorer(score.face))
+            for model, label in ((clip, "CLIP"), (face, "face model")):
+                if model is not None and model.stand_in:
+                    log.warning("filter: the %s is a stand-in (random weights)", label)
+            table = consistency.filter_to_folders(
+                images, reference_images, out, thresholds, clip, face, batch_size
+            )
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+        log.error("%s", str(error).strip("'\""))
+        raise typer.Exit(2) from None
+    log.info("accepted %d of %d (scores in %s)", table["accepted"].sum(), len(table), out)
 
 
 @app.command()

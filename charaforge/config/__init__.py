@@ -224,7 +224,19 @@ class EvalConfig(Strict):
     # Contact-sheet columns: checkpoints (at the largest scale) or scales (at the last step).
     grid_columns: Literal["step", "scale"] = "step"
     # Local ControlNet folders per conditioning type (needed with a real base model only).
-    controlnets: dict[Literal["openpose", "canny", "depth"], str] = {}
+    controlnets: dict[
+        Literal[
+            "openpose",
+            "canny",
+            "lineart",
+            "softedge",
+            "scribble",
+            "depth",
+            "normal",
+            "segmentation",
+        ],
+        str,
+    ] = {}
     # torch CPU threads for the sweep (null: torch's default, one per core). A fixed count keeps
     # CPU output bytes independent of the machine; 1 avoids spin-waiting on shared cores.
     cpu_threads: int | None = Field(default=None, ge=1)
@@ -318,6 +330,21 @@ class MemorisationConfig(Strict):
     phash_distance: int = Field(default=6, ge=0, le=64)
 
 
+class ConsistencyFilterConfig(Strict):
+    """The score stage's consistency filter: sweep images sorted into accepted/ and rejected/
+    under data/score/filter by the CLIP-I and ArcFace scores it computed (None: bar unused)."""
+
+    enabled: bool = False
+    clip_threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    identity_threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _a_threshold_when_enabled(self) -> ConsistencyFilterConfig:
+        if self.enabled and self.clip_threshold is None and self.identity_threshold is None:
+            raise ValueError("enabled: give clip_threshold or identity_threshold (or both)")
+        return self
+
+
 class ScoreConfig(Strict):
     clip: ClipConfig
     # The world's attribute oracle (data/world/oracle with score=world): ground truth about every
@@ -326,6 +353,7 @@ class ScoreConfig(Strict):
     face: FaceConfig = FaceConfig()
     tags: TagScoreConfig = TagScoreConfig()
     memorisation: MemorisationConfig = MemorisationConfig()
+    filter: ConsistencyFilterConfig = ConsistencyFilterConfig()
     batch_size: int = Field(ge=1)
 
 

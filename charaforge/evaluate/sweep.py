@@ -27,6 +27,7 @@ from charaforge.evaluate.columns import (
     FamilyScores,
     resolve_image_path,
 )
+from charaforge.evaluate.consistency import filter_sweep
 from charaforge.evaluate.context import score_context
 from charaforge.evaluate.face import score_faces
 from charaforge.evaluate.groups import score_groups, suite_groups
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 SCORES_FILE = "scores.parquet"
 SCORERS_FILE = "scorers.json"
 ORACLE_FILE = "oracle.parquet"  # ground truth (world only), never read by the ranking
+FILTER_DIR = "filter"  # score.filter: accepted/, rejected/ and the verdicts
 
 
 def read_stage_table(path: Path, stage: str, columns: Sequence[str] = ()) -> pd.DataFrame:
@@ -156,6 +158,14 @@ def score_sweep(
     out_dir = Path(out_dir)
     write_parquet(out_dir / SCORES_FILE, scores)
     write_json(out_dir / SCORERS_FILE, records)
+    if config.filter.enabled:
+        filter_sweep(
+            image_paths,
+            scores["clip_i"],
+            scores["arcface"],
+            config.filter,
+            out_dir / FILTER_DIR,
+        )
     if config.oracle:
         require_stage_output(Path(config.oracle), "world")
         write_parquet(

@@ -1,5 +1,5 @@
-"""Conditioning images for the engine: ControlNet maps (OpenPose skeletons from the pose stage,
-canny edges, depth) and the stand-in ControlNet used with a stand-in base model.
+"""Conditioning inputs for the engine: image and mask files, and the stand-in ControlNet used
+with a stand-in base model (the control maps themselves are made in generate.controls).
 
 The stand-in ControlNet is the real diffusers ControlNetModel shaped after the base UNet, with
 random weights from a fixed seed. A trained ControlNet starts with zero-initialised output
@@ -9,15 +9,14 @@ pose really changes the stand-in's image and every code path downstream is exerc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from charaforge.core.files import derive_seed
-from charaforge.errors import ConfigError
-from charaforge.models.base import resolve_pretrained
+from charaforge.generate.request import ControlUnit
 
 # Small conditioning encoder: four blocks = three stride-2 steps, i.e. 8x down to latent size.
 STAND_IN_EMBEDDING_CHANNELS = (8, 16, 16, 16)
@@ -62,33 +61,40 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"{path}: not a readable image ({error})") from None
 
 
-def canny_map(image: Image.Image, sigma: float = 2.0) -> Image.Image:
-    """Canny edges (white on black, three channels), as ControlNet-canny expects."""
-    from skimage.feature import canny
-
-    gray = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
-    edges = canny(gray, sigma=sigma)
-    return Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")
-
-
-def depth_map(image: Image.Image, model_path: str | None) -> Image.Image:
-    """A depth map from a local depth-estimation model (DPT/Depth-Anything folder).
-
-    There is no depth model to build offline that would mean anything, so this needs real local
-    weights; the error says so.
-    """
-    if not model_path:
-        raise ConfigError(
-            "depth conditioning needs a local depth-estimation model (depth_model); "
-            "nothing is downloaded"
-        )
-    from transformers import pipeline
-
-    estimator = pipeline("depth-estimation", model=str(resolve_pretrained(model_path)))
-    depth = estimator(image.convert("RGB"))["depth"]
-    return depth.convert("RGB")
-
-
 def mask_image(path: str | Path) -> Image.Image:
     """An inpainting mask: white where the image is repainted."""
     return load_image(path).convert("L")
+
+
+def control_arguments(units: Sequence[ControlUnit], size: tuple[int, int]) -> dict[str, Any]:
+    """The ControlNet pipeline's arguments for one or several units, maps resized to `size`.
+
+    One unit passes plain values (a single ControlNetModel); several pass lists in unit order
+    (diffusers' MultiControlNetModel).
+    """
+    images = [unit.image.convert("RGB").resize(size, Image.Resampling.BICUBIC) for unit in units]
+    scales = [float(unit.conditioning_scale) for unit in units]
+    starts = [float(unit.guidance_start) for unit in units]
+    ends = [float(unit.guidance_end) for unit in units]
+    if len(units) == 1:
+        return {
+            "image": images[0],
+            "controlnet_conditioning_scale": scales[0],
+            "control_guidance_start": starts[0],
+            "control_guidance_end": ends[0],
+        }
+    return {
+        "image": images,
+        "controlnet_conditioning_scale": scales,
+        "control_guidance_start": starts,
+        "control_guidance_end": ends,
+    }
+
+
+def combine_controlnets(models: Sequence[Any]) -> Any:
+    """One ControlNet as is; several as a MultiControlNetModel (their residuals summed)."""
+    if len(models) == 1:
+        return models[0]
+    from diffusers import MultiControlNetModel
+
+    return MultiControlNetModel(list(models))

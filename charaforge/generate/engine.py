@@ -33,7 +33,11 @@ from PIL import Image
 from charaforge.core import layout
 from charaforge.errors import ConfigError
 from charaforge.generate.batching import RenderTimer, split_rows, text_model_shim, timed
-from charaforge.generate.conditioning import build_stand_in_controlnet
+from charaforge.generate.conditioning import (
+    build_stand_in_controlnet,
+    combine_controlnets,
+    control_arguments,
+)
 from charaforge.generate.loras import LoadedLora, describe_lora, lora_file
 from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
@@ -426,14 +430,15 @@ class GenerationEngine:
         import diffusers
 
         kind = conditioning.kind
-        key = (kind, conditioning.control_type if kind == "control" else "")
+        types = [unit.control_type for unit in conditioning.control_units()]
+        key = (kind, "+".join(types) if kind == "control" else "")
         if key not in self._derived:
             prefix = "StableDiffusionXL" if self.is_sdxl else "StableDiffusion"
             names = {"control": "ControlNetPipeline", "img2img": "Img2ImgPipeline"}
             pipeline_class = getattr(diffusers, prefix + names.get(kind, "InpaintPipeline"))
             extra = {}
             if kind == "control":
-                extra["controlnet"] = self.controlnet(conditioning.control_type)
+                extra["controlnet"] = combine_controlnets([self.controlnet(t) for t in types])
             derived = pipeline_class.from_pipe(self.pipeline, **extra)
             derived.set_progress_bar_config(disable=True)
             if kind == "control" and self.memory == "device":
@@ -464,12 +469,9 @@ class GenerationEngine:
 
     def _conditioning_arguments(self, conditioning: Conditioning, first: dict) -> dict[str, Any]:
         size = (first["width"], first["height"])
-        image = conditioning.image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         if conditioning.kind == "control":
-            return {
-                "image": image,
-                "controlnet_conditioning_scale": float(conditioning.conditioning_scale),
-            }
+            return control_arguments(conditioning.control_units(), size)
+        image = conditioning.image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         arguments: dict[str, Any] = {"image": image, "strength": float(conditioning.strength)}
         if conditioning.kind == "inpaint":
             assert conditioning.mask is not None

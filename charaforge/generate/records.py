@@ -56,6 +56,12 @@ def a1111_parameters(params: dict[str, Any]) -> str:
             f'ControlNet 0: "Module: {conditioning["control_type"]}, '
             f'Weight: {conditioning["conditioning_scale"]:g}"'
         )
+        for index, unit in enumerate(conditioning.get("controls", []), start=1):
+            fields.append(
+                f'ControlNet {index}: "Module: {unit["control_type"]}, '
+                f"Weight: {unit['conditioning_scale']:g}, Guidance Start: "
+                f'{unit["guidance_start"]:g}, Guidance End: {unit["guidance_end"]:g}"'
+            )
     if params["loras"]:
         hashes = ", ".join(
             f"{name}: {lora['short_hash']}"

@@ -54,13 +54,58 @@ PRESETS: dict[str, Preset] = {
 PresetName = Literal["draft", "standard", "high", "ultra"]
 
 
-CONTROL_TYPES = ("openpose", "canny", "depth")
+# Every ControlNet type the engine conditions on (generate.controls makes each map from a photo).
+CONTROL_TYPES = (
+    "openpose",
+    "canny",
+    "lineart",
+    "softedge",
+    "scribble",
+    "depth",
+    "normal",
+    "segmentation",
+)
 
 
 def image_digest(image: Image.Image) -> str:
     """A stable id of an image's pixels (mode, size, bytes), recorded in the parameters."""
     header = f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode()
     return sha256_bytes(header + image.tobytes())[:16]
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet: its map, its weight and the part of the denoising it acts in.
+
+    `guidance_start` / `guidance_end` are fractions of the steps (diffusers'
+    control_guidance_start/end, A1111's Guidance Start/End).
+    """
+
+    control_type: str
+    image: Image.Image
+    conditioning_scale: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.control_type not in CONTROL_TYPES:
+            raise ValueError(f"control_type {self.control_type!r}: one of {CONTROL_TYPES}")
+        if not 0.0 <= self.guidance_start < self.guidance_end <= 1.0:
+            raise ValueError(
+                "control guidance window: need 0 <= start < end <= 1, got "
+                f"{self.guidance_start}..{self.guidance_end}"
+            )
+        if self.conditioning_scale < 0:
+            raise ValueError(f"conditioning_scale must be >= 0, got {self.conditioning_scale}")
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "control_type": self.control_type,
+            "image": image_digest(self.image),
+            "conditioning_scale": float(self.conditioning_scale),
+            "guidance_start": float(self.guidance_start),
+            "guidance_end": float(self.guidance_end),
+        }
 
 
 @dataclass(frozen=True)
@@ -72,6 +117,8 @@ class Conditioning:
     kind `img2img`: `image` is the starting picture, noised to `strength`.
     kind `inpaint`: as img2img, only where `mask` is white.
     `source` names where the image came from (a dataset image_id...), for the record.
+    `guidance_start`/`guidance_end` bound the steps the (first) ControlNet acts in; `controls`
+    adds more ControlNets (diffusers' MultiControlNetModel), each with its own scale and window.
     """
 
     kind: Literal["control", "img2img", "inpaint"]
@@ -81,14 +128,30 @@ class Conditioning:
     conditioning_scale: float = 1.0
     strength: float = 0.75
     source: str = ""
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    controls: tuple[ControlUnit, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind == "inpaint" and self.mask is None:
             raise ValueError("inpainting needs a mask (white = repaint)")
-        if self.kind == "control" and self.control_type not in CONTROL_TYPES:
-            raise ValueError(f"control_type {self.control_type!r}: one of {CONTROL_TYPES}")
+        if self.kind == "control":
+            self.control_units()  # validates type, scale and window of each
+        elif self.controls:
+            raise ValueError("controls: only kind 'control' takes ControlNets")
         if self.kind != "control" and not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+
+    def control_units(self) -> tuple[ControlUnit, ...]:
+        """The ControlNets in order: the first from this object's own fields, then `controls`."""
+        first = ControlUnit(
+            self.control_type,
+            self.image,
+            self.conditioning_scale,
+            self.guidance_start,
+            self.guidance_end,
+        )
+        return (first, *self.controls)
 
     def record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"kind": self.kind, "image": image_digest(self.image)}
@@ -98,6 +161,14 @@ class Conditioning:
             record.update(
                 control_type=self.control_type, conditioning_scale=float(self.conditioning_scale)
             )
+            # Written only when used, so sidecars of earlier single-ControlNet sweeps still match.
+            if (self.guidance_start, self.guidance_end) != (0.0, 1.0) or self.controls:
+                record.update(
+                    guidance_start=float(self.guidance_start),
+                    guidance_end=float(self.guidance_end),
+                )
+            if self.controls:
+                record["controls"] = [unit.record() for unit in self.controls]
         else:
             record["strength"] = float(self.strength)
         if self.mask is not None:
