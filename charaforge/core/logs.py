@@ -197,9 +197,10 @@ class NativeNoiseFilter:
         return self
 
     def _forward(self, read_end: int) -> None:
-        with open(read_end, "rb", buffering=0) as pipe, open(
-            self.original, "wb", buffering=0, closefd=False
-        ) as out:
+        with (
+            open(read_end, "rb", buffering=0) as pipe,
+            open(self.original, "wb", buffering=0, closefd=False) as out,
+        ):
             pending = b""
             while chunk := pipe.read(65536):
                 pending += chunk
