@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from tqdm.auto import tqdm
 
 from charaforge.config import DedupeConfig
 from charaforge.core.files import write_parquet, write_png
@@ -169,18 +170,28 @@ def hash_files(
     names = [str(path) for path in paths]
     if not names:
         return np.zeros((0, 0), dtype=np.uint8)
+    task = partial(_hash_chunk, hash_name=config.hash, hash_size=config.hash_size)
+    progress = tqdm(
+        total=len(names), desc="dedupe: hashing", unit="img", disable=len(names) < PARALLEL_MIN
+    )
+    parts = []
     if workers <= 1 or len(names) < PARALLEL_MIN:
-        rows = _hash_chunk(names, config.hash, config.hash_size)
+        for start in range(0, len(names), PARALLEL_MIN):
+            parts.append(task(names[start : start + PARALLEL_MIN]))
+            progress.update(len(names[start : start + PARALLEL_MIN]))
     else:
         # A few chunks per worker: big enough that task overhead vanishes, small enough that a
         # slow chunk (large PNGs) does not leave the other workers idle at the end.
         size = max(1, math.ceil(len(names) / (workers * 4)))
         chunks = [names[start : start + size] for start in range(0, len(names), size)]
-        task = partial(_hash_chunk, hash_name=config.hash, hash_size=config.hash_size)
         with ProcessPoolExecutor(
             max_workers=min(workers, len(chunks)), initializer=_single_threaded_worker
         ) as pool:
-            rows = b"".join(pool.map(task, chunks))
+            for chunk, part in zip(chunks, pool.map(task, chunks), strict=True):
+                parts.append(part)
+                progress.update(len(chunk))
+    progress.close()
+    rows = b"".join(parts)
     return np.frombuffer(rows, dtype=np.uint8).reshape(len(names), -1).copy()
 
 
