@@ -34,6 +34,7 @@ from PIL import Image, ImageEnhance
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave with the table
 
 from charaforge.config import DedupeConfig  # noqa: E402
 from charaforge.core.files import derive_seed  # noqa: E402

@@ -67,14 +67,16 @@ def main() -> None:
             f"{label:<34} {seconds:5.2f} s  ({seconds - interpreter:+.2f} s over the interpreter;"
             f" target < 0.5 s)"
         )
+    os.environ.setdefault("TQDM_DISABLE", "1")
     from charaforge.config import ModelConfig
-    from charaforge.models.base import write_base
+    from charaforge.models.base import PIPELINE_DIR, write_base
 
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as folder:
         base = Path(folder) / "base"
         write_base(ModelConfig(family="sd15", source="stand_in", resolution=64), base)
         minimal = timed_runs(
-            [sys.executable, "-c", MINIMAL_DIFFUSERS, str(base), f"{folder}/d.png"], args.rounds
+            [sys.executable, "-c", MINIMAL_DIFFUSERS, str(base / PIPELINE_DIR), f"{folder}/d.png"],
+            args.rounds,
         )
         ours = timed_runs(
             CHARAFORGE
