@@ -186,8 +186,6 @@ def generate(
 ) -> None:
     """Render images with the base model and any LoRAs, exactly as the sweep renders."""
 
-    from charaforge.serve.registry import LoraRegistry  # pydantic and yaml, no torch
-
     try:
         # Everything the user can get wrong is checked before the base model is loaded.
         if preset not in PRESETS:
@@ -196,7 +194,11 @@ def generate(
             raise ValueError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
         if mask is not None and init_image is None:
             raise ValueError("--mask needs --init-image")
-        registry = LoraRegistry(lora_dir) if lora_dir else None
+        registry = None
+        if lora_dir:
+            from charaforge.serve.registry import LoraRegistry  # pydantic and yaml, no torch
+
+            registry = LoraRegistry(lora_dir)
         chosen: list[tuple[str, Path, tuple[str, ...], float]] = []
         for spec in lora or []:
             reference, scale = parse_lora_spec(spec)
