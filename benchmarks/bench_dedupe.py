@@ -161,7 +161,7 @@ def faiss_pairs(packed: np.ndarray, threshold: int, blocks: int = 4) -> np.ndarr
     index.nflip = threshold // blocks
     index.add(packed)
     limits, distances, labels = index.range_search(packed, threshold + 1)  # radius is strict
-    queries = np.repeat(np.arange(len(packed)), np.diff(limits))
+    queries = np.repeat(np.arange(len(packed)), np.diff(limits.astype(np.int64)))
     upper = queries < labels
     pairs = np.stack([queries[upper], labels[upper], distances[upper]], axis=1).astype(np.int64)
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
