@@ -13,11 +13,14 @@ from typing import Annotated, Any
 
 import typer
 
+# Start-up stays fast (`charaforge --help`, argument and config errors never import torch,
+# diffusers, pandas or MLflow): only light modules are imported here. cli.py is the one place
+# where the command modules are imported inside the command functions, each where it is used;
+# everywhere else the no-function-level-import rule holds.
 from charaforge.core import layout
 from charaforge.core.layout import checkpoint_path
+from charaforge.core.logs import configure_logging
 from charaforge.errors import ConfigError
-from charaforge.generate.conditioning import load_image, mask_image
-from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name, lora_file
 from charaforge.generate.records import write_image
 from charaforge.generate.request import (
@@ -28,15 +31,23 @@ from charaforge.generate.request import (
     ControlUnit,
     RenderRequest,
 )
-from charaforge.pipeline.compose import DEFAULT_CONFIG, compose_params
-from charaforge.pipeline.stage import configure_logging
-from charaforge.serve.http import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
-from charaforge.serve.http import serve as run_server
-from charaforge.serve.registry import LoraRegistry
+
+# Defaults shown in --help, copied here so that the help does not import their heavy modules
+# (serve.http: FastAPI and the engine; pipeline.compose: the whole config schema). A test checks
+# they equal the originals.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_CONFIG = "config"
 
 log = logging.getLogger("charaforge")
 
-app = typer.Typer(help="CharaForge: train, evaluate and use character LoRAs.", no_args_is_help=True)
+# Plain click help and tracebacks: typer's rich rendering imports ~0.4 s of modules per call.
+app = typer.Typer(
+    help="CharaForge: train, evaluate and use character LoRAs.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
 
 
 @app.callback()
@@ -49,14 +60,39 @@ def main(
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """`PATH_OR_NAME[:SCALE]` -> (PATH_OR_NAME, scale); the scale defaults to 1."""
+    """`PATH_OR_NAME[:SCALE]` -> (PATH_OR_NAME, scale); the scale defaults to 1.
+
+    A spec whose text after the last `:` is not a number is an existing path (a `:` in a file
+    name) or a bad scale, reported as such rather than as a missing file.
+    """
     head, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or Path(spec).exists():
+        return spec, 1.0
+    try:
+        return head, float(tail)
+    except ValueError:
+        raise ValueError(
+            f"--lora {spec!r}: bad scale {tail!r} (expected a number, e.g. {head}:0.8)"
+        ) from None
+
+
+def _trained_steps(candidate_dir: Path) -> list[int]:
+    steps = []
+    for folder in candidate_dir.glob("checkpoint-*"):
+        number = folder.name.split("-", 1)[1]
+        if number.isdigit():
+            steps.append(int(number))
+    return sorted(steps)
+
+
+def _trained_candidates(train_dir: Path) -> str:
+    """`name (steps 10, 20), ...` for every candidate under train_dir, for error messages."""
+    listed = [
+        f"{folder.name} (steps {', '.join(map(str, steps))})"
+        for folder in sorted(train_dir.glob("*"))
+        if folder.is_dir() and (steps := _trained_steps(folder))
+    ]
+    return ", ".join(listed) if listed else f"none under {train_dir}"
 
 
 def parse_control_spec(spec: str, preprocess: Callable[[str, Any], Any] | None) -> ControlUnit:
@@ -68,6 +104,8 @@ def parse_control_spec(spec: str, preprocess: Callable[[str, Any], Any] | None) 
         numbers = [float(part) for part in parts[2:]]
     except ValueError:
         raise ValueError(f"--extra-control {spec!r}: SCALE, START and END are numbers") from None
+    from charaforge.generate.conditioning import load_image
+
     image = load_image(parts[1])
     image = preprocess(parts[0], image) if preprocess else image
     scale = numbers[0] if numbers else 1.0
@@ -77,7 +115,7 @@ def parse_control_spec(spec: str, preprocess: Callable[[str, Any], Any] | None) 
 
 def resolve_lora(reference: str, train_dir: Path) -> tuple[str, Path]:
     """A LoRA file or checkpoint folder, or a trained candidate: `NAME` (last checkpoint) or
-    `NAME@STEP`; returns (adapter name, file)."""
+    `NAME@STEP`; returns (adapter name, file). Errors list the candidates and steps there are."""
     path = Path(reference)
     if path.exists():
         file = lora_file(path)
@@ -90,15 +128,21 @@ def resolve_lora(reference: str, train_dir: Path) -> tuple[str, Path]:
     candidate_dir = train_dir / name
     if not candidate_dir.is_dir():
         raise FileNotFoundError(
-            f"LoRA {reference!r}: no such file, and no candidate {name!r} under {train_dir}"
+            f"LoRA {reference!r}: no such file, and no candidate {name!r}; "
+            f"trained candidates: {_trained_candidates(train_dir)}"
         )
-    if step:
+    steps = _trained_steps(candidate_dir)
+    if not steps:
+        raise FileNotFoundError(f"LoRA {reference!r}: {candidate_dir} has no checkpoints")
+    if not step:
+        chosen = steps[-1]
+    elif step.isdigit() and int(step) in steps:
         chosen = int(step)
     else:
-        steps = [int(d.name.split("-", 1)[1]) for d in candidate_dir.glob("checkpoint-*")]
-        if not steps:
-            raise FileNotFoundError(f"LoRA {reference!r}: {candidate_dir} has no checkpoints")
-        chosen = max(steps)
+        raise FileNotFoundError(
+            f"LoRA {reference!r}: candidate {name!r} has no checkpoint at step {step!r}; "
+            f"its steps: {', '.join(map(str, steps))}"
+        )
     return adapter_name(f"{name}-{chosen}"), lora_file(checkpoint_path(candidate_dir, chosen))
 
 
@@ -181,21 +225,26 @@ def generate(
     ] = None,
 ) -> None:
     """Render images with the base model and any LoRAs, exactly as the sweep renders."""
-    from charaforge.generate.controls import ControlPreprocessor, save_control_maps
-
     try:
+        # Everything the user can get wrong is checked before the base model is loaded.
+        if preset not in PRESETS:
+            raise ValueError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+        if mask is not None and init_image is None:
+            raise ValueError("--mask needs --init-image")
         controlnets = {control_type: controlnet} if controlnet else {}
         for spec in extra_controlnet or []:
             kind, separator, folder = spec.partition("=")
             if not separator or kind not in CONTROL_TYPES:
                 raise ValueError(f"--extra-controlnet {spec!r}: expected TYPE=FOLDER")
             controlnets[kind] = folder
-        extra_units: list[ControlUnit] = []
-        engine = GenerationEngine(
-            base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
-        )
-        registry = LoraRegistry(lora_dir) if lora_dir else None
-        scales: dict[str, float] = {}
+        registry = None
+        if lora_dir:
+            from charaforge.serve.registry import LoraRegistry  # pydantic and yaml, no torch
+
+            registry = LoraRegistry(lora_dir)
+        chosen: list[tuple[str, Path, tuple[str, ...], float]] = []
         for spec in lora or []:
             reference, scale = parse_lora_spec(spec)
             triggers: tuple[str, ...] = ()
@@ -204,8 +253,19 @@ def generate(
                 name, file, triggers = entry.name, entry.file, entry.trigger_words
             else:
                 name, file = resolve_lora(reference, train_dir)
-            if name in scales:
-                name = adapter_name(f"{name}-{len(scales)}")
+            if name in {taken for taken, *_ in chosen}:
+                name = adapter_name(f"{name}-{len(chosen)}")
+            chosen.append((name, file, triggers, scale))
+        # Only now the heavy part: torch, diffusers, the preprocessors and the base model.
+        from charaforge.generate.conditioning import load_image, mask_image
+        from charaforge.generate.controls import ControlPreprocessor, save_control_maps
+        from charaforge.generate.engine import GenerationEngine
+
+        engine = GenerationEngine(
+            base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
+        )
+        scales: dict[str, float] = {}
+        for name, file, triggers, scale in chosen:
             engine.load_lora(name, file, trigger_words=triggers)
             scales[name] = scale
         conditioning = None
@@ -213,8 +273,9 @@ def generate(
             preprocess = ControlPreprocessor(depth_model) if control_from_photo else None
             image = load_image(control_image)
             image = preprocess(control_type, image) if preprocess else image
-            for spec in extra_control or []:
-                extra_units.append(parse_control_spec(spec, preprocess))
+            extra_units: list[ControlUnit] = [
+                parse_control_spec(spec, preprocess) for spec in extra_control or []
+            ]
             conditioning = Conditioning(
                 "control",
                 image,
@@ -232,8 +293,6 @@ def generate(
                 mask=mask_image(mask) if mask is not None else None,
                 strength=strength,
             )
-        elif mask is not None:
-            raise ValueError("--mask needs --init-image")
         images = engine.render_batch(
             [
                 RenderRequest(
@@ -305,6 +364,8 @@ def edit(
 ) -> None:
     """Replace a photo's background from a prompt, keeping the subject (ProdGen's edit)."""
     from charaforge.generate import edit as editing
+    from charaforge.generate.conditioning import load_image, mask_image
+    from charaforge.generate.engine import GenerationEngine
 
     try:
         photo = load_image(image)
@@ -419,6 +480,9 @@ def serve(
     """Serve the generation engine over HTTP (OpenAPI schema at /docs and /openapi.json)."""
     import os
 
+    from charaforge.serve.http import ServerSettings
+    from charaforge.serve.http import serve as run_server
+
     settings = ServerSettings(
         base_dir=base,
         lora_dir=lora_dir,
@@ -452,6 +516,7 @@ def params(
     ] = DEFAULT_CONFIG,
 ) -> None:
     """Compose conf/ into params.yaml exactly as `dvc exp run` does (`dvc repro` never does)."""
+    from charaforge.pipeline.compose import compose_params
 
     try:
         compose_params(root, overrides or [], config_name=config_name)

@@ -103,7 +103,10 @@ def test_phases_import_downwards_only() -> None:
 
 def test_no_function_level_imports_of_project_modules() -> None:
     nested = []
-    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "stages").glob("*.py")]:
+    # cli.py is the one exception: it imports each command's modules inside the command, so
+    # `--help` and argument errors never import torch (its header comment says so).
+    sources = [p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "cli.py"]
+    for path in [*sources, *(ROOT / "stages").glob("*.py")]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         top = {id(node) for node in tree.body}
         for node in ast.walk(tree):

@@ -7,13 +7,13 @@ library. A bad configuration stops here, before any work, with one message namin
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from charaforge.config import Params, config_hash, load_params
 from charaforge.core.files import sha256_file
+from charaforge.core.logs import configure_logging  # one set-up for stages and the CLI
 from charaforge.errors import CharaForgeError
 from charaforge.pipeline.tracking import StageRun, stage_run
 
@@ -31,14 +31,6 @@ class StageContext:
         digests = [sha256_file(path)[:16] for path in paths if Path(path).is_file()]
         if digests:
             self.run.set_tags({"charaforge.data_hash": "-".join(digests)})
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    for noisy in ("alembic", "urllib3", "PIL", "matplotlib", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_stage(

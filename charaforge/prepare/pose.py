@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from charaforge.config import PoseConfig
 from charaforge.core.contracts import kept_rows
 from charaforge.core.files import atomic_path, write_json, write_parquet, write_png
+from charaforge.core.logs import NativeNoiseFilter
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class PoseDetector:
     def __init__(self, config: PoseConfig) -> None:
         import mediapipe as mp
 
+        # MediaPipe's C++ graph writes its start-up notes to fd 2 from its own threads.
+        self._quiet = NativeNoiseFilter().open()
         self._pose = mp.solutions.pose.Pose(
             static_image_mode=True,
             model_complexity=config.model_complexity,
@@ -121,6 +124,7 @@ class PoseDetector:
 
     def __exit__(self, *exc: object) -> None:
         self._pose.close()
+        self._quiet.close()
 
     def detect(self, image: Image.Image) -> PoseResult:
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))

@@ -6,15 +6,22 @@ image, resolution, bucket or model therefore misses exactly the entries it must,
 else is recomputed. Entries are safetensors files written atomically: a killed run leaves no
 half-written entry. A latent entry holds the posterior's parameters (mean and log-variance),
 not a sample, so training still draws a fresh latent sample every step.
+
+Entries are read back memory-mapped (copy-on-write), not copied into process memory: a
+20k-image dataset's latents stay in the page cache, read as batches need them, and the kernel can
+drop them under pressure instead of the process holding them all. A computed entry is written
+and then returned mapped too, so a first run does not keep what it encoded either.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from charaforge.core.files import atomic_path, sha256_file
@@ -38,6 +45,46 @@ def component_fingerprint(folder: str | Path) -> str:
     return _FINGERPRINTS[folder]
 
 
+# safetensors dtype names -> torch dtypes (the ones caches hold; others fail loudly).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def load_mapped(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of a copy-on-write memory map of the file.
+
+    The format is an 8-byte little-endian header length, a JSON header (dtype, shape, byte
+    offsets into the data that follows), then the raw data.
+    """
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    data_start = 8 + header_size
+    total = Path(path).stat().st_size - data_start
+    mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start) if total else None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        if end == start or mapped is None:
+            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        # mode="c" maps writable pages (torch wants a writable buffer); writes stay private.
+        flat = torch.frombuffer(memoryview(mapped[start:end]), dtype=dtype)
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
 def cache_key(*parts: object) -> str:
     text = "\x1f".join(str(part) for part in parts)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -58,17 +105,17 @@ class TensorCache:
         if self.folder is None:
             self.misses += 1
             return compute()
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         path = self.folder / key[:2] / f"{key}.safetensors"
         if path.is_file():
             self.hits += 1
-            return load_file(str(path))
+            return load_mapped(path)
         self.misses += 1
         tensors = {name: value.detach().cpu().contiguous() for name, value in compute().items()}
         with atomic_path(path) as temp:
             save_file(tensors, str(temp))
-        return tensors
+        return load_mapped(path)
 
     def report(self) -> None:
         if self.folder is not None:
