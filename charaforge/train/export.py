@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from charaforge.core.files import atomic_path
 from charaforge.core.layout import checkpoint_path
 from charaforge.models.base import BaseInfo
 from charaforge.models.lora_files import LoraExport, json_ready, write_lora_files
+from charaforge.models.sgm_names import UnetLayout
 from charaforge.train import resume_state
 from charaforge.train.adapters import split_components
 from charaforge.train.checks import target_modules
@@ -87,6 +89,10 @@ class Exporter:
     state_dir: Path
     lora_configs: dict[str, Any]
     metadata: dict[str, str]  # export_metadata(...): the same for every step
+    # The UNet's config (SDXL kohya files use its block structure) and the noise scheduler's
+    # prediction type (recorded for the tools).
+    unet_config: Mapping[str, Any] | None = None
+    prediction_type: str = "epsilon"
 
     def export(
         self, step: int, peft_states: dict[str, dict[str, torch.Tensor]], samples: Path | None
@@ -99,6 +105,10 @@ class Exporter:
             alpha=self.candidate.alpha,
             configs={name: config.to_dict() for name, config in self.lora_configs.items()},
             metadata=self.metadata,
+            unet_layout=None
+            if self.unet_config is None
+            else UnetLayout.from_config(self.unet_config),
+            prediction_type=self.prediction_type,
         )
         with atomic_path(self.out_dir / f"checkpoint-{step}") as temp:
             temp.mkdir(parents=True)
