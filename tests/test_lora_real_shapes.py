@@ -22,6 +22,8 @@ by diffusers' own single-file converter, which must map it onto exactly the diff
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -162,9 +164,11 @@ def _models(family: str) -> SimpleNamespace:
     return models
 
 
-def _export(folder: Path, family: str, preset: str) -> tuple[Path, SimpleNamespace]:
+def _export(
+    folder: Path, family: str, preset: str, prediction_type: str = "epsilon"
+) -> tuple[Path, SimpleNamespace]:
     """Attach with the project's code, export with the project's code; the LoRA weights get
-    zeros of their real shapes (the models live on the meta device)."""
+    seeded random values of their real shapes (the models live on the meta device)."""
     from peft.utils import get_peft_model_state_dict
 
     models = _models(family)
@@ -174,9 +178,10 @@ def _export(folder: Path, family: str, preset: str) -> tuple[Path, SimpleNamespa
         candidates=[{"name": "c", "rank": 4, "alpha": 2, "learning_rate": 1e-4}],
     )  # fmt: skip
     configs = attach_lora(models, train.candidates[0], train, seed=0)
+    generator = torch.Generator().manual_seed(0)
     states = {
         name: {
-            key: torch.zeros(value.shape)
+            key: torch.randn(value.shape, generator=generator)
             for key, value in get_peft_model_state_dict(getattr(models, name)).items()
         }
         for name in configs
@@ -184,7 +189,7 @@ def _export(folder: Path, family: str, preset: str) -> tuple[Path, SimpleNamespa
     export = LoraExport(
         family=family, name="c", step=1, rank=4, alpha=2.0,
         configs={name: config.to_dict() for name, config in configs.items()},
-        unet_layout=UnetLayout.from_config(models.unet.config),
+        unet_layout=UnetLayout.from_config(models.unet.config), prediction_type=prediction_type,
     )  # fmt: skip
     write_lora_files(folder, export, states, resolution=1024 if family == "sdxl" else 512)
     return folder / kohya_file_name("c", 1), models
@@ -373,3 +378,29 @@ def test_every_key_matches_every_tool_at_real_shapes(
             assert "lora_unet_output_blocks_2_2_conv" in modules  # up_blocks.0's up-sampler
     else:
         assert all(re.match(r"lora_unet_(down_blocks|mid_block|up_blocks)_", n) for n in unet)
+
+
+def test_kohya_metadata_names_the_checkpoint_and_carries_a1111s_hashes(tmp_path: Path) -> None:
+    """ss_output_name is the file's stem; sshs_model_hash / sshs_legacy_hash are what kohya
+    precomputes for A1111 (computed here from the file's bytes); v-prediction is recorded."""
+    kohya_file, _ = _export(tmp_path, "sd15", "attention", prediction_type="v_prediction")
+    data = kohya_file.read_bytes()
+    assert len(data) > 0x110000  # big enough for the legacy hash to cover tensor bytes
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.pop("__metadata__")
+    assert metadata["ss_output_name"] == kohya_file.stem == "c-000001"
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "2")
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_v_parameterization"] == "True"
+    assert metadata["modelspec.prediction_type"] == "v"
+    # A1111 hashes a LoRA as SHA-256 of everything after the header; the short hash is 12 digits.
+    assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + length :]).hexdigest()
+    # The legacy hash: the same file holding only its ss_* keys, 64 KiB at 1 MiB.
+    header["__metadata__"] = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    training_only = len(encoded).to_bytes(8, "little") + encoded + data[8 + length :]
+    legacy = hashlib.sha256(training_only[0x100000:0x110000]).hexdigest()[:8]
+    assert metadata["sshs_legacy_hash"] == legacy
