@@ -165,7 +165,7 @@ def _models(family: str) -> SimpleNamespace:
 
 
 def _export(
-    folder: Path, family: str, preset: str, prediction_type: str = "epsilon"
+    folder: Path, family: str, preset: str, prediction_type: str = "epsilon", adapter: str = "lora"
 ) -> tuple[Path, SimpleNamespace]:
     """Attach with the project's code, export with the project's code; the LoRA weights get
     seeded random values of their real shapes (the models live on the meta device)."""
@@ -174,7 +174,7 @@ def _export(
     models = _models(family)
     train = TrainConfig(
         batch_size=1, max_steps=1, checkpoint_every=1, target_modules=preset,
-        text_encoder_lora=True, cache={"text_encoder_outputs": False},
+        text_encoder_lora=True, cache={"text_encoder_outputs": False}, adapter=adapter,
         candidates=[{"name": "c", "rank": 4, "alpha": 2, "learning_rate": 1e-4}],
     )  # fmt: skip
     configs = attach_lora(models, train.candidates[0], train, seed=0)
@@ -332,34 +332,70 @@ def _tables(family: str) -> dict[str, dict[str, torch.nn.Module]]:
     return {"kohya": kohya, "comfyui": comfy, "a1111": a1111}
 
 
+PARAMETERS = {
+    "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+}
+
+
+def _delta_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The weight change's shape as the tools compose it: up @ down (LoRA, DoRA), the Hadamard
+    product of w1_a @ w1_b and w2_a @ w2_b (LoHa), the Kronecker product of w1 and w2 (LoKr,
+    each factor whole or as _a @ _b). The inner ranks must agree (4)."""
+    if "lora_up.weight" in shapes:
+        up, down = shapes["lora_up.weight"], shapes["lora_down.weight"]
+        assert up[1] == down[0] == 4 and all(size == 1 for size in up[2:])
+        return (up[0], *down[1:])
+    if "hada_w1_a" in shapes:
+        w1a, w1b = shapes["hada_w1_a"], shapes["hada_w1_b"]
+        assert (shapes["hada_w2_a"], shapes["hada_w2_b"]) == (w1a, w1b) and w1a[1] == 4
+        return (w1a[0], w1b[1])
+
+    def factor(name: str) -> tuple[int, ...]:
+        if name in shapes:
+            return shapes[name]
+        assert shapes[f"{name}_a"][1] == shapes[f"{name}_b"][0] == 4
+        return (shapes[f"{name}_a"][0], shapes[f"{name}_b"][1])
+
+    w1, w2 = factor("lokr_w1"), factor("lokr_w2")
+    return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+
+
 def _fits(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> bool:
-    """The LoRA's up @ down has the layer's weight shape (Linear, Conv2d; MHA: q/k/v slices)."""
-    down, up = shapes["lora_down.weight"], shapes["lora_up.weight"]
+    """The weight change has the layer's weight shape (MHA: one of its q/k/v slices); a flat
+    change fits a Conv2d with the same element count (the tools reshape it); DoRA's scale is
+    one value per output channel (LyCORIS' output axis)."""
     if isinstance(module, torch.nn.MultiheadAttention):
-        return down == (4, module.embed_dim) and up == (module.embed_dim, 4)
-    weight = tuple(module.weight.shape)
-    return up[:2] == (weight[0], 4) and down[0] == 4 and down[1:] == weight[1:]
+        weight = (module.embed_dim, module.embed_dim)
+    else:
+        weight = tuple(module.weight.shape)
+    delta = _delta_shape(shapes)
+    if "dora_scale" in shapes and shapes["dora_scale"] != (weight[0],) + (1,) * (len(weight) - 1):
+        return False
+    return delta[0] == weight[0] and torch.Size(delta).numel() == torch.Size(weight).numel()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("preset", ["attention", "attention_ff", "all"])
-def test_every_key_matches_every_tool_at_real_shapes(
-    tmp_path: Path, family: str, preset: str
-) -> None:
-    kohya_file, models = _export(tmp_path, family, preset)
+def _check_every_tool(tmp_path: Path, family: str, preset: str, adapter: str) -> int:
+    """Export, then match every module of the file with every tool's rule; the module count."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kohya_file, models = _export(tmp_path, family, preset, adapter=adapter)
     modules = _file_modules(kohya_file)
     peft_modules = sum(
-        sum(hasattr(m, "lora_A") for m in getattr(models, name).modules())
+        sum(isinstance(m, BaseTunerLayer) for m in getattr(models, name).modules())
         for name in ("unet", "text_encoder", "text_encoder_2")
         if hasattr(models, name)
     )
     assert len(modules) == peft_modules > 0  # every trained module is in the file, once
     for shapes in modules.values():
-        assert set(shapes) == {"lora_down.weight", "lora_up.weight", "alpha"}
-        assert shapes["alpha"] == ()
-    tables = _tables(family)
-    for tool, table in tables.items():
+        if adapter == "lokr":  # whole or decomposed factors; no alpha (its scale is in w1)
+            assert {"lokr_w1", "lokr_w1_a"} & set(shapes) and {"lokr_w2", "lokr_w2_a"} & set(shapes)
+            assert set(shapes) <= {f"lokr_w{i}{p}" for i in (1, 2) for p in ("", "_a", "_b")}
+        else:
+            assert set(shapes) == PARAMETERS[adapter]
+            assert shapes["alpha"] == ()
+    for tool, table in _tables(family).items():
         if tool == "a1111":
             found = {name: _a1111_match(name, table) for name in modules}
         else:
@@ -378,6 +414,40 @@ def test_every_key_matches_every_tool_at_real_shapes(
             assert "lora_unet_output_blocks_2_2_conv" in modules  # up_blocks.0's up-sampler
     else:
         assert all(re.match(r"lora_unet_(down_blocks|mid_block|up_blocks)_", n) for n in unet)
+    return len(modules)
+
+
+# Modules per file: the UNet's (16 transformer blocks in SD1.5, 70 in SDXL; 8 attention
+# layers each, 10 with the feed-forward) plus the text encoders' (12 and 32 layers; 4 or 6).
+EXPECTED_MODULES = {
+    ("sd15", "attention"): 16 * 8 + 12 * 4,
+    ("sd15", "attention_ff"): 16 * 10 + 12 * 6,
+    ("sdxl", "attention"): 70 * 8 + 12 * 4 + 32 * 4,
+    ("sdxl", "attention_ff"): 70 * 10 + 12 * 6 + 32 * 6,
+    # all: + proj_in/out of 16 (11) transformers, 86 (66) resnet convs/time projections/samplers.
+    ("sd15", "all"): 16 * 10 + 16 * 2 + 86 + 12 * 6,
+    ("sdxl", "all"): 70 * 10 + 11 * 2 + 66 + 12 * 6 + 32 * 6,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("preset", ["attention", "attention_ff", "all"])
+def test_every_key_matches_every_tool_at_real_shapes(
+    tmp_path: Path, family: str, preset: str
+) -> None:
+    count = _check_every_tool(tmp_path, family, preset, "lora")
+    print(f"{family} {preset}: {count} modules")
+    assert count == EXPECTED_MODULES[family, preset]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
+def test_every_adapter_type_matches_every_tool_at_real_shapes(
+    tmp_path: Path, family: str, adapter: str
+) -> None:
+    _check_every_tool(tmp_path, family, "all", adapter)
 
 
 def test_kohya_metadata_names_the_checkpoint_and_carries_a1111s_hashes(tmp_path: Path) -> None:

@@ -134,17 +134,50 @@ def kohya_module_path(
     return module
 
 
+# peft's parameter names -> the names A1111, ComfyUI and LyCORIS read (LoRA as kohya, DoRA's
+# magnitude as `dora_scale`, LoHa / LoKr as LyCORIS: the same names as peft's).
+KOHYA_PARAMETERS = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale",
+    **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+    **{name: name for name in ("hada_t1", "hada_t2", "lokr_t2")},
+    **{name: name for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b")},
+    **{name: name for name in ("lokr_w2", "lokr_w2_a", "lokr_w2_b")},
+}
+# The parameter that gets the module's `.alpha` (one per module; LoKr gets none, see below).
+ALPHA_CARRIERS = ("lora_A.weight", "hada_w1_a")
+
+
+def _split_parameter(key: str) -> tuple[str, str]:
+    for parameter in KOHYA_PARAMETERS:
+        if key.endswith("." + parameter):
+            return key[: -len(parameter) - 1], parameter
+    raise ValueError(f"unexpected adapter parameter {key!r}")
+
+
+def _dora_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """peft's DoRA magnitude, (out,) for a Linear and (1, out, 1, 1) for a Conv2d, as LyCORIS'
+    output-axis `dora_scale`: (out, 1) and (out, 1, 1, 1); ComfyUI reads the axis from it."""
+    dims = 2 if magnitude.ndim == 1 else magnitude.ndim
+    return magnitude.flatten().reshape(-1, *[1] * (dims - 1))
+
+
 def kohya_state_dict(
     family: str,
     peft_states: Mapping[str, Mapping[str, torch.Tensor]],
     alpha: float,
     unet_layout: UnetLayout | None = None,
+    rank: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The adapter in kohya's layout: `<prefix>_<module path, dots as _>.lora_down.weight`,
-    `.lora_up.weight` and a scalar `.alpha` per module.
+    `.lora_up.weight` and a scalar `.alpha` per module (DoRA adds `.dora_scale`; LoHa and LoKr
+    use LyCORIS' `.hada_w1_a`... and `.lokr_w1`... names).
 
     The `.alpha` is the trained lora_alpha, so the tools apply the trained scale alpha / rank
     (diffusers' own converter writes alpha = rank, which changes the scale whenever they differ).
+    LoKr gets no `.alpha`: the tools scale an undecomposed LoKr by 1 where peft scales it by
+    alpha / rank, so that scale is multiplied into `lokr_w1` (needs `rank`) and holds either way.
     Module paths as sd-scripts writes them (`kohya_module_path`): SD1 UNet paths in diffusers'
     naming, SDXL UNet paths in the original checkpoint's (`input_blocks_4_1_...`), text-encoder
     paths with CLIP's `text_model` level (`lora_te_text_model_encoder_layers_0_...`).
@@ -154,16 +187,18 @@ def kohya_state_dict(
     for component, state in peft_states.items():
         prefix = prefixes[component]
         for key, tensor in state.items():
-            module, _, kind = key.rpartition(".lora_")
+            module, parameter = _split_parameter(key)
             path = kohya_module_path(family, component, module, unet_layout)
             name = f"{prefix}_{path.replace('.', '_')}"
-            if kind == "A.weight":
-                converted[f"{name}.lora_down.weight"] = tensor
+            if parameter == "lora_magnitude_vector":
+                tensor = _dora_scale(tensor)
+            elif parameter in ("lokr_w1", "lokr_w1_a"):
+                if rank is None:
+                    raise ValueError("a LoKr file needs the rank (its scale goes into lokr_w1)")
+                tensor = tensor * (alpha / rank)
+            if parameter in ALPHA_CARRIERS:
                 converted[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-            elif kind == "B.weight":
-                converted[f"{name}.lora_up.weight"] = tensor
-            else:
-                raise ValueError(f"unexpected LoRA parameter {key!r} (only lora_A/lora_B)")
+            converted[f"{name}.{KOHYA_PARAMETERS[parameter]}"] = tensor
     return {key: converted[key].contiguous() for key in sorted(converted)}
 
 
@@ -260,7 +295,9 @@ def write_lora_files(
         for component, state in peft_states.items()
     }
     pipeline_class(export.family).save_lora_weights(out_dir, save_function=save_function, **layers)
-    kohya = kohya_state_dict(export.family, peft_states, export.alpha, export.unet_layout)
+    kohya = kohya_state_dict(
+        export.family, peft_states, export.alpha, export.unet_layout, export.rank
+    )
     header = kohya_metadata(export, resolution)
     header.update(safetensors_hashes(kohya, header))
     save_safetensors(out_dir / kohya_file_name(export.name, export.step), kohya, header)

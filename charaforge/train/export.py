@@ -26,6 +26,18 @@ from charaforge.train.data import Item, tag_frequency
 from charaforge.train.settings import RunContext
 
 
+def network_keys(train: TrainConfig) -> dict[str, str]:
+    """ss_network_module / ss_network_args: kohya's LoRA, or LyCORIS' module with its `algo`
+    (DoRA is LyCORIS' LoRA with `dora_wd`), as the tools that show training settings read them."""
+    args: dict[str, Any] = {"target_modules": json_ready(target_modules(train)[0])}
+    if train.adapter == "lora":
+        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps(args)}
+    args["algo"] = "lora" if train.adapter == "dora" else train.adapter
+    if train.adapter == "dora":
+        args["dora_wd"] = "True"
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
+
+
 def export_metadata(
     candidate: CandidateConfig,
     train: TrainConfig,
@@ -64,7 +76,7 @@ def export_metadata(
         "ss_cache_latents": str(train.cache.latents),
         "ss_num_train_images": str(len(items)),
         "ss_tag_frequency": json.dumps(tag_frequency(items), sort_keys=True),
-        "ss_network_args": json.dumps({"target_modules": json_ready(target_modules(train)[0])}),
+        **network_keys(train),
         "ss_sd_model_name": info.display_name,
         "charaforge.stand_in": str(info.stand_in).lower(),
         "charaforge.git_commit": context.git_commit,
