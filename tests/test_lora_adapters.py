@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,6 +14,7 @@ from test_models_train import make_dataset, tiny_train
 
 from charaforge.config import ModelConfig
 from charaforge.core.layout import checkpoint_path
+from charaforge.generate.engine import GenerationEngine
 from charaforge.models.base import load_base_pipeline, write_base
 from charaforge.models.lora_files import kohya_file_name
 from charaforge.train import train_candidate
@@ -124,3 +126,9 @@ def test_dora_file_holds_the_trained_weights_on_the_output_axis(
         )
         compared += 1
     assert compared == len({key.partition(".")[0] for key in tensors}) > 0
+    # The engine renders the checkpoint (diffusers' loader reads the DoRA magnitudes).
+    engine = GenerationEngine(base)
+    engine.load_lora("c-2", folder)
+    plain = np.asarray(engine.render("aoi_cf, 1girl", 3, steps=2), dtype=float)
+    with_dora = np.asarray(engine.render("aoi_cf, 1girl", 3, loras={"c-2": 1.0}, steps=2))
+    assert np.abs(with_dora - plain).max() > 0  # the adapter changes the image

@@ -19,9 +19,9 @@ ADAPTER_NAME = "default"  # peft's name for a model's only adapter
 def attach_lora(
     pipeline: Any, candidate: CandidateConfig, train: TrainConfig, seed: int
 ) -> dict[str, Any]:
-    """Add the peft LoRA adapters (UNet, and the text encoders when asked).
+    """Add the peft adapters of type train.adapter (UNet, and the text encoders when asked).
 
-    Their gaussian init draws from a seeded private RNG. Returns each component's LoraConfig.
+    Their init draws from a seeded private RNG. Returns each component's peft config.
     """
     unet_targets, text_targets = target_modules(train)
     components = {"unet": (pipeline.unet, unet_targets)}
