@@ -4,11 +4,13 @@ with the tools' own formulas from the file's tensors (not through the export cod
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_models_train import make_dataset, tiny_train
 
@@ -88,6 +90,15 @@ def test_lycoris_file_holds_the_trained_weight_change(
         compared += 1
     assert compared > 0 and compared == len({key.partition(".")[0] for key in tensors})
     assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith(("w1_a", "lokr_w1")))
+    _assert_lycoris_metadata(folder, adapter)
+
+
+def _assert_lycoris_metadata(folder: Path, algo: str, **extra: str) -> None:
+    with safe_open(str(folder / kohya_file_name("c", 2)), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    args = json.loads(metadata["ss_network_args"])
+    assert args["algo"] == algo and all(args[key] == value for key, value in extra.items())
 
 
 def test_dora_file_holds_the_trained_weights_on_the_output_axis(
@@ -100,6 +111,7 @@ def test_dora_file_holds_the_trained_weights_on_the_output_axis(
     base, dataset = base_and_data
     train, folder = _train(tmp_path, base, dataset, "dora")
     tensors = load_file(str(folder / kohya_file_name("c", 2)))
+    _assert_lycoris_metadata(folder, "lora", dora_wd="True")
     pipeline = load_base_pipeline(base)
     attach_lora(pipeline, train.candidates[0], train, seed=3)
     load_adapter_state(pipeline, load_file(str(folder / "pytorch_lora_weights.safetensors")))
