@@ -68,6 +68,7 @@ def _kohya_delta(tensors: dict[str, torch.Tensor], module: str, shape: torch.Siz
     return torch.kron(w1, w2).reshape(shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["loha", "lokr"])
 def test_lycoris_file_holds_the_trained_weight_change(
     tmp_path: Path, base_and_data: tuple[Path, Path], adapter: str
@@ -101,6 +102,7 @@ def _assert_lycoris_metadata(folder: Path, algo: str, **extra: str) -> None:
     assert args["algo"] == algo and all(args[key] == value for key, value in extra.items())
 
 
+@pytest.mark.slow
 def test_dora_file_holds_the_trained_weights_on_the_output_axis(
     tmp_path: Path, base_and_data: tuple[Path, Path]
 ) -> None:
