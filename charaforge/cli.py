@@ -524,3 +524,23 @@ def params(
         log.error("%s", error)
         raise typer.Exit(2) from None
     log.info("wrote %s", root / "params.yaml")
+
+
+@app.command("lora-resize")
+def lora_resize(
+    source: Annotated[Path, typer.Argument(help="A kohya LoRA .safetensors file.")],
+    destination: Annotated[Path, typer.Argument(help="Where to write the resized file.")],
+    rank: Annotated[int, typer.Option(min=1, help="The new (lower) rank.")],
+) -> None:
+    """Resize a LoRA to a lower rank by SVD (as kohya's resize tool), reporting what it keeps."""
+    from charaforge.models.lora_resize import resize_file  # imported here: cli stays light
+
+    try:
+        report = resize_file(source, destination, rank)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        log.error("%s", error)
+        raise typer.Exit(2) from None
+    log.info(
+        "wrote %s: %d modules at rank %d, %.4f of the energy retained (least in one module %.4f)",
+        destination, report.modules, rank, report.retained_energy, report.min_retained_energy,
+    )  # fmt: skip

@@ -82,7 +82,7 @@ def test_kohya_file_renders_like_the_diffusers_file(
     assert all(name.startswith("lora_unet_") for name in names)
     assert alphas == {8.0}  # the trained lora_alpha, not the rank diffusers' converter writes
     assert metadata["ss_base_model_version"] == "sd_v1"
-    assert metadata["ss_output_name"] == "r4"
+    assert metadata["ss_output_name"] == kohya.stem == "r4-000004"
     assert metadata["modelspec.trigger_phrase"] == "aoi_cf"
     assert metadata["charaforge.stand_in"] == "true"
 

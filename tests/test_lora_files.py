@@ -120,7 +120,7 @@ def test_kohya_keys_alpha_and_metadata_follow_the_conventions(trained: dict) -> 
     expected_version = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[family]
     assert metadata["ss_base_model_version"] == expected_version
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2"
-    assert metadata["ss_output_name"] == "c"
+    assert metadata["ss_output_name"] == "c-000002"
     assert metadata["modelspec.architecture"].endswith("/lora")
     assert metadata["modelspec.trigger_phrase"] == "aoi_cf"
     assert metadata["ss_text_encoder_lr"] == "0.01" and metadata["ss_unet_lr"] == "0.05"

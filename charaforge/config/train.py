@@ -68,6 +68,9 @@ class TrainConfig(Strict):
     # torch CPU threads for training (None: torch's default); see models.set_cpu_threads.
     cpu_threads: int | None = Field(default=None, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # The adapter type, through peft: lora; dora (LoRA with weight decomposition, peft's
+    # use_dora); loha / lokr (LyCORIS' Hadamard and Kronecker products, peft's LoHa / LoKr).
+    adapter: Literal["lora", "dora", "loha", "lokr"] = "lora"
     text_encoder_lora: bool = False
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = Field(default=1e-2, ge=0)

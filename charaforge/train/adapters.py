@@ -19,12 +19,10 @@ ADAPTER_NAME = "default"  # peft's name for a model's only adapter
 def attach_lora(
     pipeline: Any, candidate: CandidateConfig, train: TrainConfig, seed: int
 ) -> dict[str, Any]:
-    """Add the peft LoRA adapters (UNet, and the text encoders when asked).
+    """Add the peft adapters of type train.adapter (UNet, and the text encoders when asked).
 
-    Their gaussian init draws from a seeded private RNG. Returns each component's LoraConfig.
+    Their init draws from a seeded private RNG. Returns each component's peft config.
     """
-    from peft import LoraConfig
-
     unet_targets, text_targets = target_modules(train)
     components = {"unet": (pipeline.unet, unet_targets)}
     if train.text_encoder_lora:
@@ -32,18 +30,38 @@ def attach_lora(
             components[name] = (encoder, text_targets)
     configs = {}
     for name, (model, targets) in components.items():
-        config = LoraConfig(
-            r=candidate.rank,
-            lora_alpha=candidate.alpha,
-            lora_dropout=train.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(targets),
-        )
+        config = adapter_config(train.adapter, candidate, train.lora_dropout, list(targets))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, candidate.name, "lora_init", name))
             model.add_adapter(config)
         configs[name] = config
     return configs
+
+
+def adapter_config(
+    kind: str, candidate: CandidateConfig, dropout: float, targets: list[str]
+) -> Any:
+    """peft's config for one adapter type (train.adapter), at the candidate's rank and alpha.
+
+    LoRA and DoRA start with a gaussian A and a zero B; LoHa and LoKr with peft's default init,
+    in which one factor is zero, so every adapter starts as the identity. LoHa and LoKr take the
+    dropout as LyCORIS' rank dropout.
+    """
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if kind in ("lora", "dora"):
+        return LoraConfig(
+            r=candidate.rank,
+            lora_alpha=candidate.alpha,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            use_dora=kind == "dora",
+            target_modules=targets,
+        )
+    config_class = {"loha": LoHaConfig, "lokr": LoKrConfig}[kind]
+    return config_class(
+        r=candidate.rank, alpha=candidate.alpha, rank_dropout=dropout, target_modules=targets
+    )
 
 
 def remove_lora(pipeline: Any, components: list[str]) -> None:

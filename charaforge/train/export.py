@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,24 @@ from charaforge.core.files import atomic_path
 from charaforge.core.layout import checkpoint_path
 from charaforge.models.base import BaseInfo
 from charaforge.models.lora_files import LoraExport, json_ready, write_lora_files
+from charaforge.models.sgm_names import UnetLayout
 from charaforge.train import resume_state
 from charaforge.train.adapters import split_components
 from charaforge.train.checks import target_modules
 from charaforge.train.data import Item, tag_frequency
 from charaforge.train.settings import RunContext
+
+
+def network_keys(train: TrainConfig) -> dict[str, str]:
+    """ss_network_module / ss_network_args: kohya's LoRA, or LyCORIS' module with its `algo`
+    (DoRA is LyCORIS' LoRA with `dora_wd`), as the tools that show training settings read them."""
+    args: dict[str, Any] = {"target_modules": json_ready(target_modules(train)[0])}
+    if train.adapter == "lora":
+        return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps(args)}
+    args["algo"] = "lora" if train.adapter == "dora" else train.adapter
+    if train.adapter == "dora":
+        args["dora_wd"] = "True"
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
 
 
 def export_metadata(
@@ -62,7 +76,7 @@ def export_metadata(
         "ss_cache_latents": str(train.cache.latents),
         "ss_num_train_images": str(len(items)),
         "ss_tag_frequency": json.dumps(tag_frequency(items), sort_keys=True),
-        "ss_network_args": json.dumps({"target_modules": json_ready(target_modules(train)[0])}),
+        **network_keys(train),
         "ss_sd_model_name": info.display_name,
         "charaforge.stand_in": str(info.stand_in).lower(),
         "charaforge.git_commit": context.git_commit,
@@ -87,6 +101,10 @@ class Exporter:
     state_dir: Path
     lora_configs: dict[str, Any]
     metadata: dict[str, str]  # export_metadata(...): the same for every step
+    # The UNet's config (SDXL kohya files use its block structure) and the noise scheduler's
+    # prediction type (recorded for the tools).
+    unet_config: Mapping[str, Any] | None = None
+    prediction_type: str = "epsilon"
 
     def export(
         self, step: int, peft_states: dict[str, dict[str, torch.Tensor]], samples: Path | None
@@ -99,6 +117,10 @@ class Exporter:
             alpha=self.candidate.alpha,
             configs={name: config.to_dict() for name, config in self.lora_configs.items()},
             metadata=self.metadata,
+            unet_layout=None
+            if self.unet_config is None
+            else UnetLayout.from_config(self.unet_config),
+            prediction_type=self.prediction_type,
         )
         with atomic_path(self.out_dir / f"checkpoint-{step}") as temp:
             temp.mkdir(parents=True)

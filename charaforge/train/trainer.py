@@ -194,6 +194,8 @@ class CandidateTrainer:
                     config_hash(result_settings(self.candidate, train, self.resolution, self.seed)),
                     self.data.fingerprint,
                 ),
+                unet_config=self.base.unet.config,
+                prediction_type=self.base.noise_scheduler.config.prediction_type,
             )  # fmt: skip
             self.exporter.rewrite_missing(self.start)
         except BaseException:
