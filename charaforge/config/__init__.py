@@ -192,6 +192,15 @@ class SuiteConfig(Strict):
     seeds: list[int] = Field(default=[0], min_length=1)
     # Render only the first `max_groups` groups (None: all): keeps the demo sweep small.
     max_groups: int | None = Field(default=None, ge=1)
+    # Training-free consistent characters (generate.consistent): `shared_attention` renders each
+    # group (per seed) in one batch whose frames attend to the identity shot's character tokens.
+    method: Literal["independent", "shared_attention"] = "independent"
+    # Fixed-background mode: the frames share the identity shot's background tokens too.
+    share_background: bool = False
+    # The character mask: normalised cross-attention of the character span above this.
+    mask_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Write each image's character mask as an overlay under the sweep's masks/ folder.
+    save_masks: bool = False
 
 
 class PoseEvalConfig(Strict):

@@ -34,6 +34,12 @@ from charaforge.core import layout
 from charaforge.errors import ConfigError
 from charaforge.generate.batching import RenderTimer, split_rows, text_model_shim, timed
 from charaforge.generate.conditioning import build_stand_in_controlnet
+from charaforge.generate.consistent import (
+    CHARACTER_MASK_KEY,
+    SharedAttention,
+    character_token_indices,
+    shared_attention,
+)
 from charaforge.generate.loras import LoadedLora, describe_lora, lora_file
 from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
@@ -259,6 +265,8 @@ class GenerationEngine:
             params["trigger_words"] = triggers
         if conditioning is not None:
             params["conditioning"] = conditioning.record()
+        if request.consistency is not None:
+            params["consistency"] = request.consistency.record()
         return params
 
     # --- rendering ----------------------------------------------------------------------------
@@ -295,9 +303,13 @@ class GenerationEngine:
         extra: dict[str, Any] = {}
         if conditioning is not None:
             extra.update(self._conditioning_arguments(conditioning, first))
+        state = self._consistent_state(pipeline, requests, params)
         with torch.no_grad():
             extra.update(self._encode(pipeline, params, do_cfg))
-            with self._per_image(pipeline, len(params), do_cfg):
+            with (
+                self._per_image(pipeline, len(params), do_cfg, state),
+                shared_attention(pipeline.unet, state) if state else contextlib.nullcontext(),
+            ):
                 images = pipeline(
                     num_inference_steps=first["steps"],
                     guidance_scale=first["guidance_scale"],
@@ -316,7 +328,10 @@ class GenerationEngine:
                 ).convert("RGB")
                 for image in images
             ]
-        for image, item in zip(images, params, strict=True):
+        masks = state.character_masks(images[0].size) if state else [None] * len(images)
+        for image, item, mask in zip(images, params, masks, strict=True):
+            if mask is not None:
+                image.info[CHARACTER_MASK_KEY] = mask
             image.info[PARAMETERS_KEY] = a1111_parameters(item)
             image.info[SIDECAR_KEY] = json.dumps(item, sort_keys=True)
         return images
@@ -374,11 +389,50 @@ class GenerationEngine:
         )
         return any(getattr(encoder, "peft_config", None) for encoder in encoders)
 
+    def _consistent_state(
+        self, pipeline: Any, requests: Sequence[RenderRequest], params: list[dict]
+    ) -> SharedAttention | None:
+        """The shared-attention state of a consistent group (None for a plain batch): the first
+        request is the identity shot, every other one a frame naming it."""
+        parts = [request.consistency for request in requests]
+        if all(part is None for part in parts):
+            return None
+        first = requests[0]
+        if any(part is None for part in parts) or not parts[0].is_identity:
+            raise ValueError(
+                "a consistent batch: every request has `consistency`, the first is the identity "
+                "shot (no identity_prompt)"
+            )
+        for request, part in zip(requests[1:], parts[1:], strict=True):
+            if part.is_identity or (part.identity_prompt, part.identity_seed) != (
+                first.prompt,
+                first.seed,
+            ):
+                raise ValueError(
+                    f"consistency of {request.prompt!r}: a frame must name the batch's identity "
+                    "shot (its prompt and seed)"
+                )
+            if part.settings() != parts[0].settings():
+                raise ValueError("a consistent batch shares share_background and mask_threshold")
+        scale = pipeline.vae_scale_factor
+        return SharedAttention(
+            token_indices=[
+                character_token_indices(pipeline.tokenizer, item["prompt"], part.character)
+                for item, part in zip(params, parts, strict=True)
+            ],
+            latent_hw=(params[0]["height"] // scale, params[0]["width"] // scale),
+            share_background=parts[0].share_background,
+            mask_threshold=parts[0].mask_threshold,
+        )
+
     @contextlib.contextmanager
-    def _per_image(self, pipeline: Any, count: int, do_cfg: bool) -> Iterator[None]:
+    def _per_image(
+        self, pipeline: Any, count: int, do_cfg: bool, state: SharedAttention | None = None
+    ) -> Iterator[None]:
         """In exact mode, run the UNet, ControlNet and VAE decoder one image at a time; always
-        time them (the benchmark's share of time outside UNet and VAE)."""
-        exact = self.batch_mode == "exact"
+        time them (the benchmark's share of time outside UNet and VAE). A consistent group always
+        runs image by image, identity first, telling the shared attention which image runs."""
+        exact = self.batch_mode == "exact" or state is not None
         groups = [[k, count + k] if do_cfg else [k] for k in range(count)]
         patched = [
             (pipeline.unet, "forward", "unet"),
@@ -392,8 +446,10 @@ class GenerationEngine:
             bound = getattr(module, method)
             groups_here = groups if label == "unet" else [[k] for k in range(count)]
             size = count * (2 if do_cfg and label == "unet" else 1)
+            follow = state.begin_image if state is not None and module is pipeline.unet else None
+            split = exact and (count > 1 or follow is not None)
             wrapped = timed(
-                split_rows(bound, groups_here, size) if exact and count > 1 else bound,
+                split_rows(bound, groups_here, size, follow) if split else bound,
                 self.timer,
                 label,
             )

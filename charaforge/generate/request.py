@@ -13,6 +13,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from charaforge.core.files import sha256_bytes
+from charaforge.generate.consistent import Consistency
 
 # Config name -> (diffusers class, extra config, A1111 sampler name).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -125,6 +126,9 @@ class RenderRequest:
     preset: str | None = None
     clip_skip: int = 1
     conditioning: Conditioning | None = None
+    # Part of a consistent-character group (generate.consistent): the first request of a batch
+    # is the identity shot, the others attend to its character tokens.
+    consistency: Consistency | None = None
 
     @classmethod
     def from_options(cls, prompt: str, seed: int, **options: Any) -> RenderRequest:

@@ -32,6 +32,7 @@ from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUM
 from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
 from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
 from charaforge.errors import ConfigError, MissingInputError
+from charaforge.generate.consistent import CHARACTER_MASK_KEY, Consistency, mask_overlay
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name
 from charaforge.generate.prompts import read_suite
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = [*SWEEP_INDEX_COLUMNS, *SWEEP_CONDITION_COLUMNS]
 GRID_DIR = "grids"
+MASK_DIR = "masks"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class SweepPrompt:
     suite: str | None = None
     group: int | None = None
     identity_shot: bool = False
+    character: str | None = None  # a suite line's character field (trigger filled in)
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ def sweep_prompts(eval: EvalConfig, trigger: str, root: str | Path = ".") -> lis
                     suite=name,
                     group=item.group,
                     identity_shot=item.identity_shot,
+                    character=item.character.replace("{trigger}", trigger),
                 )
             )
     return prompts
@@ -245,20 +249,23 @@ def run_sweep(
                 conditioning_scale=eval.pose.conditioning_scale,
                 source=first.pose.image_id,
             )
+        requests = _cell_requests(cell_jobs, loras, eval, resolution, conditioning)
         pending = []
-        for job in cell_jobs:
-            request = _request(job, loras, eval, resolution, conditioning)
+        for job, request in requests:
             path = out_dir / job.relative_path()
             if path.is_file() and read_sidecar(path) == engine.parameters(request):
                 skipped += 1
                 progress.update(1)
             else:
                 pending.append((job, request))
-        for start in range(0, len(pending), eval.batch_size):
-            batch = pending[start : start + eval.batch_size]
+        waiting = {job for job, _ in pending}
+        for batch in _batches(pending, requests, eval.batch_size):
             images = engine.render_batch([request for _, request in batch])
             for (job, _), image in zip(batch, images, strict=True):
+                if job not in waiting:
+                    continue  # an identity shot rendered again only for its frames
                 write_image(out_dir / job.relative_path(), image)
+                _write_mask(out_dir, job, image, eval)
                 rendered += 1
                 progress.update(1)
                 if on_image is not None:
@@ -285,13 +292,71 @@ def _cells(jobs: list[SweepJob]) -> list[list[SweepJob]]:
     return cells
 
 
+def _cell_requests(
+    jobs: list[SweepJob],
+    loras: dict[str, float],
+    eval: EvalConfig,
+    resolution: int,
+    conditioning: Conditioning | None,
+) -> list[tuple[SweepJob, RenderRequest]]:
+    """Every job's request; a frame of a shared-attention suite names its identity shot."""
+    identities = {_group_key(job): job for job in jobs if job.prompt.identity_shot}
+    requests = []
+    for job in jobs:
+        consistency = None
+        suite = eval.suites.get(job.prompt.suite or "")
+        if suite is not None and suite.method == "shared_attention" and job.pose is None:
+            identity = None if job.prompt.identity_shot else identities[_group_key(job)]
+            consistency = Consistency(
+                job.prompt.character or "",
+                identity_prompt=identity.prompt.text if identity else None,
+                identity_seed=identity.seed if identity else None,
+                share_background=suite.share_background,
+                mask_threshold=suite.mask_threshold,
+            )
+        requests.append((job, _request(job, loras, eval, resolution, conditioning, consistency)))
+    return requests
+
+
+def _group_key(job: SweepJob) -> tuple:
+    return (job.prompt.suite, job.prompt.group, job.sample)
+
+
+def _batches(
+    pending: list[tuple[SweepJob, RenderRequest]],
+    requests: list[tuple[SweepJob, RenderRequest]],
+    batch_size: int,
+) -> list[list[tuple[SweepJob, RenderRequest]]]:
+    """Independent images in batches of `batch_size`; a consistent group as one batch, identity
+    shot first and whole (the frames attend to it), whenever one of its images is pending."""
+    plain = [item for item in pending if item[1].consistency is None]
+    batches = [plain[start : start + batch_size] for start in range(0, len(plain), batch_size)]
+    waiting = {job for job, _ in pending}
+    groups: dict[tuple, list[tuple[SweepJob, RenderRequest]]] = {}
+    for job, request in requests:
+        if request.consistency is not None:
+            groups.setdefault(_group_key(job), []).append((job, request))
+    for members in groups.values():
+        if any(job in waiting for job, _ in members):
+            batches.append(sorted(members, key=lambda item: not item[0].prompt.identity_shot))
+    return batches
+
+
+def _write_mask(out_dir: Path, job: SweepJob, image: Image.Image, eval: EvalConfig) -> None:
+    suite = eval.suites.get(job.prompt.suite or "")
+    if suite is not None and suite.save_masks and CHARACTER_MASK_KEY in image.info:
+        overlay = mask_overlay(image, image.info[CHARACTER_MASK_KEY])
+        write_png(out_dir / MASK_DIR / job.relative_path(), overlay)
+
+
 def _request(
     job: SweepJob,
     loras: dict[str, float],
     eval: EvalConfig,
     resolution: int,
     conditioning: Conditioning | None,
-) -> dict:
+    consistency: Consistency | None = None,
+) -> RenderRequest:
     return RenderRequest(
         prompt=job.prompt.text,
         seed=job.seed,
@@ -304,6 +369,7 @@ def _request(
         scheduler=eval.scheduler,
         clip_skip=eval.clip_skip,
         conditioning=conditioning,
+        consistency=consistency,
     )
 
 
