@@ -19,7 +19,13 @@ from charaforge.generate.conditioning import canny_map, depth_map, load_image, m
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name, lora_file
 from charaforge.generate.records import write_image
-from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
+from charaforge.generate.request import (
+    PRESETS,
+    SCHEDULERS,
+    Conditioning,
+    ImagePrompt,
+    RenderRequest,
+)
 from charaforge.pipeline.compose import DEFAULT_CONFIG, compose_params
 from charaforge.pipeline.stage import configure_logging
 from charaforge.serve.http import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
@@ -125,9 +131,20 @@ def generate(
     init_image: Annotated[Path | None, typer.Option(help="Image-to-image: the start.")] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpainting mask (white = repaint).")] = None,
     strength: Annotated[float, typer.Option(help="img2img / inpaint denoising strength.")] = 0.75,
+    ip_adapter_image: Annotated[
+        Path | None, typer.Option(help="IP-Adapter reference image (style or face).")
+    ] = None,
+    ip_adapter_scale: Annotated[float, typer.Option(help="IP-Adapter scale (0: no effect).")] = 0.6,
+    ip_adapter: Annotated[
+        Path | None,
+        typer.Option(help="A local IP-Adapter weight file, image_encoder/ beside it."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     memory: Annotated[
-        str, typer.Option(help="device, model_cpu_offload or sequential_cpu_offload.")
+        str,
+        typer.Option(
+            help="device, model_cpu_offload, sequential_cpu_offload or balanced (split over GPUs)."
+        ),
     ] = "device",
     out: Annotated[Path, typer.Option(help="Output PNG (a .json sidecar goes beside it).")] = Path(
         "charaforge.png"
@@ -147,7 +164,12 @@ def generate(
     try:
         controlnets = {control_type: controlnet} if controlnet else {}
         engine = GenerationEngine(
-            base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
+            base,
+            scheduler=scheduler,
+            device=device,
+            memory=memory,
+            controlnets=controlnets,
+            ip_adapter=ip_adapter,
         )
         registry = LoraRegistry(lora_dir) if lora_dir else None
         scales: dict[str, float] = {}
@@ -181,6 +203,11 @@ def generate(
             )
         elif mask is not None:
             raise ValueError("--mask needs --init-image")
+        image_prompt = None
+        if ip_adapter_image is not None:
+            image_prompt = ImagePrompt(
+                load_image(ip_adapter_image), ip_adapter_scale, source=ip_adapter_image.name
+            )
         images = engine.render_batch(
             [
                 RenderRequest(
@@ -195,6 +222,7 @@ def generate(
                     preset=preset,
                     clip_skip=clip_skip,
                     conditioning=conditioning,
+                    image_prompt=image_prompt,
                 )
                 for offset in range(batch_size)
             ]

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from charaforge.generate.consistent import (
     character_token_indices,
     shared_attention,
 )
+from charaforge.generate.ip_adapter import build_stand_in_ip_adapter, load_ip_adapter
 from charaforge.generate.loras import LoadedLora, describe_lora, lora_file
 from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
@@ -92,6 +94,7 @@ class GenerationEngine:
         batch_mode: str = "exact",
         controlnets: dict[str, str] | None = None,
         cpu_threads: int | None = None,
+        ip_adapter: str | Path | None = None,
     ) -> None:
         if memory not in MEMORY_MODES:
             raise ConfigError(f"memory: {memory!r} is not one of {MEMORY_MODES}")
@@ -118,6 +121,9 @@ class GenerationEngine:
         self._scheduler_config = self.pipeline.scheduler.config
         self._controlnet_paths = dict(controlnets or {})
         self._controlnets: dict[str, Any] = {}
+        # An IP-Adapter weight file (image_encoder/ beside it); a stand-in base builds its own.
+        self._ip_adapter_path = ip_adapter
+        self.ip_adapter_loaded = False
         self._derived: dict[tuple[str, str], Any] = {}
         self.loras: dict[str, LoadedLora] = {}
         self._embeddings: dict[tuple, tuple] = {}
@@ -267,6 +273,8 @@ class GenerationEngine:
             params["conditioning"] = conditioning.record()
         if request.consistency is not None:
             params["consistency"] = request.consistency.record()
+        if request.image_prompt is not None:
+            params["ip_adapter"] = {**request.image_prompt.record(), "adapter": self._ip_name()}
         return params
 
     # --- rendering ----------------------------------------------------------------------------
@@ -296,6 +304,8 @@ class GenerationEngine:
             raise ValueError("a batch must share its conditioning")
         first, conditioning = params[0], conditionings[0]
         self._activate({item["name"]: item["scale"] for item in first["loras"]})
+        if requests[0].image_prompt is not None:
+            self.load_ip_adapter()  # before deriving: derived pipelines share its image encoder
         pipeline = self._pipeline_for(conditioning)
         pipeline.scheduler = self._build_scheduler(first["scheduler"])
         do_cfg = first["guidance_scale"] > 1.0
@@ -303,6 +313,7 @@ class GenerationEngine:
         extra: dict[str, Any] = {}
         if conditioning is not None:
             extra.update(self._conditioning_arguments(conditioning, first))
+        extra.update(self._image_prompt_arguments(requests[0], pipeline))
         state = self._consistent_state(pipeline, requests, params)
         with torch.no_grad():
             extra.update(self._encode(pipeline, params, do_cfg))
@@ -472,6 +483,45 @@ class GenerationEngine:
             return
         self.pipeline.enable_lora()
         self.pipeline.set_adapters(list(scales), list(scales.values()))
+
+    # --- IP-Adapter ---------------------------------------------------------------------------
+
+    def _ip_name(self) -> str:
+        return Path(self._ip_adapter_path).name if self._ip_adapter_path else "stand-in"
+
+    def load_ip_adapter(self) -> None:
+        """Load the IP-Adapter into the base pipeline (once): the local weight file, or with a
+        stand-in base a stand-in adapter built for its UNet (the real loader reads it)."""
+        if self.ip_adapter_loaded:
+            return
+        if self._ip_adapter_path:
+            load_ip_adapter(self.pipeline, self._ip_adapter_path)
+        elif self.base.stand_in:
+            with tempfile.TemporaryDirectory() as folder:
+                load_ip_adapter(
+                    self.pipeline, build_stand_in_ip_adapter(self.pipeline.unet, folder)
+                )
+        else:
+            raise ConfigError(
+                "ip_adapter: no local IP-Adapter weight file given for a real base model "
+                "(nothing is downloaded)"
+            )
+        self.pipeline.image_encoder.eval()
+        self._derived.clear()  # derived pipelines must see the image encoder
+        self.ip_adapter_loaded = True
+
+    def _image_prompt_arguments(self, request: RenderRequest, pipeline: Any) -> dict[str, Any]:
+        """The reference image at its scale; once an adapter is loaded, a request without one
+        runs it at scale 0 (the UNet then needs image tokens, and scale 0 adds nothing)."""
+        image_prompt = request.image_prompt
+        if image_prompt is None and not self.ip_adapter_loaded:
+            return {}
+        if image_prompt is None:
+            size = int(pipeline.image_encoder.config.image_size)
+            pipeline.set_ip_adapter_scale(0.0)
+            return {"ip_adapter_image": Image.new("RGB", (size, size))}
+        pipeline.set_ip_adapter_scale(float(image_prompt.scale))
+        return {"ip_adapter_image": image_prompt.image.convert("RGB")}
 
     # --- conditioning -------------------------------------------------------------------------
 

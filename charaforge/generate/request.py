@@ -106,6 +106,28 @@ class Conditioning:
         return record
 
 
+@dataclass(frozen=True)
+class ImagePrompt:
+    """An IP-Adapter reference image (a style or face reference) and its scale.
+
+    Scale 0 leaves the image prompt without effect (the render equals the plain one).
+    """
+
+    image: Image.Image
+    scale: float = 0.6
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scale <= 2.0:
+            raise ValueError(f"ip_adapter scale must be in [0, 2], got {self.scale}")
+
+    def record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"image": image_digest(self.image), "scale": float(self.scale)}
+        if self.source:
+            record["source"] = self.source
+        return record
+
+
 @dataclass(frozen=True, kw_only=True)
 class RenderRequest:
     """Everything that decides one image (unset fields take the engine's or the preset's value).
@@ -129,6 +151,8 @@ class RenderRequest:
     # Part of a consistent-character group (generate.consistent): the first request of a batch
     # is the identity shot, the others attend to its character tokens.
     consistency: Consistency | None = None
+    # An IP-Adapter image prompt (the engine loads its adapter on first use).
+    image_prompt: ImagePrompt | None = None
 
     @classmethod
     def from_options(cls, prompt: str, seed: int, **options: Any) -> RenderRequest:
