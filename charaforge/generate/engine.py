@@ -55,8 +55,10 @@ from charaforge.models.base import (
 log = logging.getLogger(__name__)
 
 
-MEMORY_MODES = ("device", "model_cpu_offload", "sequential_cpu_offload")
-MemoryMode = Literal["device", "model_cpu_offload", "sequential_cpu_offload"]
+# CharaConsist's four modes: all on one device; whole models moved to the accelerator in turn
+# (model offload); layer by layer (sequential offload); the pipeline split over the GPUs.
+MEMORY_MODES = ("device", "model_cpu_offload", "sequential_cpu_offload", "balanced")
+MemoryMode = Literal["device", "model_cpu_offload", "sequential_cpu_offload", "balanced"]
 BatchMode = Literal["exact", "fused"]
 
 EMBEDDING_CACHE_SIZE = 256
@@ -82,6 +84,27 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def check_memory_mode(memory: str, device: torch.device) -> None:
+    """Fail before loading anything when a memory mode cannot run on `device` (one line).
+
+    Model offload runs on the CPU too (accelerate's hooks then move nothing, and the bytes are
+    those of `device`); sequential offload streams weights to an accelerator and `balanced`
+    splits the pipeline over GPUs, so both need CUDA.
+    """
+    if memory not in MEMORY_MODES:
+        raise ConfigError(f"memory: {memory!r} is not one of {MEMORY_MODES}")
+    if memory == "sequential_cpu_offload" and device.type == "cpu":
+        raise ConfigError(
+            "memory: sequential_cpu_offload streams each layer to an accelerator and needs a GPU; "
+            "this engine runs on the CPU (use memory=device or model_cpu_offload)"
+        )
+    if memory == "balanced" and device.type != "cuda":
+        raise ConfigError(
+            f"memory: balanced splits the pipeline over CUDA GPUs; this engine runs on "
+            f"{device.type} (use memory=device or model_cpu_offload)"
+        )
+
+
 class GenerationEngine:
     """Renders images from the base pipeline with any set of loaded LoRAs at given scales."""
 
@@ -96,25 +119,22 @@ class GenerationEngine:
         cpu_threads: int | None = None,
         ip_adapter: str | Path | None = None,
     ) -> None:
-        if memory not in MEMORY_MODES:
-            raise ConfigError(f"memory: {memory!r} is not one of {MEMORY_MODES}")
         if batch_mode not in ("exact", "fused"):
             raise ConfigError(f"batch_mode: {batch_mode!r} is not 'exact' or 'fused'")
         if isinstance(device, str) or device is None:
             device = resolve_device(device or "auto")
-        if memory != "device" and device.type == "cpu":
-            raise ConfigError(
-                f"memory: {memory} moves modules between the CPU and an accelerator; "
-                "this engine runs on the CPU (use memory=device, or a cuda device)"
-            )
+        check_memory_mode(memory, device)
         set_cpu_threads(cpu_threads)
         self.device = device
         self.memory = memory
         self.batch_mode = batch_mode
         self.base = read_base_info(base_dir)
         # Offloaded pipelines are loaded on the CPU; accelerate's hooks move each module in turn.
+        # `balanced` lets accelerate place whole models on the GPUs (diffusers' device_map).
         self.pipeline = load_base_pipeline(
-            base_dir, device if memory == "device" else torch.device("cpu")
+            base_dir,
+            device if memory == "device" else torch.device("cpu"),
+            device_map="balanced" if memory == "balanced" else None,
         )
         self._apply_memory(self.pipeline)
         self.is_sdxl = type(self.pipeline).__name__.startswith("StableDiffusionXL")
@@ -507,6 +527,7 @@ class GenerationEngine:
                 "(nothing is downloaded)"
             )
         self.pipeline.image_encoder.eval()
+        self._apply_memory(self.pipeline)  # offload hooks for the new image encoder too
         self._derived.clear()  # derived pipelines must see the image encoder
         self.ip_adapter_loaded = True
 
@@ -542,7 +563,7 @@ class GenerationEngine:
                 extra["controlnet"] = self.controlnet(conditioning.control_type)
             derived = pipeline_class.from_pipe(self.pipeline, **extra)
             derived.set_progress_bar_config(disable=True)
-            if kind == "control" and self.memory == "device":
+            if kind == "control" and self.memory in ("device", "balanced"):
                 derived.controlnet.to(self.device)
             self._derived[key] = derived
         return self._derived[key]
