@@ -13,7 +13,8 @@ from charaforge.config import EvalConfig, ModelConfig
 from charaforge.core.files import write_json
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.records import read_sidecar
-from charaforge.generate.sweep import MASK_DIR, run_sweep
+from charaforge.generate.sweep import run_sweep
+from charaforge.generate.sweep_methods import MASK_DIR
 from charaforge.models.base import write_base
 
 SUITE = """white room#{trigger}, 1girl#standing
@@ -97,6 +98,28 @@ def test_a_shared_attention_suite_renders_its_group_together_and_resumes(
     assert resumed.rendered == 1
     assert paths[2].read_bytes() == frame_bytes
     assert paths[0].stat().st_mtime_ns == identity_time
+
+
+def test_an_ip_adapter_suite_conditions_frames_on_their_identity_shot(
+    engine: GenerationEngine, workspace: Path, tmp_path: Path
+) -> None:
+    args = (engine, workspace / "train", "aoi_cf", 64, 7)
+    plain = run_sweep(args[0], args[1], _eval(workspace), *args[2:], out_dir=tmp_path / "plain")
+    ip_eval = _eval(workspace, method="ip_adapter", ip_adapter_scale=1.0)
+    out = tmp_path / "ip"
+    result = run_sweep(args[0], args[1], ip_eval, *args[2:], out_dir=out)
+    rows = result.index[result.index["suite"] == "fixed"].sort_values("prompt_index")
+    paths = [Path(path) for path in rows["image_path"]]
+    plain_rows = plain.index[plain.index["suite"] == "fixed"].sort_values("prompt_index")
+    plain_paths = [Path(path) for path in plain_rows["image_path"]]
+    assert _pixels(paths[0]) == _pixels(plain_paths[0])  # the identity shot renders alone
+    assert all(_pixels(a) != _pixels(b) for a, b in zip(paths[1:], plain_paths[1:], strict=True))
+    record = read_sidecar(paths[1])["ip_adapter"]
+    identity_file = paths[0].relative_to(out).as_posix()
+    assert record["source"] == identity_file and record["scale"] == 1.0
+    assert "ip_adapter" not in read_sidecar(paths[0])
+    # Resume: nothing to do; the frames read their reference back from disk.
+    assert run_sweep(args[0], args[1], ip_eval, *args[2:], out_dir=out).rendered == 0
 
 
 def test_suite_consistency_options_are_validated(workspace: Path) -> None:

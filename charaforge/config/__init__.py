@@ -192,9 +192,12 @@ class SuiteConfig(Strict):
     seeds: list[int] = Field(default=[0], min_length=1)
     # Render only the first `max_groups` groups (None: all): keeps the demo sweep small.
     max_groups: int | None = Field(default=None, ge=1)
-    # Training-free consistent characters (generate.consistent): `shared_attention` renders each
-    # group (per seed) in one batch whose frames attend to the identity shot's character tokens.
-    method: Literal["independent", "shared_attention"] = "independent"
+    # How a group's frames keep the character (generate.sweep_methods): `independent` (every
+    # image alone), `shared_attention` (each group in one batch, the frames attending to the
+    # identity shot's character tokens) or `ip_adapter` (the identity shot's image as the frames'
+    # IP-Adapter reference, at `ip_adapter_scale`).
+    method: Literal["independent", "shared_attention", "ip_adapter"] = "independent"
+    ip_adapter_scale: float = Field(default=0.6, ge=0.0, le=2.0)
     # Fixed-background mode: the frames share the identity shot's background tokens too.
     share_background: bool = False
     # The character mask: normalised cross-attention of the character span above this.

@@ -32,18 +32,17 @@ from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUM
 from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
 from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
 from charaforge.errors import ConfigError, MissingInputError
-from charaforge.generate.consistent import CHARACTER_MASK_KEY, Consistency, mask_overlay
+from charaforge.generate.consistent import Consistency
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name
 from charaforge.generate.prompts import read_suite
-from charaforge.generate.records import read_sidecar, write_image
-from charaforge.generate.request import Conditioning, RenderRequest
+from charaforge.generate.request import Conditioning, ImagePrompt, RenderRequest
+from charaforge.generate.sweep_methods import render_cell
 
 log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = [*SWEEP_INDEX_COLUMNS, *SWEEP_CONDITION_COLUMNS]
 GRID_DIR = "grids"
-MASK_DIR = "masks"
 
 
 @dataclass(frozen=True)
@@ -224,10 +223,17 @@ def run_sweep(
     poses = pose_conditions(eval, pose_dir)
     jobs = plan_jobs(read_candidates(train_dir), eval, trigger, seed, poses, root)
     skeletons = {pose: Image.open(pose.skeleton).convert("RGB") for pose in poses}
-    rendered, skipped = 0, 0
+    counts = [0, 0]  # rendered, reused
     loaded: str | None = None
     started = time.perf_counter()
     progress = tqdm(total=len(jobs), desc="generate", leave=False)
+
+    def done(job: SweepJob, was_rendered: bool) -> None:
+        counts[0 if was_rendered else 1] += 1
+        progress.update(1)
+        if was_rendered and on_image is not None:
+            on_image(job)
+
     for cell_jobs in _cells(jobs):
         first = cell_jobs[0]
         loras = {}
@@ -249,29 +255,20 @@ def run_sweep(
                 conditioning_scale=eval.pose.conditioning_scale,
                 source=first.pose.image_id,
             )
-        requests = _cell_requests(cell_jobs, loras, eval, resolution, conditioning)
-        pending = []
-        for job, request in requests:
-            path = out_dir / job.relative_path()
-            if path.is_file() and read_sidecar(path) == engine.parameters(request):
-                skipped += 1
-                progress.update(1)
-            else:
-                pending.append((job, request))
-        waiting = {job for job, _ in pending}
-        for batch in _batches(pending, requests, eval.batch_size):
-            images = engine.render_batch([request for _, request in batch])
-            for (job, _), image in zip(batch, images, strict=True):
-                if job not in waiting:
-                    continue  # an identity shot rendered again only for its frames
-                write_image(out_dir / job.relative_path(), image)
-                _write_mask(out_dir, job, image, eval)
-                rendered += 1
-                progress.update(1)
-                if on_image is not None:
-                    on_image(job)
+
+        def make_request(
+            job: SweepJob,
+            consistency: Consistency | None,
+            image_prompt: ImagePrompt | None,
+            loras: dict[str, float] = loras,
+            conditioning: Conditioning | None = conditioning,
+        ) -> RenderRequest:
+            return _request(job, loras, eval, resolution, conditioning, consistency, image_prompt)
+
+        render_cell(engine, cell_jobs, make_request, eval, out_dir, done)
     progress.close()
     _release(engine, loaded)
+    rendered, skipped = counts
     seconds = time.perf_counter() - started
     index = _index(jobs, out_dir)
     write_parquet(out_dir / "index.parquet", index)
@@ -292,63 +289,6 @@ def _cells(jobs: list[SweepJob]) -> list[list[SweepJob]]:
     return cells
 
 
-def _cell_requests(
-    jobs: list[SweepJob],
-    loras: dict[str, float],
-    eval: EvalConfig,
-    resolution: int,
-    conditioning: Conditioning | None,
-) -> list[tuple[SweepJob, RenderRequest]]:
-    """Every job's request; a frame of a shared-attention suite names its identity shot."""
-    identities = {_group_key(job): job for job in jobs if job.prompt.identity_shot}
-    requests = []
-    for job in jobs:
-        consistency = None
-        suite = eval.suites.get(job.prompt.suite or "")
-        if suite is not None and suite.method == "shared_attention" and job.pose is None:
-            identity = None if job.prompt.identity_shot else identities[_group_key(job)]
-            consistency = Consistency(
-                job.prompt.character or "",
-                identity_prompt=identity.prompt.text if identity else None,
-                identity_seed=identity.seed if identity else None,
-                share_background=suite.share_background,
-                mask_threshold=suite.mask_threshold,
-            )
-        requests.append((job, _request(job, loras, eval, resolution, conditioning, consistency)))
-    return requests
-
-
-def _group_key(job: SweepJob) -> tuple:
-    return (job.prompt.suite, job.prompt.group, job.sample)
-
-
-def _batches(
-    pending: list[tuple[SweepJob, RenderRequest]],
-    requests: list[tuple[SweepJob, RenderRequest]],
-    batch_size: int,
-) -> list[list[tuple[SweepJob, RenderRequest]]]:
-    """Independent images in batches of `batch_size`; a consistent group as one batch, identity
-    shot first and whole (the frames attend to it), whenever one of its images is pending."""
-    plain = [item for item in pending if item[1].consistency is None]
-    batches = [plain[start : start + batch_size] for start in range(0, len(plain), batch_size)]
-    waiting = {job for job, _ in pending}
-    groups: dict[tuple, list[tuple[SweepJob, RenderRequest]]] = {}
-    for job, request in requests:
-        if request.consistency is not None:
-            groups.setdefault(_group_key(job), []).append((job, request))
-    for members in groups.values():
-        if any(job in waiting for job, _ in members):
-            batches.append(sorted(members, key=lambda item: not item[0].prompt.identity_shot))
-    return batches
-
-
-def _write_mask(out_dir: Path, job: SweepJob, image: Image.Image, eval: EvalConfig) -> None:
-    suite = eval.suites.get(job.prompt.suite or "")
-    if suite is not None and suite.save_masks and CHARACTER_MASK_KEY in image.info:
-        overlay = mask_overlay(image, image.info[CHARACTER_MASK_KEY])
-        write_png(out_dir / MASK_DIR / job.relative_path(), overlay)
-
-
 def _request(
     job: SweepJob,
     loras: dict[str, float],
@@ -356,6 +296,7 @@ def _request(
     resolution: int,
     conditioning: Conditioning | None,
     consistency: Consistency | None = None,
+    image_prompt: ImagePrompt | None = None,
 ) -> RenderRequest:
     return RenderRequest(
         prompt=job.prompt.text,
@@ -370,6 +311,7 @@ def _request(
         clip_skip=eval.clip_skip,
         conditioning=conditioning,
         consistency=consistency,
+        image_prompt=image_prompt,
     )
 
 
