@@ -21,6 +21,7 @@ from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.ip_adapter import (
     IMAGE_ENCODER_DIR,
     build_stand_in_ip_adapter,
+    load_for_engine,
     load_ip_adapter,
 )
 from charaforge.generate.request import ImagePrompt, RenderRequest
@@ -135,13 +136,9 @@ def test_missing_adapters_fail_with_one_line(tmp_path: Path) -> None:
     lonely.write_bytes(b"")
     with pytest.raises(ConfigError, match="image_encoder"):
         load_ip_adapter(None, lonely)
-    # A real base model and no weight file: the engine refuses before loading anything.
-    engine = GenerationEngine.__new__(GenerationEngine)  # only the loader's decision is tested
-    engine._ip_adapter_path = None
-    engine.ip_adapter_loaded = False
-    engine.base = type("Info", (), {"stand_in": False})()
+    # A real base model and no weight file: refused before anything is loaded.
     with pytest.raises(ConfigError, match="no local IP-Adapter"):
-        engine.load_ip_adapter()
+        load_for_engine(None, None, stand_in=False)
 
 
 def test_the_cli_renders_with_a_reference_image(bases: dict[str, Path], tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from charaforge.cli import app
 from charaforge.config import ModelConfig
 from charaforge.errors import ConfigError
 from charaforge.generate.consistent import Consistency
-from charaforge.generate.engine import MEMORY_MODES, GenerationEngine, check_memory_mode
+from charaforge.generate.devices import MEMORY_MODES, check_memory_mode
+from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.request import ImagePrompt, RenderRequest
 from charaforge.models.base import write_base
 

@@ -237,6 +237,9 @@ class EvalConfig(Strict):
     grid_columns: Literal["step", "scale"] = "step"
     # Local ControlNet folders per conditioning type (needed with a real base model only).
     controlnets: dict[Literal["openpose", "canny", "depth"], str] = {}
+    # A local IP-Adapter weight file (image_encoder/ beside it) for suites with method ip_adapter
+    # on real weights; null: a stand-in adapter with the stand-in base.
+    ip_adapter: str | None = None
     # torch CPU threads for the sweep (null: torch's default, one per core). A fixed count keeps
     # CPU output bytes independent of the machine; 1 avoids spin-waiting on shared cores.
     cpu_threads: int | None = Field(default=None, ge=1)

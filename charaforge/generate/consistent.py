@@ -331,6 +331,43 @@ class CharacterMapRecorder:
         return output
 
 
+def group_state(
+    tokenizer: Any,
+    requests: Sequence[tuple[str, int, Consistency | None]],
+    prompts: Sequence[str],
+    latent_hw: tuple[int, int],
+) -> SharedAttention | None:
+    """The state of a batch given as (prompt, seed, consistency) per request, `prompts` the
+    final prompts (triggers added): None for a plain batch; the first request must be the
+    identity shot and every other one a frame naming it (its prompt and seed)."""
+    parts = [part for _, _, part in requests]
+    if all(part is None for part in parts):
+        return None
+    if any(part is None for part in parts) or not parts[0].is_identity:
+        raise ValueError(
+            "a consistent batch: every request has `consistency`, the first is the identity "
+            "shot (no identity_prompt)"
+        )
+    identity = (requests[0][0], requests[0][1])
+    for prompt, _, part in requests[1:]:
+        if part.is_identity or (part.identity_prompt, part.identity_seed) != identity:
+            raise ValueError(
+                f"consistency of {prompt!r}: a frame must name the batch's identity shot (its "
+                "prompt and seed)"
+            )
+        if part.settings() != parts[0].settings():
+            raise ValueError("a consistent batch shares share_background and mask_threshold")
+    return SharedAttention(
+        token_indices=[
+            character_token_indices(tokenizer, prompt, part.character)
+            for prompt, part in zip(prompts, parts, strict=True)
+        ],
+        latent_hw=latent_hw,
+        share_background=parts[0].share_background,
+        mask_threshold=parts[0].mask_threshold,
+    )
+
+
 @contextlib.contextmanager
 def shared_attention(unet: Any, state: SharedAttention) -> Iterator[SharedAttention]:
     """Install the sharing processors on every transformer block of the UNet for one batch."""

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,10 +37,11 @@ from charaforge.generate.conditioning import build_stand_in_controlnet
 from charaforge.generate.consistent import (
     CHARACTER_MASK_KEY,
     SharedAttention,
-    character_token_indices,
+    group_state,
     shared_attention,
 )
-from charaforge.generate.ip_adapter import build_stand_in_ip_adapter, load_ip_adapter
+from charaforge.generate.devices import apply_memory, check_memory_mode, resolve_device
+from charaforge.generate.ip_adapter import image_prompt_arguments, load_for_engine
 from charaforge.generate.loras import LoadedLora, describe_lora, lora_file
 from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
@@ -55,54 +55,10 @@ from charaforge.models.base import (
 log = logging.getLogger(__name__)
 
 
-# CharaConsist's four modes: all on one device; whole models moved to the accelerator in turn
-# (model offload); layer by layer (sequential offload); the pipeline split over the GPUs.
-MEMORY_MODES = ("device", "model_cpu_offload", "sequential_cpu_offload", "balanced")
-MemoryMode = Literal["device", "model_cpu_offload", "sequential_cpu_offload", "balanced"]
 BatchMode = Literal["exact", "fused"]
 
 EMBEDDING_CACHE_SIZE = 256
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` (CUDA, then MPS, then CPU), or an explicit torch device such as `cuda:1`."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ConfigError(f"device: {error}") from None
-    if device.type == "cuda" and (
-        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ConfigError(f"device: {name} is not available on this machine")
-    return device
-
-
-def check_memory_mode(memory: str, device: torch.device) -> None:
-    """Fail before loading anything when a memory mode cannot run on `device` (one line).
-
-    Model offload runs on the CPU too (accelerate's hooks then move nothing, and the bytes are
-    those of `device`); sequential offload streams weights to an accelerator and `balanced`
-    splits the pipeline over GPUs, so both need CUDA.
-    """
-    if memory not in MEMORY_MODES:
-        raise ConfigError(f"memory: {memory!r} is not one of {MEMORY_MODES}")
-    if memory == "sequential_cpu_offload" and device.type == "cpu":
-        raise ConfigError(
-            "memory: sequential_cpu_offload streams each layer to an accelerator and needs a GPU; "
-            "this engine runs on the CPU (use memory=device or model_cpu_offload)"
-        )
-    if memory == "balanced" and device.type != "cuda":
-        raise ConfigError(
-            f"memory: balanced splits the pipeline over CUDA GPUs; this engine runs on "
-            f"{device.type} (use memory=device or model_cpu_offload)"
-        )
 
 
 class GenerationEngine:
@@ -136,7 +92,7 @@ class GenerationEngine:
             device if memory == "device" else torch.device("cpu"),
             device_map="balanced" if memory == "balanced" else None,
         )
-        self._apply_memory(self.pipeline)
+        apply_memory(self.pipeline, self.memory, self.device)
         self.is_sdxl = type(self.pipeline).__name__.startswith("StableDiffusionXL")
         self._scheduler_config = self.pipeline.scheduler.config
         self._controlnet_paths = dict(controlnets or {})
@@ -158,12 +114,6 @@ class GenerationEngine:
     @property
     def text_layers(self) -> int:
         return int(self.pipeline.text_encoder.config.num_hidden_layers)
-
-    def _apply_memory(self, pipeline: Any) -> None:
-        if self.memory == "model_cpu_offload":
-            pipeline.enable_model_cpu_offload(device=self.device)
-        elif self.memory == "sequential_cpu_offload":
-            pipeline.enable_sequential_cpu_offload(device=self.device)
 
     def set_scheduler(self, name: str) -> None:
         """The default sampler for requests that name none."""
@@ -294,7 +244,8 @@ class GenerationEngine:
         if request.consistency is not None:
             params["consistency"] = request.consistency.record()
         if request.image_prompt is not None:
-            params["ip_adapter"] = {**request.image_prompt.record(), "adapter": self._ip_name()}
+            adapter = Path(self._ip_adapter_path).name if self._ip_adapter_path else "stand-in"
+            params["ip_adapter"] = {**request.image_prompt.record(), "adapter": adapter}
         return params
 
     # --- rendering ----------------------------------------------------------------------------
@@ -333,8 +284,15 @@ class GenerationEngine:
         extra: dict[str, Any] = {}
         if conditioning is not None:
             extra.update(self._conditioning_arguments(conditioning, first))
-        extra.update(self._image_prompt_arguments(requests[0], pipeline))
-        state = self._consistent_state(pipeline, requests, params)
+        if requests[0].image_prompt is not None or self.ip_adapter_loaded:
+            extra.update(image_prompt_arguments(pipeline, requests[0].image_prompt))
+        scale = pipeline.vae_scale_factor
+        state = group_state(
+            pipeline.tokenizer,
+            [(request.prompt, request.seed, request.consistency) for request in requests],
+            [item["prompt"] for item in params],
+            (first["height"] // scale, first["width"] // scale),
+        )
         with torch.no_grad():
             extra.update(self._encode(pipeline, params, do_cfg))
             with (
@@ -420,42 +378,6 @@ class GenerationEngine:
         )
         return any(getattr(encoder, "peft_config", None) for encoder in encoders)
 
-    def _consistent_state(
-        self, pipeline: Any, requests: Sequence[RenderRequest], params: list[dict]
-    ) -> SharedAttention | None:
-        """The shared-attention state of a consistent group (None for a plain batch): the first
-        request is the identity shot, every other one a frame naming it."""
-        parts = [request.consistency for request in requests]
-        if all(part is None for part in parts):
-            return None
-        first = requests[0]
-        if any(part is None for part in parts) or not parts[0].is_identity:
-            raise ValueError(
-                "a consistent batch: every request has `consistency`, the first is the identity "
-                "shot (no identity_prompt)"
-            )
-        for request, part in zip(requests[1:], parts[1:], strict=True):
-            if part.is_identity or (part.identity_prompt, part.identity_seed) != (
-                first.prompt,
-                first.seed,
-            ):
-                raise ValueError(
-                    f"consistency of {request.prompt!r}: a frame must name the batch's identity "
-                    "shot (its prompt and seed)"
-                )
-            if part.settings() != parts[0].settings():
-                raise ValueError("a consistent batch shares share_background and mask_threshold")
-        scale = pipeline.vae_scale_factor
-        return SharedAttention(
-            token_indices=[
-                character_token_indices(pipeline.tokenizer, item["prompt"], part.character)
-                for item, part in zip(params, parts, strict=True)
-            ],
-            latent_hw=(params[0]["height"] // scale, params[0]["width"] // scale),
-            share_background=parts[0].share_background,
-            mask_threshold=parts[0].mask_threshold,
-        )
-
     @contextlib.contextmanager
     def _per_image(
         self, pipeline: Any, count: int, do_cfg: bool, state: SharedAttention | None = None
@@ -506,43 +428,15 @@ class GenerationEngine:
 
     # --- IP-Adapter ---------------------------------------------------------------------------
 
-    def _ip_name(self) -> str:
-        return Path(self._ip_adapter_path).name if self._ip_adapter_path else "stand-in"
-
     def load_ip_adapter(self) -> None:
-        """Load the IP-Adapter into the base pipeline (once): the local weight file, or with a
-        stand-in base a stand-in adapter built for its UNet (the real loader reads it)."""
-        if self.ip_adapter_loaded:
-            return
-        if self._ip_adapter_path:
-            load_ip_adapter(self.pipeline, self._ip_adapter_path)
-        elif self.base.stand_in:
-            with tempfile.TemporaryDirectory() as folder:
-                load_ip_adapter(
-                    self.pipeline, build_stand_in_ip_adapter(self.pipeline.unet, folder)
-                )
-        else:
-            raise ConfigError(
-                "ip_adapter: no local IP-Adapter weight file given for a real base model "
-                "(nothing is downloaded)"
-            )
-        self.pipeline.image_encoder.eval()
-        self._apply_memory(self.pipeline)  # offload hooks for the new image encoder too
-        self._derived.clear()  # derived pipelines must see the image encoder
-        self.ip_adapter_loaded = True
-
-    def _image_prompt_arguments(self, request: RenderRequest, pipeline: Any) -> dict[str, Any]:
-        """The reference image at its scale; once an adapter is loaded, a request without one
-        runs it at scale 0 (the UNet then needs image tokens, and scale 0 adds nothing)."""
-        image_prompt = request.image_prompt
-        if image_prompt is None and not self.ip_adapter_loaded:
-            return {}
-        if image_prompt is None:
-            size = int(pipeline.image_encoder.config.image_size)
-            pipeline.set_ip_adapter_scale(0.0)
-            return {"ip_adapter_image": Image.new("RGB", (size, size))}
-        pipeline.set_ip_adapter_scale(float(image_prompt.scale))
-        return {"ip_adapter_image": image_prompt.image.convert("RGB")}
+        """Load the IP-Adapter into the base pipeline once (generate.ip_adapter.load_for_engine)."""
+        if not self.ip_adapter_loaded:
+            load_for_engine(self.pipeline, self._ip_adapter_path, self.base.stand_in)
+            apply_memory(
+                self.pipeline, self.memory, self.device
+            )  # offload hooks for the new image encoder too
+            self._derived.clear()  # derived pipelines must see the image encoder
+            self.ip_adapter_loaded = True
 
     # --- conditioning -------------------------------------------------------------------------
 

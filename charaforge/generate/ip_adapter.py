@@ -11,10 +11,12 @@ ones being the odd ones), and beside it `image_encoder/`, a CLIPVisionModelWithP
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from charaforge.core.files import derive_seed
 from charaforge.errors import ConfigError
@@ -108,3 +110,31 @@ def load_ip_adapter(pipeline: Any, weights: str | Path) -> None:
         image_encoder_folder=IMAGE_ENCODER_DIR,
         local_files_only=True,
     )
+
+
+def load_for_engine(pipeline: Any, weights: str | Path | None, stand_in: bool) -> None:
+    """The engine's IP-Adapter: the local weight file, or with a stand-in base a stand-in
+    adapter built for its UNet (written to a temporary folder and read by the real loader)."""
+    if weights:
+        load_ip_adapter(pipeline, weights)
+    elif stand_in:
+        with tempfile.TemporaryDirectory() as folder:
+            load_ip_adapter(pipeline, build_stand_in_ip_adapter(pipeline.unet, folder))
+    else:
+        raise ConfigError(
+            "ip_adapter: no local IP-Adapter weight file given for a real base model "
+            "(eval.ip_adapter or --ip-adapter; nothing is downloaded)"
+        )
+    pipeline.image_encoder.eval()
+
+
+def image_prompt_arguments(pipeline: Any, image_prompt: Any) -> dict[str, Any]:
+    """The pipeline arguments of an image prompt (an `ImagePrompt` or None) at its scale. Once an
+    adapter is loaded the UNet needs image tokens, so a request without a reference runs it with
+    a black image at scale 0, which adds exactly nothing."""
+    if image_prompt is None:
+        size = int(pipeline.image_encoder.config.image_size)
+        pipeline.set_ip_adapter_scale(0.0)
+        return {"ip_adapter_image": Image.new("RGB", (size, size))}
+    pipeline.set_ip_adapter_scale(float(image_prompt.scale))
+    return {"ip_adapter_image": image_prompt.image.convert("RGB")}
