@@ -4,8 +4,6 @@ SDXL stand-ins (identity untouched, frames attending to identity tokens, empty m
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -171,19 +169,18 @@ def _group(
 
 class KeyCounter:
     """Forward hooks on every self-attention key projection: how many tokens each call's keys
-    span beyond the image's own (an image alone has as many keys as queries)."""
+    span (an image alone: its layer's own token count; more: tokens of another image)."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
-        self.extra: list[int] = []
+        self.lengths: list[int] = []
         self.handles = [
             module.to_k.register_forward_hook(self._hook)
             for name, module in unet.named_modules()
             if name.endswith("attn1")
         ]
-        self.queries = 0
 
     def _hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.extra.append(inputs[0].shape[1])
+        self.lengths.append(inputs[0].shape[1])
 
     def close(self) -> None:
         for handle in self.handles:
@@ -200,7 +197,7 @@ def _key_lengths(engine: GenerationEngine, requests: list[RenderRequest]) -> tup
         images = engine.render_batch(requests)
     finally:
         counter.close()
-    return images, counter.extra
+    return images, counter.lengths
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -296,8 +293,8 @@ def test_the_sidecar_records_the_group_and_bad_groups_fail(
         engine.render_batch([requests[0], wrong])
 
 
-def test_mask_files_are_not_needed_for_a_single_identity(
-    engines: dict[str, GenerationEngine], tmp_path: Path
+def test_a_group_of_one_renders_as_plain_with_its_mask(
+    engines: dict[str, GenerationEngine],
 ) -> None:
     """A group of one (the identity alone) renders as plain and still returns its mask."""
     engine = engines["sd15"]
