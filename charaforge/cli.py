@@ -29,6 +29,7 @@ from charaforge.generate.request import (
     SCHEDULERS,
     Conditioning,
     ControlUnit,
+    ImagePrompt,
     RenderRequest,
 )
 
@@ -207,9 +208,20 @@ def generate(
     init_image: Annotated[Path | None, typer.Option(help="Image-to-image: the start.")] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpainting mask (white = repaint).")] = None,
     strength: Annotated[float, typer.Option(help="img2img / inpaint denoising strength.")] = 0.75,
+    ip_adapter_image: Annotated[
+        Path | None, typer.Option(help="IP-Adapter reference image (style or face).")
+    ] = None,
+    ip_adapter_scale: Annotated[float, typer.Option(help="IP-Adapter scale (0: no effect).")] = 0.6,
+    ip_adapter: Annotated[
+        Path | None,
+        typer.Option(help="A local IP-Adapter weight file, image_encoder/ beside it."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     memory: Annotated[
-        str, typer.Option(help="device, model_cpu_offload or sequential_cpu_offload.")
+        str,
+        typer.Option(
+            help="device, model_cpu_offload, sequential_cpu_offload or balanced (split over GPUs)."
+        ),
     ] = "device",
     out: Annotated[Path, typer.Option(help="Output PNG (a .json sidecar goes beside it).")] = Path(
         "charaforge.png"
@@ -262,7 +274,12 @@ def generate(
         from charaforge.generate.engine import GenerationEngine
 
         engine = GenerationEngine(
-            base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
+            base,
+            scheduler=scheduler,
+            device=device,
+            memory=memory,
+            controlnets=controlnets,
+            ip_adapter=ip_adapter,
         )
         scales: dict[str, float] = {}
         for name, file, triggers, scale in chosen:
@@ -293,6 +310,11 @@ def generate(
                 mask=mask_image(mask) if mask is not None else None,
                 strength=strength,
             )
+        image_prompt = None
+        if ip_adapter_image is not None:
+            image_prompt = ImagePrompt(
+                load_image(ip_adapter_image), ip_adapter_scale, source=ip_adapter_image.name
+            )
         images = engine.render_batch(
             [
                 RenderRequest(
@@ -307,6 +329,7 @@ def generate(
                     preset=preset,
                     clip_skip=clip_skip,
                     conditioning=conditioning,
+                    image_prompt=image_prompt,
                 )
                 for offset in range(batch_size)
             ]

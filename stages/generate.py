@@ -14,6 +14,7 @@ def body(ctx: StageContext) -> None:
         scheduler=params.eval.scheduler,
         controlnets=dict(params.eval.controlnets),
         cpu_threads=params.eval.cpu_threads,
+        ip_adapter=params.eval.ip_adapter,
     )
     ctx.run.set_tags({"stand_in": engine.base.stand_in})
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})

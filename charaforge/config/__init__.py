@@ -192,6 +192,18 @@ class SuiteConfig(Strict):
     seeds: list[int] = Field(default=[0], min_length=1)
     # Render only the first `max_groups` groups (None: all): keeps the demo sweep small.
     max_groups: int | None = Field(default=None, ge=1)
+    # How a group's frames keep the character (generate.sweep_methods): `independent` (every
+    # image alone), `shared_attention` (each group in one batch, the frames attending to the
+    # identity shot's character tokens) or `ip_adapter` (the identity shot's image as the frames'
+    # IP-Adapter reference, at `ip_adapter_scale`).
+    method: Literal["independent", "shared_attention", "ip_adapter"] = "independent"
+    ip_adapter_scale: float = Field(default=0.6, ge=0.0, le=2.0)
+    # Fixed-background mode: the frames share the identity shot's background tokens too.
+    share_background: bool = False
+    # The character mask: normalised cross-attention of the character span above this.
+    mask_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Write each image's character mask as an overlay under the sweep's masks/ folder.
+    save_masks: bool = False
 
 
 class PoseEvalConfig(Strict):
@@ -237,6 +249,9 @@ class EvalConfig(Strict):
         ],
         str,
     ] = {}
+    # A local IP-Adapter weight file (image_encoder/ beside it) for suites with method ip_adapter
+    # on real weights; null: a stand-in adapter with the stand-in base.
+    ip_adapter: str | None = None
     # torch CPU threads for the sweep (null: torch's default, one per core). A fixed count keeps
     # CPU output bytes independent of the machine; 1 avoids spin-waiting on shared cores.
     cpu_threads: int | None = Field(default=None, ge=1)

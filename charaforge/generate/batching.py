@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -66,9 +66,17 @@ def _join(parts: list[Any], order: torch.Tensor) -> Any:
     return first
 
 
-def split_rows(function: Any, groups: list[list[int]], size: int) -> Any:
+def split_rows(
+    function: Any,
+    groups: list[list[int]],
+    size: int,
+    before_group: Callable[[int], None] | None = None,
+) -> Any:
     """Call `function` once per group of batch rows (an image's unconditional and conditional
-    rows) and put the results back in batch order; other batch sizes pass straight through."""
+    rows) and put the results back in batch order; other batch sizes pass straight through.
+
+    `before_group(k)` runs before group k's call (consistent attention follows the image).
+    """
     indices = [torch.tensor(group) for group in groups]
     order = torch.argsort(torch.cat(indices))
 
@@ -76,9 +84,11 @@ def split_rows(function: Any, groups: list[list[int]], size: int) -> Any:
         sample = args[0] if args else next(iter(kwargs.values()))
         if not torch.is_tensor(sample) or sample.shape[0] != size:
             return function(*args, **kwargs)
-        parts = [
-            function(*_rows(args, index, size), **_rows(kwargs, index, size)) for index in indices
-        ]
+        parts = []
+        for position, index in enumerate(indices):
+            if before_group is not None:
+                before_group(position)
+            parts.append(function(*_rows(args, index, size), **_rows(kwargs, index, size)))
         return _join(parts, order)
 
     return call

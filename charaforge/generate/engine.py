@@ -38,6 +38,14 @@ from charaforge.generate.conditioning import (
     combine_controlnets,
     control_arguments,
 )
+from charaforge.generate.consistent import (
+    CHARACTER_MASK_KEY,
+    SharedAttention,
+    group_state,
+    shared_attention,
+)
+from charaforge.generate.devices import apply_memory, check_memory_mode, resolve_device
+from charaforge.generate.ip_adapter import image_prompt_arguments, load_for_engine
 from charaforge.generate.loras import LoadedLora, describe_lora, lora_file
 from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
@@ -51,31 +59,10 @@ from charaforge.models.base import (
 log = logging.getLogger(__name__)
 
 
-MEMORY_MODES = ("device", "model_cpu_offload", "sequential_cpu_offload")
-MemoryMode = Literal["device", "model_cpu_offload", "sequential_cpu_offload"]
 BatchMode = Literal["exact", "fused"]
 
 EMBEDDING_CACHE_SIZE = 256
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` (CUDA, then MPS, then CPU), or an explicit torch device such as `cuda:1`."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ConfigError(f"device: {error}") from None
-    if device.type == "cuda" and (
-        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ConfigError(f"device: {name} is not available on this machine")
-    return device
 
 
 class GenerationEngine:
@@ -90,32 +77,33 @@ class GenerationEngine:
         batch_mode: str = "exact",
         controlnets: dict[str, str] | None = None,
         cpu_threads: int | None = None,
+        ip_adapter: str | Path | None = None,
     ) -> None:
-        if memory not in MEMORY_MODES:
-            raise ConfigError(f"memory: {memory!r} is not one of {MEMORY_MODES}")
         if batch_mode not in ("exact", "fused"):
             raise ConfigError(f"batch_mode: {batch_mode!r} is not 'exact' or 'fused'")
         if isinstance(device, str) or device is None:
             device = resolve_device(device or "auto")
-        if memory != "device" and device.type == "cpu":
-            raise ConfigError(
-                f"memory: {memory} moves modules between the CPU and an accelerator; "
-                "this engine runs on the CPU (use memory=device, or a cuda device)"
-            )
+        check_memory_mode(memory, device)
         set_cpu_threads(cpu_threads)
         self.device = device
         self.memory = memory
         self.batch_mode = batch_mode
         self.base = read_base_info(base_dir)
         # Offloaded pipelines are loaded on the CPU; accelerate's hooks move each module in turn.
+        # `balanced` lets accelerate place whole models on the GPUs (diffusers' device_map).
         self.pipeline = load_base_pipeline(
-            base_dir, device if memory == "device" else torch.device("cpu")
+            base_dir,
+            device if memory == "device" else torch.device("cpu"),
+            device_map="balanced" if memory == "balanced" else None,
         )
-        self._apply_memory(self.pipeline)
+        apply_memory(self.pipeline, self.memory, self.device)
         self.is_sdxl = type(self.pipeline).__name__.startswith("StableDiffusionXL")
         self._scheduler_config = self.pipeline.scheduler.config
         self._controlnet_paths = dict(controlnets or {})
         self._controlnets: dict[str, Any] = {}
+        # An IP-Adapter weight file (image_encoder/ beside it); a stand-in base builds its own.
+        self._ip_adapter_path = ip_adapter
+        self.ip_adapter_loaded = False
         self._derived: dict[tuple[str, str], Any] = {}
         self.loras: dict[str, LoadedLora] = {}
         self._embeddings: dict[tuple, tuple] = {}
@@ -130,12 +118,6 @@ class GenerationEngine:
     @property
     def text_layers(self) -> int:
         return int(self.pipeline.text_encoder.config.num_hidden_layers)
-
-    def _apply_memory(self, pipeline: Any) -> None:
-        if self.memory == "model_cpu_offload":
-            pipeline.enable_model_cpu_offload(device=self.device)
-        elif self.memory == "sequential_cpu_offload":
-            pipeline.enable_sequential_cpu_offload(device=self.device)
 
     def set_scheduler(self, name: str) -> None:
         """The default sampler for requests that name none."""
@@ -263,6 +245,11 @@ class GenerationEngine:
             params["trigger_words"] = triggers
         if conditioning is not None:
             params["conditioning"] = conditioning.record()
+        if request.consistency is not None:
+            params["consistency"] = request.consistency.record()
+        if request.image_prompt is not None:
+            adapter = Path(self._ip_adapter_path).name if self._ip_adapter_path else "stand-in"
+            params["ip_adapter"] = {**request.image_prompt.record(), "adapter": adapter}
         return params
 
     # --- rendering ----------------------------------------------------------------------------
@@ -292,6 +279,8 @@ class GenerationEngine:
             raise ValueError("a batch must share its conditioning")
         first, conditioning = params[0], conditionings[0]
         self._activate({item["name"]: item["scale"] for item in first["loras"]})
+        if requests[0].image_prompt is not None:
+            self.load_ip_adapter()  # before deriving: derived pipelines share its image encoder
         pipeline = self._pipeline_for(conditioning)
         pipeline.scheduler = self._build_scheduler(first["scheduler"])
         do_cfg = first["guidance_scale"] > 1.0
@@ -299,9 +288,21 @@ class GenerationEngine:
         extra: dict[str, Any] = {}
         if conditioning is not None:
             extra.update(self._conditioning_arguments(conditioning, first))
+        if requests[0].image_prompt is not None or self.ip_adapter_loaded:
+            extra.update(image_prompt_arguments(pipeline, requests[0].image_prompt))
+        scale = pipeline.vae_scale_factor
+        state = group_state(
+            pipeline.tokenizer,
+            [(request.prompt, request.seed, request.consistency) for request in requests],
+            [item["prompt"] for item in params],
+            (first["height"] // scale, first["width"] // scale),
+        )
         with torch.no_grad():
             extra.update(self._encode(pipeline, params, do_cfg))
-            with self._per_image(pipeline, len(params), do_cfg):
+            with (
+                self._per_image(pipeline, len(params), do_cfg, state),
+                shared_attention(pipeline.unet, state) if state else contextlib.nullcontext(),
+            ):
                 images = pipeline(
                     num_inference_steps=first["steps"],
                     guidance_scale=first["guidance_scale"],
@@ -320,7 +321,10 @@ class GenerationEngine:
                 ).convert("RGB")
                 for image in images
             ]
-        for image, item in zip(images, params, strict=True):
+        masks = state.character_masks(images[0].size) if state else [None] * len(images)
+        for image, item, mask in zip(images, params, masks, strict=True):
+            if mask is not None:
+                image.info[CHARACTER_MASK_KEY] = mask
             image.info[PARAMETERS_KEY] = a1111_parameters(item)
             image.info[SIDECAR_KEY] = json.dumps(item, sort_keys=True)
         return images
@@ -379,10 +383,13 @@ class GenerationEngine:
         return any(getattr(encoder, "peft_config", None) for encoder in encoders)
 
     @contextlib.contextmanager
-    def _per_image(self, pipeline: Any, count: int, do_cfg: bool) -> Iterator[None]:
+    def _per_image(
+        self, pipeline: Any, count: int, do_cfg: bool, state: SharedAttention | None = None
+    ) -> Iterator[None]:
         """In exact mode, run the UNet, ControlNet and VAE decoder one image at a time; always
-        time them (the benchmark's share of time outside UNet and VAE)."""
-        exact = self.batch_mode == "exact"
+        time them (the benchmark's share of time outside UNet and VAE). A consistent group always
+        runs image by image, identity first, telling the shared attention which image runs."""
+        exact = self.batch_mode == "exact" or state is not None
         groups = [[k, count + k] if do_cfg else [k] for k in range(count)]
         patched = [
             (pipeline.unet, "forward", "unet"),
@@ -396,8 +403,10 @@ class GenerationEngine:
             bound = getattr(module, method)
             groups_here = groups if label == "unet" else [[k] for k in range(count)]
             size = count * (2 if do_cfg and label == "unet" else 1)
+            follow = state.begin_image if state is not None and module is pipeline.unet else None
+            split = exact and (count > 1 or follow is not None)
             wrapped = timed(
-                split_rows(bound, groups_here, size) if exact and count > 1 else bound,
+                split_rows(bound, groups_here, size, follow) if split else bound,
                 self.timer,
                 label,
             )
@@ -421,6 +430,18 @@ class GenerationEngine:
         self.pipeline.enable_lora()
         self.pipeline.set_adapters(list(scales), list(scales.values()))
 
+    # --- IP-Adapter ---------------------------------------------------------------------------
+
+    def load_ip_adapter(self) -> None:
+        """Load the IP-Adapter into the base pipeline once (generate.ip_adapter.load_for_engine)."""
+        if not self.ip_adapter_loaded:
+            load_for_engine(self.pipeline, self._ip_adapter_path, self.base.stand_in)
+            apply_memory(
+                self.pipeline, self.memory, self.device
+            )  # offload hooks for the new image encoder too
+            self._derived.clear()  # derived pipelines must see the image encoder
+            self.ip_adapter_loaded = True
+
     # --- conditioning -------------------------------------------------------------------------
 
     def _pipeline_for(self, conditioning: Conditioning | None) -> Any:
@@ -441,7 +462,7 @@ class GenerationEngine:
                 extra["controlnet"] = combine_controlnets([self.controlnet(t) for t in types])
             derived = pipeline_class.from_pipe(self.pipeline, **extra)
             derived.set_progress_bar_config(disable=True)
-            if kind == "control" and self.memory == "device":
+            if kind == "control" and self.memory in ("device", "balanced"):
                 derived.controlnet.to(self.device)
             self._derived[key] = derived
         return self._derived[key]

@@ -24,7 +24,15 @@ def batch_key(params: dict[str, Any]) -> str:
         key: value
         for key, value in params.items()
         if key
-        not in {"prompt", "negative_prompt", "seed", "clip_skip", "trigger_words", "conditioning"}
+        not in {
+            "prompt",
+            "negative_prompt",
+            "seed",
+            "clip_skip",
+            "trigger_words",
+            "conditioning",
+            "consistency",  # a group's identity shot and frames differ here (checked apart)
+        }
     }
     return json.dumps(shared, sort_keys=True)
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from charaforge.core.files import sha256_bytes
+from charaforge.generate.consistent import Consistency
 
 # Config name -> (diffusers class, extra config, A1111 sampler name).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -176,6 +177,28 @@ class Conditioning:
         return record
 
 
+@dataclass(frozen=True)
+class ImagePrompt:
+    """An IP-Adapter reference image (a style or face reference) and its scale.
+
+    Scale 0 leaves the image prompt without effect (the render equals the plain one).
+    """
+
+    image: Image.Image
+    scale: float = 0.6
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scale <= 2.0:
+            raise ValueError(f"ip_adapter scale must be in [0, 2], got {self.scale}")
+
+    def record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"image": image_digest(self.image), "scale": float(self.scale)}
+        if self.source:
+            record["source"] = self.source
+        return record
+
+
 @dataclass(frozen=True, kw_only=True)
 class RenderRequest:
     """Everything that decides one image (unset fields take the engine's or the preset's value).
@@ -196,6 +219,11 @@ class RenderRequest:
     preset: str | None = None
     clip_skip: int = 1
     conditioning: Conditioning | None = None
+    # Part of a consistent-character group (generate.consistent): the first request of a batch
+    # is the identity shot, the others attend to its character tokens.
+    consistency: Consistency | None = None
+    # An IP-Adapter image prompt (the engine loads its adapter on first use).
+    image_prompt: ImagePrompt | None = None
 
     @classmethod
     def from_options(cls, prompt: str, seed: int, **options: Any) -> RenderRequest:

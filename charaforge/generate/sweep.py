@@ -32,11 +32,12 @@ from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUM
 from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
 from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
 from charaforge.errors import ConfigError, MissingInputError
+from charaforge.generate.consistent import Consistency
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name
 from charaforge.generate.prompts import read_suite
-from charaforge.generate.records import read_sidecar, write_image
-from charaforge.generate.request import Conditioning, RenderRequest
+from charaforge.generate.request import Conditioning, ImagePrompt, RenderRequest
+from charaforge.generate.sweep_methods import render_cell
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class SweepPrompt:
     suite: str | None = None
     group: int | None = None
     identity_shot: bool = False
+    character: str | None = None  # a suite line's character field (trigger filled in)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ def sweep_prompts(eval: EvalConfig, trigger: str, root: str | Path = ".") -> lis
                     suite=name,
                     group=item.group,
                     identity_shot=item.identity_shot,
+                    character=item.character.replace("{trigger}", trigger),
                 )
             )
     return prompts
@@ -220,10 +223,17 @@ def run_sweep(
     poses = pose_conditions(eval, pose_dir)
     jobs = plan_jobs(read_candidates(train_dir), eval, trigger, seed, poses, root)
     skeletons = {pose: Image.open(pose.skeleton).convert("RGB") for pose in poses}
-    rendered, skipped = 0, 0
+    counts = [0, 0]  # rendered, reused
     loaded: str | None = None
     started = time.perf_counter()
     progress = tqdm(total=len(jobs), desc="generate", leave=False)
+
+    def done(job: SweepJob, was_rendered: bool) -> None:
+        counts[0 if was_rendered else 1] += 1
+        progress.update(1)
+        if was_rendered and on_image is not None:
+            on_image(job)
+
     for cell_jobs in _cells(jobs):
         first = cell_jobs[0]
         loras = {}
@@ -245,26 +255,20 @@ def run_sweep(
                 conditioning_scale=eval.pose.conditioning_scale,
                 source=first.pose.image_id,
             )
-        pending = []
-        for job in cell_jobs:
-            request = _request(job, loras, eval, resolution, conditioning)
-            path = out_dir / job.relative_path()
-            if path.is_file() and read_sidecar(path) == engine.parameters(request):
-                skipped += 1
-                progress.update(1)
-            else:
-                pending.append((job, request))
-        for start in range(0, len(pending), eval.batch_size):
-            batch = pending[start : start + eval.batch_size]
-            images = engine.render_batch([request for _, request in batch])
-            for (job, _), image in zip(batch, images, strict=True):
-                write_image(out_dir / job.relative_path(), image)
-                rendered += 1
-                progress.update(1)
-                if on_image is not None:
-                    on_image(job)
+
+        def make_request(
+            job: SweepJob,
+            consistency: Consistency | None,
+            image_prompt: ImagePrompt | None,
+            loras: dict[str, float] = loras,
+            conditioning: Conditioning | None = conditioning,
+        ) -> RenderRequest:
+            return _request(job, loras, eval, resolution, conditioning, consistency, image_prompt)
+
+        render_cell(engine, cell_jobs, make_request, eval, out_dir, done)
     progress.close()
     _release(engine, loaded)
+    rendered, skipped = counts
     seconds = time.perf_counter() - started
     index = _index(jobs, out_dir)
     write_parquet(out_dir / "index.parquet", index)
@@ -291,7 +295,9 @@ def _request(
     eval: EvalConfig,
     resolution: int,
     conditioning: Conditioning | None,
-) -> dict:
+    consistency: Consistency | None = None,
+    image_prompt: ImagePrompt | None = None,
+) -> RenderRequest:
     return RenderRequest(
         prompt=job.prompt.text,
         seed=job.seed,
@@ -304,6 +310,8 @@ def _request(
         scheduler=eval.scheduler,
         clip_skip=eval.clip_skip,
         conditioning=conditioning,
+        consistency=consistency,
+        image_prompt=image_prompt,
     )
 
 

@@ -409,11 +409,14 @@ def _load_kwargs(family: str) -> dict[str, Any]:
 
 
 def load_base_pipeline(
-    base_dir: str | Path = layout.BASE_DIR, device: torch.device | None = None
+    base_dir: str | Path = layout.BASE_DIR,
+    device: torch.device | None = None,
+    device_map: str | None = None,
 ) -> Any:
     """The base pipeline in float32, progress bars off.
 
     StableDiffusionPipeline (safety checker off) for sd15, StableDiffusionXLPipeline for sdxl.
+    `device_map` ("balanced") lets accelerate place the models over the GPUs instead of `device`.
     """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -424,9 +427,12 @@ def load_base_pipeline(
     transformers_logging.disable_progress_bar()
     info = read_base_info(base_dir)
     location = pipeline_location(base_dir)
-    pipeline = pipeline_class(info.family).from_pretrained(location, **_load_kwargs(info.family))
+    kwargs = _load_kwargs(info.family)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    pipeline = pipeline_class(info.family).from_pretrained(location, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device or default_device())
+    return pipeline if device_map is not None else pipeline.to(device or default_device())
 
 
 def assemble_sd15_pipeline(vae: Any, unet: Any, text_encoder: Any, tokenizer: Any) -> Any:

@@ -1,0 +1,159 @@
+"""How the images of one sweep cell are rendered, per suite method.
+
+`independent`: every image alone, in batches of `eval.batch_size`. `shared_attention`
+(generate.consistent): each group (per seed) in one batch, identity shot first, the frames
+attending to its character tokens; when only a frame is missing, the identity shot is rendered
+again with it (not rewritten) so the frame gets the same bytes. `ip_adapter`: the identity shot
+alone first, then the frames with the identity shot's image as their IP-Adapter reference (read
+back from disk, so a resumed sweep conditions on the very file it scores). A suite method is a
+sweep axis: the same suite file under two names with two methods is rendered both ways and the
+score stage's consistency column compares them.
+
+Jobs are the sweep's `SweepJob`s (duck-typed here: `prompt`, `sample`, `seed`, `pose`,
+`relative_path()`), so this module stays below generate.sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from charaforge.config import EvalConfig, SuiteConfig
+from charaforge.core.files import write_png
+from charaforge.generate.consistent import CHARACTER_MASK_KEY, Consistency, mask_overlay
+from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.records import read_sidecar, write_image
+from charaforge.generate.request import ImagePrompt, RenderRequest
+
+MASK_DIR = "masks"
+
+# (job, consistency, image_prompt) -> the job's request.
+MakeRequest = Callable[[Any, Consistency | None, ImagePrompt | None], RenderRequest]
+
+
+def render_cell(
+    engine: GenerationEngine,
+    jobs: list[Any],
+    make_request: MakeRequest,
+    eval: EvalConfig,
+    out_dir: Path,
+    on_done: Callable[[Any, bool], None],
+) -> None:
+    """Render the cell's missing images; `on_done(job, rendered)` after each job."""
+    first_pass = [job for job in jobs if _method(job, eval) != "ip_adapter" or _is_identity(job)]
+    requests = [(job, make_request(job, _consistency(job, jobs, eval), None)) for job in first_pass]
+    _render(engine, requests, eval, out_dir, on_done)
+    frames = [job for job in jobs if job not in first_pass]
+    if frames:
+        identities = {_group_key(job): job for job in first_pass if _is_identity(job)}
+        references = [
+            (job, _reference(identities[_group_key(job)], eval, out_dir)) for job in frames
+        ]
+        # One batch per reference: a batch shares its image prompt.
+        for identity_path in dict.fromkeys(path for _, (_, path) in references):
+            group = [
+                (job, make_request(job, None, prompt))
+                for job, (prompt, path) in references
+                if path == identity_path
+            ]
+            _render(engine, group, eval, out_dir, on_done)
+
+
+def _render(
+    engine: GenerationEngine,
+    requests: list[tuple[Any, RenderRequest]],
+    eval: EvalConfig,
+    out_dir: Path,
+    on_done: Callable[[Any, bool], None],
+) -> None:
+    pending = []
+    for job, request in requests:
+        path = out_dir / job.relative_path()
+        if path.is_file() and read_sidecar(path) == engine.parameters(request):
+            on_done(job, False)
+        else:
+            pending.append((job, request))
+    waiting = {job for job, _ in pending}
+    for batch in _batches(pending, requests, eval.batch_size):
+        images = engine.render_batch([request for _, request in batch])
+        for (job, _), image in zip(batch, images, strict=True):
+            if job not in waiting:
+                continue  # an identity shot rendered again only for its frames
+            write_image(out_dir / job.relative_path(), image)
+            _write_mask(out_dir, job, image, eval)
+            on_done(job, True)
+
+
+def _suite(job: Any, eval: EvalConfig) -> SuiteConfig | None:
+    return eval.suites.get(job.prompt.suite or "") if job.pose is None else None
+
+
+def _method(job: Any, eval: EvalConfig) -> str:
+    suite = _suite(job, eval)
+    return suite.method if suite is not None else "independent"
+
+
+def _is_identity(job: Any) -> bool:
+    return bool(job.prompt.identity_shot)
+
+
+def _group_key(job: Any) -> tuple:
+    return (job.prompt.suite, job.prompt.group, job.sample)
+
+
+def _consistency(job: Any, jobs: list[Any], eval: EvalConfig) -> Consistency | None:
+    """A shared-attention suite's part: the identity shot, or a frame naming it."""
+    suite = _suite(job, eval)
+    if suite is None or suite.method != "shared_attention":
+        return None
+    identity = None
+    if not _is_identity(job):
+        identity = next(
+            other for other in jobs if _is_identity(other) and _group_key(other) == _group_key(job)
+        )
+    return Consistency(
+        job.prompt.character or "",
+        identity_prompt=identity.prompt.text if identity else None,
+        identity_seed=identity.seed if identity else None,
+        share_background=suite.share_background,
+        mask_threshold=suite.mask_threshold,
+    )
+
+
+def _reference(identity: Any, eval: EvalConfig, out_dir: Path) -> tuple[ImagePrompt, Path]:
+    suite = _suite(identity, eval)
+    assert suite is not None
+    path = out_dir / identity.relative_path()
+    with Image.open(path) as image:
+        picture = image.convert("RGB")
+    return ImagePrompt(picture, suite.ip_adapter_scale, source=identity.relative_path()), path
+
+
+def _batches(
+    pending: list[tuple[Any, RenderRequest]],
+    requests: list[tuple[Any, RenderRequest]],
+    batch_size: int,
+) -> list[list[tuple[Any, RenderRequest]]]:
+    """Independent images in batches of `batch_size`; a consistent group as one batch, identity
+    shot first and whole (the frames attend to it), whenever one of its images is pending."""
+    plain = [item for item in pending if item[1].consistency is None]
+    batches = [plain[start : start + batch_size] for start in range(0, len(plain), batch_size)]
+    waiting = {job for job, _ in pending}
+    groups: dict[tuple, list[tuple[Any, RenderRequest]]] = {}
+    for job, request in requests:
+        if request.consistency is not None:
+            groups.setdefault(_group_key(job), []).append((job, request))
+    for members in groups.values():
+        if any(job in waiting for job, _ in members):
+            batches.append(sorted(members, key=lambda item: not _is_identity(item[0])))
+    return batches
+
+
+def _write_mask(out_dir: Path, job: Any, image: Image.Image, eval: EvalConfig) -> None:
+    suite = _suite(job, eval)
+    if suite is not None and suite.save_masks and CHARACTER_MASK_KEY in image.info:
+        overlay = mask_overlay(image, image.info[CHARACTER_MASK_KEY])
+        write_png(out_dir / MASK_DIR / job.relative_path(), overlay)
