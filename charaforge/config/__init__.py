@@ -60,6 +60,12 @@ class IngestConfig(Strict):
     max_pixels: int = Field(ge=1)
     max_side: int = Field(ge=8)
     background: tuple[int, int, int]
+    # Files bigger than this are quarantined by the scan before a byte is read (a sparse
+    # multi-GB file would otherwise be read whole into memory).
+    max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    # Longer side over shorter side above this: quarantined (a 20480x100 strip would enter the
+    # dataset at 1024x5).
+    max_aspect: float = Field(default=8.0, ge=1.0)
 
     @field_validator("background")
     @classmethod

@@ -11,7 +11,10 @@ from pathlib import Path
 # Stage output folders (relative to the repository root, as in dvc.yaml).
 DEMO_DIR = "data/demo"
 WORLD_DIR = "data/world"
+SCAN_DIR = "data/scan"
 INGEST_DIR = "data/ingest"
+# The scan stage's table of every entry of data.source (charaforge.prepare.scan).
+SCAN_TABLE = "data/scan/entries.parquet"
 DEDUPE_DIR = "data/dedupe"
 TAG_DIR = "data/tag"
 POSE_DIR = "data/pose"
