@@ -184,7 +184,9 @@ def test_every_entry_is_accounted_for_by_name(hostile_repo: dict) -> None:
 
 def test_tables_hold_escaped_names_and_captions(hostile_repo: dict) -> None:
     manifest = pd.read_parquet(hostile_repo["workdir"] / "data/ingest/manifest.parquet")
-    by_name = dict(zip(manifest["source_path"].map(_relative), manifest["sidecar_text"]))
+    by_name = dict(
+        zip(manifest["source_path"].map(_relative), manifest["sidecar_text"], strict=True)
+    )
     assert by_name["good2.png"] == "a caption"
     assert "caf\\xe9.png" in by_name and "new\\x0aline.png" in by_name
 

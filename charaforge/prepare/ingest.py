@@ -34,7 +34,6 @@ from charaforge.config import IngestConfig
 from charaforge.core.files import atomic_path, sha256_bytes, write_bytes, write_json, write_parquet
 from charaforge.errors import ConfigError
 from charaforge.prepare.scan import (
-    IMAGE_SUFFIXES,
     SCAN_KINDS,
     escape_name,
     portable_path,
