@@ -353,6 +353,9 @@ class ScoreConfig(Strict):
     tags: TagScoreConfig = TagScoreConfig()
     memorisation: MemorisationConfig = MemorisationConfig()
     batch_size: int = Field(ge=1)
+    # torch CPU threads while scoring (as eval.cpu_threads): fixed, so the bytes of
+    # scores.parquet do not depend on the machine's core count.
+    cpu_threads: int = Field(default=1, ge=1)
 
 
 class ReportConfig(Strict):
