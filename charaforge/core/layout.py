@@ -22,6 +22,9 @@ DATASET_DIR = "data/dataset"
 BASE_DIR = "data/base"
 TRAIN_DIR = "data/train"
 GENERATE_DIR = "data/generate"
+# Images of an unfinished sweep, outside data/generate (DVC deletes that before re-running the
+# stage), so that an interrupted sweep resumes inside `dvc repro` (like train.state_dir).
+GENERATE_WORK_DIR = "data/generate_work"
 SCORE_DIR = "data/score"
 REPORTS_DIR = "reports"
 TRAIN_LOSS_PLOTS_DIR = "reports/plots/train_loss"
