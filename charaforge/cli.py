@@ -22,9 +22,11 @@ from charaforge.generate.records import write_image
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
 from charaforge.pipeline.compose import DEFAULT_CONFIG, compose_params
 from charaforge.pipeline.stage import configure_logging
+from charaforge.prepare.ingest import check_source
 from charaforge.serve.http import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
 from charaforge.serve.http import serve as run_server
 from charaforge.serve.registry import LoraRegistry
+from charaforge.train.preflight import check_from_configs
 
 log = logging.getLogger("charaforge")
 
@@ -298,9 +300,6 @@ def check(
     touching params.yaml or any output: run it before `dvc exp run -S ...`, which deletes a
     stage's outputs before the stage can refuse a bad value."""
     import tempfile
-
-    from charaforge.prepare.ingest import check_source
-    from charaforge.train.preflight import check_from_configs
 
     try:
         with tempfile.TemporaryDirectory() as scratch:
