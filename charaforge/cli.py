@@ -567,3 +567,43 @@ def lora_resize(
         "wrote %s: %d modules at rank %d, %.4f of the energy retained (least in one module %.4f)",
         destination, report.modules, rank, report.retained_energy, report.min_retained_energy,
     )  # fmt: skip
+
+
+@app.command()
+def check(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Hydra overrides, as given to `dvc exp run -S`.")
+    ] = None,
+    root: Annotated[Path, typer.Option(help="Repository root holding conf/.")] = Path("."),
+    config_name: Annotated[
+        str,
+        typer.Option(help="Primary config in conf/: config (the world demo) or stand_in."),
+    ] = DEFAULT_CONFIG,
+) -> None:
+    """Validate conf/ with these overrides (and the model from its config files) without
+    touching params.yaml or any output: run it before `dvc exp run -S ...`, which deletes a
+    stage's outputs before the stage can refuse a bad value."""
+    import tempfile
+
+    from charaforge.pipeline.compose import compose_params
+    from charaforge.prepare.ingest import check_source
+    from charaforge.train.preflight import check_from_configs
+
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            checked = compose_params(
+                root, overrides or [], output=Path(scratch) / "params.yaml", config_name=config_name
+            )
+        if checked.data.source != layout.DEMO_DIR:  # the demo stage makes its own source
+            check_source(root / checked.data.source)
+        if checked.train.mixed_precision == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no")
+        if checked.model.source == "pretrained" and checked.model.path:
+            check_from_configs(checked.model.path, checked.train, checked.model.resolution)
+    except ConfigError as error:
+        log.error("%s", error)
+        raise typer.Exit(2) from None
+    log.info("configuration ok")

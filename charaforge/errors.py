@@ -6,6 +6,8 @@ log line and exit code 2 (or an HTTP 4xx); anything else is a bug and keeps its 
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 
 
@@ -25,3 +27,22 @@ def require_stage_output(path: object, stage: str) -> None:
     """Fail with "run stage X first" when an earlier stage's output is missing."""
     if not Path(str(path)).exists():
         raise MissingInputError(f"{path}: not found (run the `{stage}` stage first)")
+
+
+# A full disk, a quota, a file-size limit: reported in one line by the stage edge, not a traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_message(error: OSError) -> str:
+    """One line: what could not be written, and how much room is left there."""
+    path = Path(error.filename) if error.filename else Path.cwd()
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(folder).free
+    if error.errno == errno.EFBIG:
+        what = "file size limit reached (ulimit -f / RLIMIT_FSIZE)"
+    else:
+        what = "no space left on the device" if error.errno == errno.ENOSPC else "quota exceeded"
+    return (
+        f"{what} writing {path}: {free / 2**20:.1f} MiB free on that filesystem; "
+        "free more space (or raise the limit) and run again"
+    )

@@ -27,6 +27,7 @@ def body(ctx: StageContext) -> None:
         seed=params.seed,
         out_dir=layout.GENERATE_DIR,
         pose_dir=layout.POSE_DIR if params.eval.pose.enabled else None,
+        work_dir=layout.GENERATE_WORK_DIR,
     )
     ctx.run.log_metrics(
         {

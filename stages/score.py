@@ -6,10 +6,12 @@ import numpy as np
 from charaforge.core import layout
 from charaforge.evaluate.columns import METRICS
 from charaforge.evaluate.sweep import SCORERS_FILE, score_sweep
+from charaforge.models.base import set_cpu_threads
 from charaforge.pipeline.stage import StageContext, run_stage
 
 
 def body(ctx: StageContext) -> None:
+    set_cpu_threads(ctx.params.score.cpu_threads)
     ctx.tag_data_hash(
         f"{layout.GENERATE_DIR}/index.parquet", f"{layout.DATASET_DIR}/metadata.parquet"
     )

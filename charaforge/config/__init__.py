@@ -59,7 +59,13 @@ class IngestConfig(Strict):
     min_side: int = Field(ge=1)
     max_pixels: int = Field(ge=1)
     max_side: int = Field(ge=8)
-    background: tuple[int, int, int]
+    background: tuple[int, int, int] = Field(strict=False)  # a YAML list
+    # Files bigger than this are quarantined by the scan before a byte is read (a sparse
+    # multi-GB file would otherwise be read whole into memory).
+    max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    # Longer side over shorter side above this: quarantined (a 20480x100 strip would enter the
+    # dataset at 1024x5).
+    max_aspect: float = Field(default=8.0, ge=1.0)
 
     @field_validator("background")
     @classmethod
@@ -218,6 +224,11 @@ class PoseEvalConfig(Strict):
     conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0)
 
 
+# `{name}` in an eval prompt; the sweep fills in these names.
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+PROMPT_PLACEHOLDERS = frozenset({"trigger"})
+
+
 class EvalConfig(Strict):
     prompts: list[str] = Field(min_length=1)
     negative_prompt: str = ""
@@ -262,6 +273,21 @@ class EvalConfig(Strict):
         for name in value:
             if not re.match(r"^[A-Za-z0-9_-]+$", name):
                 raise ValueError(f"suite name {name!r}: use letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("prompts", "negative_prompt")
+    @classmethod
+    def _known_placeholders(cls, value: list[str] | str) -> list[str] | str:
+        # The sweep replaces `{trigger}` only: any other `{name}` (a typo such as `{trigerr}`)
+        # would be rendered literally into every image of the sweep.
+        for index, text in enumerate([value] if isinstance(value, str) else value):
+            unknown = sorted(set(PLACEHOLDER.findall(text)) - PROMPT_PLACEHOLDERS)
+            if unknown:
+                where = "" if isinstance(value, str) else f"[{index}]"
+                names = ", ".join("{" + name + "}" for name in unknown)
+                raise ValueError(
+                    f"{where} unknown placeholder {names}; the known one is {{trigger}}"
+                )
         return value
 
     @model_validator(mode="after")
@@ -370,6 +396,9 @@ class ScoreConfig(Strict):
     memorisation: MemorisationConfig = MemorisationConfig()
     filter: ConsistencyFilterConfig = ConsistencyFilterConfig()
     batch_size: int = Field(ge=1)
+    # torch CPU threads while scoring (as eval.cpu_threads): fixed, so the bytes of
+    # scores.parquet do not depend on the machine's core count.
+    cpu_threads: int = Field(default=1, ge=1)
 
 
 class ReportConfig(Strict):

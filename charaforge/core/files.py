@@ -55,7 +55,16 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
     temp_root = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     temp_path = temp_root / destination.name
     try:
-        yield temp_path
+        try:
+            yield temp_path
+        except OSError as error:
+            # A write() error names no file, and a nested one names a temporary path: a full
+            # disk must say where it was writing, by the name the user will look for.
+            named = str(error.filename) if error.filename is not None else str(temp_path)
+            if error.errno is not None and named.startswith(str(temp_path)):
+                real = str(destination) + named[len(str(temp_path)) :]
+                raise OSError(error.errno, error.strerror, real) from error
+            raise
         if not temp_path.exists():
             raise FileNotFoundError(f"nothing was written for {destination}")
         if destination.is_dir() and not destination.is_symlink():

@@ -11,7 +11,10 @@ from pathlib import Path
 # Stage output folders (relative to the repository root, as in dvc.yaml).
 DEMO_DIR = "data/demo"
 WORLD_DIR = "data/world"
+SCAN_DIR = "data/scan"
 INGEST_DIR = "data/ingest"
+# The scan stage's table of every entry of data.source (charaforge.prepare.scan).
+SCAN_TABLE = "data/scan/entries.parquet"
 DEDUPE_DIR = "data/dedupe"
 TAG_DIR = "data/tag"
 POSE_DIR = "data/pose"
@@ -19,6 +22,9 @@ DATASET_DIR = "data/dataset"
 BASE_DIR = "data/base"
 TRAIN_DIR = "data/train"
 GENERATE_DIR = "data/generate"
+# Images of an unfinished sweep, outside data/generate (DVC deletes that before re-running the
+# stage), so that an interrupted sweep resumes inside `dvc repro` (like train.state_dir).
+GENERATE_WORK_DIR = "data/generate_work"
 SCORE_DIR = "data/score"
 REPORTS_DIR = "reports"
 TRAIN_LOSS_PLOTS_DIR = "reports/plots/train_loss"

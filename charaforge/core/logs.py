@@ -161,6 +161,9 @@ def configure_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.captureWarnings(True)  # warnings.warn goes through logging (and its filters) too
     logging.getLogger("py.warnings").setLevel(logging.WARNING)
+    # It logs a full traceback for every locked SQLite call; tracking.StageRun reports a lock in
+    # one warning and retries.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _without_noise(line: str, end: str = "\n") -> str:

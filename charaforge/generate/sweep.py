@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from charaforge.config import EvalConfig
 from charaforge.core import layout
 from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUMNS
-from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
+from charaforge.core.files import derive_seed, sha256_file, write_bytes, write_parquet, write_png
 from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
 from charaforge.errors import ConfigError, MissingInputError
 from charaforge.generate.consistent import Consistency
@@ -214,12 +215,17 @@ def run_sweep(
     pose_dir: str | Path | None = None,
     root: str | Path = ".",
     on_image: Callable[[SweepJob], None] | None = None,
+    work_dir: str | Path | None = None,
 ) -> SweepResult:
     """Render the sweep into out_dir/images, write out_dir/index.parquet and out_dir/grids/.
 
     `on_image` is called after each image is on disk (progress; tests interrupt through it).
+    `work_dir`: a folder outside the stage's output (DVC deletes data/generate before it runs the
+    stage again) where every image is kept as it is rendered, so that an interrupted sweep
+    resumes inside `dvc repro` too; removed once the sweep is complete.
     """
     out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else None
     poses = pose_conditions(eval, pose_dir)
     jobs = plan_jobs(read_candidates(train_dir), eval, trigger, seed, poses, root)
     skeletons = {pose: Image.open(pose.skeleton).convert("RGB") for pose in poses}
@@ -265,7 +271,7 @@ def run_sweep(
         ) -> RenderRequest:
             return _request(job, loras, eval, resolution, conditioning, consistency, image_prompt)
 
-        render_cell(engine, cell_jobs, make_request, eval, out_dir, done)
+        render_cell(engine, cell_jobs, make_request, eval, out_dir, done, work)
     progress.close()
     _release(engine, loaded)
     rendered, skipped = counts
@@ -273,6 +279,8 @@ def run_sweep(
     index = _index(jobs, out_dir)
     write_parquet(out_dir / "index.parquet", index)
     grids = write_contact_sheets(index, eval, out_dir, stand_in=engine.base.stand_in)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)  # complete: nothing left to resume
     log.info(
         "sweep: %d images (%d rendered, %d reused) in %.1f s", len(jobs), rendered, skipped, seconds
     )

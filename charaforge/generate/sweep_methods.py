@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from charaforge.config import EvalConfig, SuiteConfig
-from charaforge.core.files import write_png
+from charaforge.core.files import write_bytes, write_png
 from charaforge.generate.consistent import CHARACTER_MASK_KEY, Consistency, mask_overlay
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.records import read_sidecar, write_image
@@ -41,11 +41,13 @@ def render_cell(
     eval: EvalConfig,
     out_dir: Path,
     on_done: Callable[[Any, bool], None],
+    work: Path | None = None,
 ) -> None:
-    """Render the cell's missing images; `on_done(job, rendered)` after each job."""
+    """Render the cell's missing images; `on_done(job, rendered)` after each job. With a `work`
+    folder every image is kept there too as it is rendered, and reused from there (run_sweep)."""
     first_pass = [job for job in jobs if _method(job, eval) != "ip_adapter" or _is_identity(job)]
     requests = [(job, make_request(job, _consistency(job, jobs, eval), None)) for job in first_pass]
-    _render(engine, requests, eval, out_dir, on_done)
+    _render(engine, requests, eval, out_dir, on_done, work)
     frames = [job for job in jobs if job not in first_pass]
     if frames:
         identities = {_group_key(job): job for job in first_pass if _is_identity(job)}
@@ -59,7 +61,7 @@ def render_cell(
                 for job, (prompt, path) in references
                 if path == identity_path
             ]
-            _render(engine, group, eval, out_dir, on_done)
+            _render(engine, group, eval, out_dir, on_done, work)
 
 
 def _render(
@@ -68,11 +70,17 @@ def _render(
     eval: EvalConfig,
     out_dir: Path,
     on_done: Callable[[Any, bool], None],
+    work: Path | None,
 ) -> None:
     pending = []
     for job, request in requests:
         path = out_dir / job.relative_path()
-        if path.is_file() and read_sidecar(path) == engine.parameters(request):
+        wanted = engine.parameters(request)
+        kept = work / job.relative_path() if work is not None else None
+        if path.is_file() and read_sidecar(path) == wanted:
+            on_done(job, False)
+        elif kept is not None and kept.is_file() and read_sidecar(kept) == wanted:
+            _copy_image(kept, path)
             on_done(job, False)
         else:
             pending.append((job, request))
@@ -82,7 +90,11 @@ def _render(
         for (job, _), image in zip(batch, images, strict=True):
             if job not in waiting:
                 continue  # an identity shot rendered again only for its frames
-            write_image(out_dir / job.relative_path(), image)
+            if work is not None:
+                write_image(work / job.relative_path(), image)
+                _copy_image(work / job.relative_path(), out_dir / job.relative_path())
+            else:
+                write_image(out_dir / job.relative_path(), image)
             _write_mask(out_dir, job, image, eval)
             on_done(job, True)
 
@@ -157,3 +169,9 @@ def _write_mask(out_dir: Path, job: Any, image: Image.Image, eval: EvalConfig) -
     if suite is not None and suite.save_masks and CHARACTER_MASK_KEY in image.info:
         overlay = mask_overlay(image, image.info[CHARACTER_MASK_KEY])
         write_png(out_dir / MASK_DIR / job.relative_path(), overlay)
+
+
+def _copy_image(source: Path, target: Path) -> None:
+    """A kept image and its sidecar into the output, sidecar first (as write_image writes)."""
+    write_bytes(target.with_suffix(".json"), source.with_suffix(".json").read_bytes())
+    write_bytes(target, source.read_bytes())

@@ -101,6 +101,17 @@ class MediaPipeFaceDetector:
         return faces
 
 
+def one_thread_session() -> Any:
+    """onnxruntime options with one thread per op: its default (one per core) makes float
+    results depend on the machine, and so the bytes of scores.parquet."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return options
+
+
 class InsightFaceDetector:
     """insightface's detector (SCRFD / RetinaFace) from a local ONNX file."""
 
@@ -109,7 +120,9 @@ class InsightFaceDetector:
     def __init__(self, path: Path, min_confidence: float, input_size: int = 640) -> None:
         from insightface.model_zoo import get_model
 
-        model = get_model(str(path), providers=["CPUExecutionProvider"])
+        model = get_model(
+            str(path), providers=["CPUExecutionProvider"], sess_options=one_thread_session()
+        )
         if model is None or getattr(model, "taskname", "") != "detection":
             raise ConfigError(f"score.face.detector_path: {path} is not an insightface detector")
         model.prepare(ctx_id=-1, input_size=(input_size, input_size), det_thresh=min_confidence)
@@ -253,7 +266,9 @@ def _load_recognizer(config: FaceConfig) -> tuple[Any, dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="charaforge-arcface-") as folder:
             path = Path(folder) / f"{STAND_IN_NAME}.onnx"
             path.write_bytes(data)
-            model = get_model(str(path), providers=["CPUExecutionProvider"])
+            model = get_model(
+                str(path), providers=["CPUExecutionProvider"], sess_options=one_thread_session()
+            )
         description = {
             "model": STAND_IN_NAME,
             "weights": f"random, numpy default_rng({config.stand_in_seed})",
@@ -261,7 +276,9 @@ def _load_recognizer(config: FaceConfig) -> tuple[Any, dict[str, Any]]:
         }
     else:
         path = find_local_file(config.recognition_path or "", "score.face.recognition_path")
-        model = get_model(str(path), providers=["CPUExecutionProvider"])
+        model = get_model(
+            str(path), providers=["CPUExecutionProvider"], sess_options=one_thread_session()
+        )
         description = {"model": path.name, "weights_sha256": sha256_file(path)}
     if model is None or getattr(model, "taskname", "") != "recognition":
         raise ConfigError("score.face.recognition_path: not an insightface recognition model")

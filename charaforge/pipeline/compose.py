@@ -11,6 +11,7 @@ from pathlib import Path
 
 from charaforge.config import Params, load_params
 from charaforge.core.files import atomic_path
+from charaforge.errors import ConfigError
 
 DEFAULT_CONFIG = "config"  # conf/config.yaml: the world demo; conf/stand_in.yaml: the tests'
 
@@ -30,14 +31,18 @@ def compose_params(
     import tempfile
 
     from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
 
     root = Path(root).resolve()
     output = Path(output) if output is not None else root / "params.yaml"
     with tempfile.TemporaryDirectory() as scratch:
         candidate = Path(scratch) / "params.yaml"
-        compose_and_dump(
-            candidate, str(root / "conf"), None, config_name, str(root), list(overrides)
-        )
+        try:
+            compose_and_dump(
+                candidate, str(root / "conf"), None, config_name, str(root), list(overrides)
+            )
+        except HydraException as error:  # a malformed override or an unknown config choice
+            raise ConfigError(f"overrides: {str(error).splitlines()[0]}") from None
         params = load_params(candidate)
         with atomic_path(output) as temp:
             temp.write_bytes(candidate.read_bytes())

@@ -6,16 +6,23 @@ library. A bad configuration stops here, before any work, with one message namin
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
+from filelock import FileLock, Timeout
 
 from charaforge.config import Params, config_hash, load_params
 from charaforge.core.files import sha256_file
 from charaforge.core.logs import configure_logging  # one set-up for stages and the CLI
-from charaforge.errors import CharaForgeError
-from charaforge.pipeline.tracking import StageRun, stage_run
+from charaforge.errors import DISK_ERRNOS, CharaForgeError, disk_message
+from charaforge.pipeline.tracking import StageRun, Terminated, stage_run
 
 log = logging.getLogger("charaforge")
 
@@ -53,11 +60,73 @@ def run_stage(
     logged = {section: getattr(params, section).model_dump(mode="json") for section in sections}
     logged["seed"] = params.seed
     tags = {"charaforge.config_hash": config_hash(logged)}
-    with stage_run(params.tracking, name, tags=tags) as run:
-        run.log_params(logged)
-        try:
+    try:
+        with workspace_lock(name), stage_run(params.tracking, name, tags=tags) as run:
+            run.log_params(logged)
             body(StageContext(name=name, params=params, run=run))
-        except CharaForgeError as error:
-            log.error("%s: %s", name, error)
-            raise SystemExit(2) from None
+    except CharaForgeError as error:
+        log.error("%s: %s", name, error)
+        raise SystemExit(2) from None
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        removed = remove_outputs(name)
+        log.error("%s: %s%s", name, disk_message(error), f" (removed {removed})" if removed else "")
+        raise SystemExit(2) from None
+    except Terminated:
+        log.error("%s: terminated (SIGTERM); its MLflow run is marked KILLED", name)
+        raise SystemExit(143) from None
+    except KeyboardInterrupt:
+        log.error("%s: interrupted; its MLflow run is marked KILLED", name)
+        raise SystemExit(130) from None
     log.info("stage %s done", name)
+
+
+def remove_outputs(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:
+    """Delete the stage's cached outputs after a disk error, so no partial folder is left where
+    DVC would take it for an output; a stage re-run writes them from scratch anyway."""
+    try:
+        spec = yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8"))["stages"][stage]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    removed = []
+    for out in spec.get("outs", []):
+        path = Path(next(iter(out)) if isinstance(out, dict) else out)
+        if "${" in str(path) or not path.exists():
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(path.as_posix())
+    return removed
+
+
+def lock_path(stage: str) -> Path:
+    """The lock of one stage in this workspace (a queued experiment's copy has its own)."""
+    folder = Path(".dvc/tmp") if Path(".dvc").is_dir() else Path(".charaforge")
+    return folder / f"charaforge-stage-{stage}.lock"
+
+
+@contextlib.contextmanager
+def workspace_lock(stage: str) -> Iterator[None]:
+    """Refuse, in one line, to run a stage beside a live run of the same stage here.
+
+    A stage process can outlive its `dvc` parent (killing only `dvc`); a second `dvc repro`
+    would then run beside it on the same outputs and training state. The OS releases the lock
+    when its holder dies, so a killed run never blocks the next.
+    """
+    path = lock_path(stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = path.with_suffix(".pid")
+        pid = holder.read_text(encoding="utf-8").strip() if holder.is_file() else "?"
+        raise CharaForgeError(
+            f"stage {stage} is already running in this workspace (pid {pid}, lock {path}); "
+            "wait for it or end it"
+        ) from None
+    try:
+        path.with_suffix(".pid").write_text(str(os.getpid()), encoding="utf-8")
+        yield
+    finally:
+        lock.release()

@@ -17,7 +17,6 @@ cluster as exact duplicates and keeps exactly one of them.
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
@@ -33,10 +32,16 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from charaforge.config import IngestConfig
 from charaforge.core.files import atomic_path, sha256_bytes, write_bytes, write_json, write_parquet
+from charaforge.errors import ConfigError
+from charaforge.prepare.scan import (
+    SCAN_KINDS,
+    escape_name,
+    portable_path,
+    scan_folder,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 MANIFEST_COLUMNS = [
     "image_id",
     "image_path",
@@ -48,8 +53,12 @@ MANIFEST_COLUMNS = [
     "source_group",
 ]
 QUARANTINE_COLUMNS = ["source_path", "kind", "reason"]
+IGNORED_COLUMNS = ["source_path", "kind", "reason"]
 # Quarantine kinds, each with what it means (summary.json counts them).
 QUARANTINE_KINDS = {
+    **{kind: SCAN_KINDS[kind] for kind in ("too_large", "unsupported_format")},
+    "bad_aspect": "longer side more than data.ingest.max_aspect times the shorter",
+    "changed": "the file changed between the scan and ingest",
     "empty": "zero-byte file",
     "not_image": "content is not in a known image format",
     "truncated": "image data ends early or is corrupt",
@@ -78,45 +87,6 @@ class IngestSummary:
     # files that are not images by extension (sidecars, notes): neither kept nor rejected
     ignored: int
     quarantined_by_kind: dict[str, int] = field(default_factory=dict)
-
-
-def portable_path(path: str | Path) -> str:
-    """A POSIX path relative to the current directory (the repository root when stages run)."""
-    return Path(os.path.relpath(os.path.abspath(path), os.getcwd())).as_posix()
-
-
-def walk_files(source: Path, loops: list[Path] | None = None) -> list[Path]:
-    """Every file under `source` in sorted order; symlinked folders followed once (no loops).
-
-    Hidden files and folders (`.git`, `.dvc`, `.DS_Store`) are skipped. A symlinked folder that
-    leads to a folder already read (a loop, or an alias) is appended to `loops` when given.
-    """
-    files: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-
-    def visit(folder: Path) -> None:
-        info = folder.stat()
-        key = (info.st_dev, info.st_ino)
-        if key in seen:
-            log.warning("skipping %s: already visited (symlink loop or alias)", folder)
-            if loops is not None:
-                loops.append(folder)
-            return
-        seen.add(key)
-        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-            if entry.name.startswith("."):
-                continue
-            try:
-                is_dir = entry.is_dir()
-            except OSError:  # a symlink loop on a folder name: stat fails with ELOOP
-                is_dir = False
-            if is_dir:
-                visit(entry)
-            elif entry.is_symlink() or entry.is_file() or entry.exists():
-                files.append(entry)
-
-    visit(source)
-    return files
 
 
 def _apply_icc(image: Image.Image) -> Image.Image:
@@ -220,6 +190,13 @@ def normalise_image(data: bytes, config: IngestConfig) -> Image.Image:
             f"too small: {width}x{height}, shorter side below min_side {config.min_side}",
             "too_small",
         )
+    if max(width, height) > config.max_aspect * min(width, height):
+        # A 20480x100 strip passes min_side but would enter the dataset at 1024x5.
+        raise Rejected(
+            f"aspect ratio {max(width, height) / min(width, height):.1f}:1 ({width}x{height}) "
+            f"exceeds max_aspect {config.max_aspect}",
+            "bad_aspect",
+        )
     try:
         image.seek(0)  # animated GIF / multi-page TIFF: the first frame
         with warnings.catch_warnings():
@@ -239,28 +216,26 @@ def normalise_image(data: bytes, config: IngestConfig) -> Image.Image:
     return image
 
 
-def read_source(path: Path) -> bytes:
-    """The bytes of one source file, or Rejected with the reason it cannot be read.
+def read_listed(path: Path, expected_sha256: str, limit: int) -> bytes:
+    """The bytes of one file the scan kept, or Rejected when it changed since the scan.
 
-    Only regular files are opened: reading a FIFO with an image name would block forever.
+    Opened without blocking and checked to be a regular file again: the folder is the user's and
+    may change between the scan and now.
     """
     try:
-        info = os.stat(path)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise Rejected("symlink loop (the link leads back to itself)", "symlink_loop") from None
-        if path.is_symlink():
-            raise Rejected("broken symlink (target does not exist)", "broken_symlink") from None
-        raise Rejected(f"cannot read file: {error.strerror}", "unreadable") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise Rejected(
-            "not a regular file (a FIFO, socket or device with an image name)", "not_regular_file"
-        )
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise Rejected(f"cannot read file: {error.strerror}", "unreadable") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise Rejected("not a regular file any more (changed since the scan)", "changed")
+        try:
+            data = handle.read(limit + 1)
+        except OSError as error:
+            raise Rejected(f"cannot read file: {error.strerror}", "unreadable") from None
+    if sha256_bytes(data) != expected_sha256:
+        raise Rejected("content changed since the scan (run again)", "changed")
+    return data
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -270,49 +245,85 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _read_sidecar(image_path: Path) -> str | None:
-    sidecar = image_path.with_suffix(".txt")
-    if not sidecar.is_file():
+def _sidecars(scan: pd.DataFrame) -> dict[bytes, tuple[str, bytes]]:
+    """Caption files the scan hashed, by the raw relative path of the image beside them."""
+    found: dict[bytes, tuple[str, bytes]] = {}
+    for row in scan[scan["status"] == "sidecar"].itertuples():
+        stem = os.path.splitext(row.raw_relative_path)[0]
+        found[stem] = (row.sha256, row.raw_relative_path)
+    return found
+
+
+def _read_sidecar(source: Path, image: bytes, sidecars: dict, limit: int) -> str | None:
+    listed = sidecars.get(os.path.splitext(image)[0])
+    if listed is None:
         return None
-    return sidecar.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        data = read_listed(source / os.fsdecode(listed[1]), listed[0], limit)
+    except Rejected as reason:
+        log.warning("caption beside %s not read: %s", escape_name(image), reason)
+        return None
+    return data.decode("utf-8", errors="replace").strip()
 
 
-def ingest_folder(source: str | Path, out_dir: str | Path, config: IngestConfig) -> IngestSummary:
-    """Normalise every image under `source` into `out_dir`; write manifest and quarantine tables."""
-    source, out_dir = Path(source), Path(out_dir)
-    if not source.is_dir():
-        raise FileNotFoundError(f"data.source {source} is not a folder")
+def check_source(source: str | Path) -> Path:
+    """data.source as a folder, or a one-line ConfigError naming the key."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    what = "is a file, not a folder" if path.exists() else "does not exist"
+    raise ConfigError(f"data.source: {escape_name(str(source))} {what}")
+
+
+def ingest_folder(
+    source: str | Path,
+    out_dir: str | Path,
+    config: IngestConfig,
+    scan: pd.DataFrame | None = None,
+) -> IngestSummary:
+    """Normalise every kept image under `source` into `out_dir`; write the tables.
+
+    `scan` is the `scan` stage's table (charaforge.prepare.scan); without it the folder is scanned
+    here. Only files the scan kept are opened, and only if their bytes still match its hash. The
+    whole `out_dir` (images, manifest, quarantine, ignored, summary) is written under a temporary
+    name and swapped in at the end, so it never disagrees with its own manifest.
+    """
+    source, out_dir = check_source(source), Path(out_dir)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         log.warning("PIL LOAD_TRUNCATED_IMAGES is on: truncated files would be accepted")
+    if scan is None:
+        scan = scan_folder(source, config)
+    listed = scan[scan["status"] == "quarantined"]
+    rejected = [
+        {"source_path": row.source_path, "kind": row.kind, "reason": row.reason}
+        for row in listed.itertuples()
+    ]
+    ignored_rows = scan[scan["status"].isin(["ignored", "sidecar"])]
+    ignored = pd.DataFrame(
+        {
+            "source_path": ignored_rows["source_path"],
+            "kind": ignored_rows["kind"].where(ignored_rows["status"] != "sidecar", "sidecar"),
+            "reason": ignored_rows["reason"].where(
+                ignored_rows["status"] != "sidecar", "caption file, read beside its image"
+            ),
+        },
+        columns=IGNORED_COLUMNS,
+    )
+    sidecars = _sidecars(scan)
     rows: list[dict] = []
-    rejected: list[dict] = []
-    ignored = 0
-    loops: list[Path] = []
-    files = walk_files(source, loops)
-    for folder in loops:
-        rejected.append(
-            {
-                "source_path": portable_path(folder),
-                "kind": "symlink_loop",
-                "reason": "symlink loop: a symlinked folder that leads to a folder already read",
-            }
-        )
-    with atomic_path(out_dir / "images") as images_dir:
+    with atomic_path(out_dir) as staging:
+        images_dir = staging / "images"
         images_dir.mkdir(parents=True)
         written: set[str] = set()
-        for path in files:
-            relative = path.relative_to(source)
-            source_path = portable_path(path)
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                ignored += 1
-                continue
+        for entry in scan[scan["status"] == "kept"].itertuples():
+            relative = os.fsdecode(entry.raw_relative_path)
             try:
-                data = read_source(path)
+                data = read_listed(source / relative, entry.sha256, config.max_file_bytes)
                 image = normalise_image(data, config)
             except Rejected as reason:
-                log.warning("quarantined %s: %s", source_path, reason)
+                log.warning("quarantined %s: %s", entry.source_path, reason)
                 rejected.append(
-                    {"source_path": source_path, "kind": reason.kind, "reason": str(reason)}
+                    {"source_path": entry.source_path, "kind": reason.kind, "reason": str(reason)}
                 )
                 continue
             encoded = png_bytes(image)
@@ -320,18 +331,35 @@ def ingest_folder(source: str | Path, out_dir: str | Path, config: IngestConfig)
             if image_id not in written:
                 write_bytes(images_dir / f"{image_id}.png", encoded)
                 written.add(image_id)
+            parts = Path(relative).parts
             rows.append(
                 {
                     "image_id": image_id,
                     "image_path": portable_path(out_dir / "images" / f"{image_id}.png"),
-                    "source_path": source_path,
-                    "source_sha256": sha256_bytes(data),
+                    "source_path": entry.source_path,
+                    "source_sha256": entry.sha256,
                     "width": image.width,
                     "height": image.height,
-                    "sidecar_text": _read_sidecar(path),
-                    "source_group": relative.parts[0] if len(relative.parts) > 1 else "",
+                    "sidecar_text": _read_sidecar(
+                        source, entry.raw_relative_path, sidecars, config.max_file_bytes
+                    ),
+                    "source_group": escape_name(parts[0]) if len(parts) > 1 else "",
                 }
             )
+        summary = _write_tables(staging, rows, rejected, ignored)
+    log.info(
+        "ingest: %d images (%d unique), %d quarantined, %d non-image files ignored",
+        summary.images,
+        summary.unique_images,
+        summary.quarantined,
+        summary.ignored,
+    )
+    return summary
+
+
+def _write_tables(
+    out_dir: Path, rows: list[dict], rejected: list[dict], ignored: pd.DataFrame
+) -> IngestSummary:
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).astype(
         {"width": "int64", "height": "int64"}
     )
@@ -342,12 +370,14 @@ def ingest_folder(source: str | Path, out_dir: str | Path, config: IngestConfig)
     )
     write_parquet(out_dir / "manifest.parquet", manifest)
     write_parquet(out_dir / "quarantine.parquet", quarantine)
+    write_parquet(out_dir / "ignored.parquet", ignored)
     by_kind = {kind: int(count) for kind, count in quarantine["kind"].value_counts().items()}
+    ignored_by_kind = {kind: int(count) for kind, count in ignored["kind"].value_counts().items()}
     summary = IngestSummary(
         images=len(manifest),
         unique_images=int(manifest["image_id"].nunique()),
         quarantined=len(quarantine),
-        ignored=ignored,
+        ignored=len(ignored),
         quarantined_by_kind=dict(sorted(by_kind.items())),
     )
     write_json(
@@ -358,14 +388,8 @@ def ingest_folder(source: str | Path, out_dir: str | Path, config: IngestConfig)
             "quarantined": summary.quarantined,
             "quarantined_by_kind": summary.quarantined_by_kind,
             "ignored_non_image_files": summary.ignored,
-            "kinds": QUARANTINE_KINDS,
+            "ignored_by_kind": dict(sorted(ignored_by_kind.items())),
+            "kinds": {**SCAN_KINDS, **QUARANTINE_KINDS},
         },
-    )
-    log.info(
-        "ingest: %d images (%d unique), %d quarantined, %d non-image files ignored",
-        summary.images,
-        summary.unique_images,
-        summary.quarantined,
-        summary.ignored,
     )
     return summary

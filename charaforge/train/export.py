@@ -125,7 +125,9 @@ class Exporter:
         with atomic_path(self.out_dir / f"checkpoint-{step}") as temp:
             temp.mkdir(parents=True)
             write_lora_files(temp, lora, peft_states, self.resolution)
-        target = self.out_dir / "samples" / samples.name if samples is not None else None
+        # Named by the step, not by `samples`: a re-export from a saved state passes the state's
+        # own `samples` folder, which would land in samples/samples/.
+        target = self.out_dir / "samples" / f"step-{step:06d}"
         if samples is not None and samples.is_dir() and not target.exists():
             with atomic_path(target) as temp:
                 shutil.copytree(samples, temp)
