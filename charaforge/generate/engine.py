@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +52,7 @@ MemoryMode = Literal["device", "model_cpu_offload", "sequential_cpu_offload"]
 BatchMode = Literal["exact", "fused"]
 
 EMBEDDING_CACHE_SIZE = 256
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_@-]+$")  # `@`: `<candidate>@<step>`
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -116,6 +116,9 @@ class GenerationEngine:
         self.loras: dict[str, LoadedLora] = {}
         self._embeddings: dict[tuple, tuple] = {}
         self.timer: RenderTimer | None = None
+        # Called as (step done, steps) after every sampling step (the server's progress and
+        # cancellation: an exception raised by it ends the render).
+        self.step_callback: Callable[[int, int], None] | None = None
         self.scheduler = ""
         self.set_scheduler(scheduler)
 
@@ -157,7 +160,7 @@ class GenerationEngine:
         `trigger_words` are added to the prompt of every request that uses this LoRA.
         """
         if not _ADAPTER_NAME.match(name):
-            raise ValueError(f"LoRA name {name!r}: use letters, digits, '_' or '-' only")
+            raise ValueError(f"LoRA name {name!r}: use letters, digits, '_', '-' or '@' only")
         file = lora_file(path)
         if name in self.loras:
             self.unload_lora(name)
@@ -295,6 +298,8 @@ class GenerationEngine:
         extra: dict[str, Any] = {}
         if conditioning is not None:
             extra.update(self._conditioning_arguments(conditioning, first))
+        if self.step_callback is not None:
+            extra["callback_on_step_end"] = self._step_end(self.step_callback)
         with torch.no_grad():
             extra.update(self._encode(pipeline, params, do_cfg))
             with self._per_image(pipeline, len(params), do_cfg):
@@ -320,6 +325,14 @@ class GenerationEngine:
             image.info[PARAMETERS_KEY] = a1111_parameters(item)
             image.info[SIDECAR_KEY] = json.dumps(item, sort_keys=True)
         return images
+
+    @staticmethod
+    def _step_end(callback: Callable[[int, int], None]) -> Callable[..., dict]:
+        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            callback(step + 1, int(pipeline.num_timesteps))
+            return tensors
+
+        return on_step_end
 
     def _encode(self, pipeline: Any, params: list[dict], do_cfg: bool) -> dict[str, Any]:
         """Each prompt encoded on its own (a batch must not change a single image's bytes)."""
