@@ -174,6 +174,11 @@ def generate(
                 entry = registry.get(reference)
                 name, file, triggers = entry.name, entry.file, entry.trigger_words
                 scale = entry.default_scale if wanted is None else wanted
+            elif reference == "champion":
+                raise FileNotFoundError(
+                    f"LoRA 'champion': no selection report with a champion in {reports_dir} "
+                    "(run the pipeline's report stage first)"
+                )
             else:
                 name, file = resolve_lora(reference, train_dir)
             if name in scales:
