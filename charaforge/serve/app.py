@@ -18,7 +18,8 @@ from pydantic import Field, field_validator, model_validator
 
 from charaforge.generate.records import png_bytes
 from charaforge.generate.request import PRESETS, SCHEDULERS, RenderRequest
-from charaforge.serve import a1111
+from charaforge.serve import a1111, api_v1
+from charaforge.serve.batch import BatchRunner
 from charaforge.serve.limits import Body, ServerSettings, bearer_guard, install_error_handlers
 from charaforge.serve.registry import NAME_PATTERN, LoraNotFound
 from charaforge.serve.render import http_plan, json_parameters, run
@@ -204,6 +205,9 @@ def create_app(settings: ServerSettings, service: Service | None = None) -> Fast
         return {"name": name, "loaded": False}
 
     app.include_router(a1111.router(service, settings, guard))
+    batches = BatchRunner(service, settings)
+    app.state.batches = batches
+    app.include_router(api_v1.router(service, settings, guard, batches))
     return app
 
 

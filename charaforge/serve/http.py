@@ -31,4 +31,5 @@ def serve(settings: ServerSettings, host: str = DEFAULT_HOST, port: int = DEFAUL
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
+        app.state.batches.stop()
         app.state.service.stop()
