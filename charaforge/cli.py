@@ -257,6 +257,7 @@ def serve(
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds a render may run before it is cancelled.")
     ] = 300.0,
+    ui: Annotated[bool, typer.Option(help="Mount the web UI at /ui.")] = True,
     device: Annotated[
         list[str] | None, typer.Option(help="A device per worker (repeat); default auto.")
     ] = None,
@@ -282,6 +283,7 @@ def serve(
         reports_dir=reports_dir,
         max_cost=max_cost,
         request_timeout_s=timeout,
+        ui=ui,
         devices=device or ["auto"],
         memory=memory,
         queue_size=queue_size,

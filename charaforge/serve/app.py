@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from charaforge.generate.records import png_bytes
 from charaforge.generate.request import PRESETS, SCHEDULERS, RenderRequest
-from charaforge.serve import a1111, api_v1
+from charaforge.serve import a1111, api_v1, ui
 from charaforge.serve.batch import BatchRunner
 from charaforge.serve.limits import Body, ServerSettings, bearer_guard, install_error_handlers
 from charaforge.serve.registry import NAME_PATTERN, LoraNotFound
@@ -208,6 +208,8 @@ def create_app(settings: ServerSettings, service: Service | None = None) -> Fast
     batches = BatchRunner(service, settings)
     app.state.batches = batches
     app.include_router(api_v1.router(service, settings, guard, batches))
+    if settings.ui:
+        ui.mount_ui(app, service, batches, settings.token)
     return app
 
 

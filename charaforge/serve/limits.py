@@ -58,6 +58,7 @@ class ServerSettings:
     cpu_threads: int | None = None  # torch threads of each worker (None: torch's default)
     outputs_dir: Path | None = None  # batch and /api/v1 outputs (None: $AI_CACHE_ROOT or outputs/)
     jobs_db: Path | None = None  # the batch jobs' SQLite file (None: inside the outputs folder)
+    ui: bool = False  # mount the Gradio web UI at /ui (`charaforge serve` does by default)
 
 
 def bearer_guard(settings: ServerSettings) -> Any:
