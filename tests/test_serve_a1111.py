@@ -220,6 +220,7 @@ def test_listing_routes_have_a1111_shapes(server: tuple[str, object]) -> None:
         '{"prompt": "a", "cfg_scale": Infinity}',
         '{"prompt": "a \\ud800 b"}',
         '{"prompt": "a", "restore_faces": -Infinity}',
+        '{"prompt": "a", "steps": 2, "override_settings": {"sd_model_checkpoint": NaN}}',
         '{"prompt": "a", "steps": 2',
         "\x00\xff not json at all",
         '{"prompt": "' + "x" * 300_000 + '"}',
