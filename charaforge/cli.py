@@ -17,7 +17,7 @@ from charaforge.core.layout import checkpoint_path
 from charaforge.errors import ConfigError
 from charaforge.generate.conditioning import canny_map, depth_map, load_image, mask_image
 from charaforge.generate.engine import GenerationEngine
-from charaforge.generate.loras import adapter_name, lora_file
+from charaforge.generate.loras import adapter_name, lora_file, parse_prompt_loras
 from charaforge.generate.records import write_image
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
 from charaforge.pipeline.compose import DEFAULT_CONFIG, compose_params
@@ -155,8 +155,6 @@ def generate(
         engine = GenerationEngine(
             base, scheduler=scheduler, device=device, memory=memory, controlnets=controlnets
         )
-        from charaforge.generate.loras import parse_prompt_loras
-
         # Trained candidates (`NAME@STEP`) and `champion` (the latest selection report's
         # choice, at its scale) resolve as the server resolves them.
         registry = LoraRegistry(lora_dir or layout.LORAS_DIR, train_dir, reports_dir)
