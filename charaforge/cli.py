@@ -21,7 +21,7 @@ from charaforge.core import layout
 from charaforge.core.layout import checkpoint_path
 from charaforge.core.logs import configure_logging
 from charaforge.errors import ConfigError
-from charaforge.generate.loras import adapter_name, lora_file
+from charaforge.generate.loras import adapter_name, lora_file, parse_prompt_loras
 from charaforge.generate.records import write_image
 from charaforge.generate.request import (
     CONTROL_TYPES,
@@ -235,8 +235,15 @@ def generate(
     lora_dir: Annotated[
         Path | None, typer.Option(help="The LoRA folder (with an optional registry.yaml).")
     ] = None,
+    reports_dir: Annotated[
+        Path, typer.Option(help="The selection report's folder (`--lora champion`).")
+    ] = Path(layout.REPORTS_DIR),
 ) -> None:
-    """Render images with the base model and any LoRAs, exactly as the sweep renders."""
+    """Render images with the base model and any LoRAs, exactly as the sweep renders.
+
+    `<lora:NAME:WEIGHT>` tags in the prompt load LoRAs as --lora does.
+    """
+
     try:
         # Everything the user can get wrong is checked before the base model is loaded.
         if preset not in PRESETS:
@@ -251,18 +258,30 @@ def generate(
             if not separator or kind not in CONTROL_TYPES:
                 raise ValueError(f"--extra-controlnet {spec!r}: expected TYPE=FOLDER")
             controlnets[kind] = folder
-        registry = None
-        if lora_dir:
-            from charaforge.serve.registry import LoraRegistry  # pydantic and yaml, no torch
+        # Trained candidates (`NAME@STEP`) and `champion` (the latest selection report's
+        # choice, at its scale) resolve as the server resolves them.
+        from charaforge.serve.registry import LoraRegistry  # no torch: before the model loads
 
-            registry = LoraRegistry(lora_dir)
+        registry = LoraRegistry(lora_dir or layout.LORAS_DIR, train_dir, reports_dir)
+        prompt, tagged = parse_prompt_loras(prompt)
+        specs: list[tuple[str, float | None]] = [
+            (reference, scale if ":" in spec else None)
+            for spec in lora or []
+            for reference, scale in [parse_lora_spec(spec)]
+        ]
         chosen: list[tuple[str, Path, tuple[str, ...], float]] = []
-        for spec in lora or []:
-            reference, scale = parse_lora_spec(spec)
+        for reference, wanted in [*specs, *tagged.items()]:
             triggers: tuple[str, ...] = ()
-            if registry is not None and reference in registry.names():
+            scale = 1.0 if wanted is None else wanted
+            if reference in registry.names():
                 entry = registry.get(reference)
                 name, file, triggers = entry.name, entry.file, entry.trigger_words
+                scale = entry.default_scale if wanted is None else wanted
+            elif reference == "champion":
+                raise FileNotFoundError(
+                    f"LoRA 'champion': no selection report with a champion in {reports_dir} "
+                    "(run the pipeline's report stage first)"
+                )
             else:
                 name, file = resolve_lora(reference, train_dir)
             if name in {taken for taken, *_ in chosen}:
@@ -485,6 +504,19 @@ def serve(
     lora_dir: Annotated[Path, typer.Option(help="The LoRA folder (registry.yaml).")] = Path(
         layout.LORAS_DIR
     ),
+    train_dir: Annotated[
+        Path, typer.Option(help="Trained candidates, served as NAME@STEP.")
+    ] = Path(layout.TRAIN_DIR),
+    reports_dir: Annotated[
+        Path, typer.Option(help="The selection report's folder (the `champion` alias).")
+    ] = Path(layout.REPORTS_DIR),
+    max_cost: Annotated[
+        int, typer.Option(min=1, help="Most width x height x steps x images per request.")
+    ] = 512 * 512 * 30 * 4,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds a render may run before it is cancelled.")
+    ] = 300.0,
+    ui: Annotated[bool, typer.Option(help="Mount the web UI at /ui.")] = True,
     device: Annotated[
         list[str] | None, typer.Option(help="A device per worker (repeat); default auto.")
     ] = None,
@@ -505,10 +537,16 @@ def serve(
 
     from charaforge.serve.http import ServerSettings
     from charaforge.serve.http import serve as run_server
+    from charaforge.serve.registry import LoraRegistry
 
     settings = ServerSettings(
         base_dir=base,
         lora_dir=lora_dir,
+        train_dir=train_dir,
+        reports_dir=reports_dir,
+        max_cost=max_cost,
+        request_timeout_s=timeout,
+        ui=ui,
         devices=device or ["auto"],
         memory=memory,
         queue_size=queue_size,
@@ -521,6 +559,11 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
         log.warning("listening on %s without a bearer token (set $%s)", host, token_env)
     try:
+        if not LoraRegistry(lora_dir, train_dir, reports_dir).entries():
+            raise ConfigError(
+                f"nothing to serve: no trained checkpoint under {train_dir} and no LoRA in "
+                f"{lora_dir} (run the pipeline first: `dvc repro`)"
+            )
         run_server(settings, host=host, port=port)
     except ConfigError as error:
         log.error("%s", error)

@@ -192,7 +192,8 @@ def test_cli_generate_renders_what_the_engine_renders(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     sidecar = read_sidecar(out)
-    assert sidecar["loras"][0]["name"] == "r4-2" and sidecar["loras"][0]["scale"] == 0.0
+    # A trained checkpoint keeps its registry name (`<candidate>@<step>`, as the server names it).
+    assert sidecar["loras"][0]["name"] == "r4@2" and sidecar["loras"][0]["scale"] == 0.0
     # Scale 0 is the base model, pixel for pixel.
     assert _pixels(Image.open(out).convert("RGB")) == _pixels(engine.render(PROMPT, 7, **RENDER))
 

@@ -69,6 +69,7 @@ def server(workspace: Path) -> Iterator[tuple[str, object]]:
         max_size=128,
         max_steps=8,
         max_batch=2,
+        max_cost=128 * 128 * 8,
         cpu_threads=1,
     )
     app = create_app(settings)
@@ -98,7 +99,11 @@ def test_health_openapi_and_bearer_token(server: tuple[str, object]) -> None:
     health = requests.get(f"{url}/health", timeout=30)
     assert health.status_code == 200
     assert health.json()["stand_in"] is True and health.json()["devices"] == ["cpu"]
-    schema = requests.get(f"{url}/openapi.json", timeout=30).json()
+    for path in ("/openapi.json", "/docs"):  # behind the token when one is set
+        assert requests.get(f"{url}{path}", timeout=30).status_code == 401
+    docs = requests.get(f"{url}/docs", headers=AUTH, timeout=30)
+    assert docs.ok and "/sdapi/v1/img2img" in docs.text and "cdn" not in docs.text.lower()
+    schema = requests.get(f"{url}/openapi.json", headers=AUTH, timeout=30).json()
     assert {"/health", "/txt2img", "/loras", "/loras/load", "/loras/unload"} <= set(schema["paths"])
     assert requests.get(f"{url}/loras", timeout=30).status_code == 401
     wrong = {"Authorization": "Bearer nope"}
@@ -136,7 +141,9 @@ def test_txt2img_serves_what_the_engine_renders(
         ({"batch_size": 3}, "batch_size: at most 2"),
         ({"seeds": [1, 2]}, "seeds has 2 entries"),
         ({"scheduler": "plms"}, "unknown scheduler"),
-        ({"loras": {"r4": 1.0}}, "not loaded"),
+        ({"loras": {"nope": 1.0}}, "unknown LoRA 'nope'"),
+        ({"prompt": "a <lora:nope:0.5>"}, "unknown LoRA 'nope'"),
+        ({"steps": 8, "width": 128, "height": 128, "batch_size": 2}, "over this server's budget"),
         ({"prompt": ""}, "at least 1 character"),
         ({"colour": "red"}, "Extra inputs"),
     ],

@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 BatchMode = Literal["exact", "fused"]
 
 EMBEDDING_CACHE_SIZE = 256
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_@-]+$")  # `@`: `<candidate>@<step>`
 
 
 class GenerationEngine:
@@ -108,6 +108,9 @@ class GenerationEngine:
         self.loras: dict[str, LoadedLora] = {}
         self._embeddings: dict[tuple, tuple] = {}
         self.timer: RenderTimer | None = None
+        # Called as (step done, steps) after every sampling step (the server's progress and
+        # cancellation: an exception raised by it ends the render).
+        self.step_callback: Callable[[int, int], None] | None = None
         self.scheduler = ""
         self.set_scheduler(scheduler)
 
@@ -143,7 +146,7 @@ class GenerationEngine:
         `trigger_words` are added to the prompt of every request that uses this LoRA.
         """
         if not _ADAPTER_NAME.match(name):
-            raise ValueError(f"LoRA name {name!r}: use letters, digits, '_' or '-' only")
+            raise ValueError(f"LoRA name {name!r}: use letters, digits, '_', '-' or '@' only")
         file = lora_file(path)
         if name in self.loras:
             self.unload_lora(name)
@@ -297,6 +300,8 @@ class GenerationEngine:
             [item["prompt"] for item in params],
             (first["height"] // scale, first["width"] // scale),
         )
+        if self.step_callback is not None:
+            extra["callback_on_step_end"] = self._step_end(self.step_callback)
         with torch.no_grad():
             extra.update(self._encode(pipeline, params, do_cfg))
             with (
@@ -328,6 +333,14 @@ class GenerationEngine:
             image.info[PARAMETERS_KEY] = a1111_parameters(item)
             image.info[SIDECAR_KEY] = json.dumps(item, sort_keys=True)
         return images
+
+    @staticmethod
+    def _step_end(callback: Callable[[int, int], None]) -> Callable[..., dict]:
+        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            callback(step + 1, int(pipeline.num_timesteps))
+            return tensors
+
+        return on_step_end
 
     def _encode(self, pipeline: Any, params: list[dict], do_cfg: bool) -> dict[str, Any]:
         """Each prompt encoded on its own (a batch must not change a single image's bytes)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +85,61 @@ def lora_file(path: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"LoRA weights not found: {path}")
     return path
+
+
+# A1111's prompt syntax: `<lora:NAME>` or `<lora:NAME:WEIGHT>` (a third `:...` field, A1111's
+# separate UNet weight, is refused rather than silently read as something else).
+_LORA_TAG = re.compile(r"<lora:([^<>:]*)((?::[^<>:]*)*)>", re.IGNORECASE)
+_MAX_PROMPT_LORAS = 8
+
+
+def parse_prompt_loras(prompt: str) -> tuple[str, dict[str, float | None]]:
+    """Split `<lora:name:weight>` tags out of a prompt: (the prompt without them, {name: weight}).
+
+    A tag without a weight maps to None (the LoRA's default scale). A malformed tag, a weight
+    that is not a finite number, or a name given twice is a ValueError naming the tag: a tag is
+    never silently ignored.
+    """
+    import math
+
+    loras: dict[str, float | None] = {}
+    for match in _LORA_TAG.finditer(prompt):
+        tag, name, rest = match.group(0), match.group(1).strip(), match.group(2)
+        fields = [part.strip() for part in rest.split(":")[1:]] if rest else []
+        if not name or len(fields) > 1:
+            raise ValueError(
+                f"prompt LoRA tag {tag[:80]!r}: write <lora:NAME> or <lora:NAME:WEIGHT>"
+            )
+        try:
+            weight = float(fields[0]) if fields else None
+        except ValueError:
+            raise ValueError(f"prompt LoRA tag {tag[:80]!r}: the weight is not a number") from None
+        if weight is not None and not math.isfinite(weight):
+            raise ValueError(f"prompt LoRA tag {tag[:80]!r}: the weight must be finite")
+        if name in loras:
+            raise ValueError(f"prompt names LoRA {name!r} twice")
+        loras[name] = weight
+    if len(loras) > _MAX_PROMPT_LORAS:
+        raise ValueError(f"prompt names {len(loras)} LoRAs; at most {_MAX_PROMPT_LORAS}")
+    if not loras:
+        return prompt, {}
+    # Remove the tags and the separators they leave behind ("a, <lora:x:1>, b" -> "a, b").
+    parts = [part.strip() for part in _LORA_TAG.sub(",", prompt).split(",")]
+    return ", ".join(part for part in parts if part), loras
+
+
+def compose_loras(
+    requested: Mapping[str, float | None], from_prompt: Mapping[str, float | None]
+) -> dict[str, float | None]:
+    """The LoRAs of one request: those given as a field and those tagged in its prompt. A LoRA
+    given both ways with different weights is ambiguous (ValueError); equal weights are one."""
+    composed = dict(requested)
+    for name, weight in from_prompt.items():
+        if weight is None and name in composed:
+            continue
+        if composed.get(name) is not None and composed[name] != weight:
+            raise ValueError(
+                f"LoRA {name!r} is given as {composed[name]} and as <lora:{name}:{weight}>"
+            )
+        composed[name] = weight
+    return composed

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from charaforge.config import EvalConfig
 from charaforge.core import layout
 from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUMNS
-from charaforge.core.files import derive_seed, sha256_file, write_bytes, write_parquet, write_png
+from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
 from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
 from charaforge.errors import ConfigError, MissingInputError
 from charaforge.generate.consistent import Consistency

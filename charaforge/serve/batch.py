@@ -1,0 +1,334 @@
+"""Batch jobs (seed 001's `/api/v1/batch/*`): a CSV or JSON job file, persisted in SQLite.
+
+A job is its rows (`prompt,negative,pose_image,lora,seed,width,height,steps`), each rendered
+through the shared device queue and written as `<index>.png` + `<index>.json` under
+`<outputs>/<date>/<job_id>/`. Every row's state is in SQLite (stdlib sqlite3), committed only
+after its files are written atomically: a server killed mid-job resumes after a restart with the
+rows not yet done (a row killed between its write and its commit is rendered again into the same
+file name with the same bytes, so nothing is duplicated or missing). A failing row is retried
+MAX_ATTEMPTS times, then recorded as failed, and the job goes on. Rows are seeded, so the same
+job file gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import Field, ValidationError
+
+from charaforge.generate.records import write_image
+from charaforge.generate.request import Conditioning, RenderRequest
+from charaforge.serve.limits import Body, ServerSettings, open_image_bytes
+from charaforge.serve.render import PlanError, plan
+from charaforge.serve.worker import Job, RenderCancelled, Service
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+MAX_ROWS = 10_000
+COLUMNS = ("prompt", "negative", "pose_image", "lora", "seed", "width", "height", "steps")
+
+
+def outputs_root(settings: ServerSettings) -> Path:
+    """`$AI_CACHE_ROOT/outputs/charaforge`, or the project's `outputs/charaforge` when unset."""
+    if settings.outputs_dir is not None:
+        return Path(settings.outputs_dir)
+    cache = os.environ.get("AI_CACHE_ROOT")
+    return (Path(cache) / "outputs" if cache else Path("outputs")) / "charaforge"
+
+
+class BatchRow(Body):
+    """One row of a job file."""
+
+    prompt: str = Field(min_length=1, max_length=2000, description="Prompt; `<lora:...>` tags.")
+    negative: str = Field(default="", max_length=2000, description="Negative prompt.")
+    pose_image: str = Field(default="", description="An OpenPose skeleton image (a path).")
+    lora: str = Field(default="", description="`NAME` or `NAME:SCALE` (';' between several).")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="The row's seed.")
+    width: int | None = Field(default=None, ge=8, description="Width (model default).")
+    height: int | None = Field(default=None, ge=8, description="Height (model default).")
+    steps: int | None = Field(default=None, ge=1, description="Steps (preset default).")
+
+
+def parse_job_file(data: bytes, filename: str = "") -> list[BatchRow]:
+    """A CSV (header `prompt,negative,pose_image,lora,seed,width,height,steps`, only `prompt`
+    required) or a JSON list of row objects (or `{"rows": [...]}`); ValueError with the row."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError("job file: not UTF-8 text") from None
+    stripped = text.lstrip()
+    if filename.endswith(".json") or stripped.startswith(("[", "{")):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"job file: invalid JSON ({error.msg}, line {error.lineno})") from None
+        raw = raw.get("rows") if isinstance(raw, dict) else raw
+        if not isinstance(raw, list):
+            raise ValueError('job file: JSON must be a list of rows or {"rows": [...]}')
+        records = raw
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        unknown = sorted(set(reader.fieldnames or ()) - set(COLUMNS))
+        if "prompt" not in (reader.fieldnames or ()) or unknown:
+            raise ValueError(f"job file: CSV columns must be among {list(COLUMNS)} with prompt")
+        records = [{k: v for k, v in row.items() if v not in ("", None)} for row in reader]
+    if not records or len(records) > MAX_ROWS:
+        raise ValueError(f"job file: 1 to {MAX_ROWS} rows, got {len(records)}")
+    rows = []
+    for index, record in enumerate(records):
+        try:
+            rows.append(BatchRow.model_validate(record))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"job file row {index}: {where}: {first['msg']}") from None
+    return rows
+
+
+def _lora_column(text: str) -> dict[str, float | None]:
+    loras: dict[str, float | None] = {}
+    for part in filter(None, (item.strip() for item in text.split(";"))):
+        name, sep, scale = part.partition(":")
+        try:
+            loras[name.strip()] = float(scale) if sep else None
+        except ValueError:
+            raise ValueError(f"lora {part[:60]!r}: the scale is not a number") from None
+    return loras
+
+
+class BatchStore:
+    """Jobs and rows in one SQLite file (one connection per call: any thread may use it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS jobs (
+                    id TEXT PRIMARY KEY, created REAL, day TEXT, state TEXT, total INTEGER);
+                CREATE TABLE IF NOT EXISTS rows (
+                    job_id TEXT, idx INTEGER, spec TEXT, state TEXT, attempts INTEGER,
+                    error TEXT, image TEXT, PRIMARY KEY (job_id, idx));
+                """
+            )
+
+    def _db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30, isolation_level=None)
+
+    def create(self, rows: list[BatchRow]) -> str:
+        job_id = uuid.uuid4().hex[:16]
+        with self._db() as db:
+            db.execute("BEGIN")
+            db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, 'queued', ?)",
+                (job_id, time.time(), time.strftime("%Y-%m-%d"), len(rows)),
+            )
+            db.executemany(
+                "INSERT INTO rows VALUES (?, ?, ?, 'pending', 0, '', '')",
+                [(job_id, i, row.model_dump_json()) for i, row in enumerate(rows)],
+            )
+            db.execute("COMMIT")
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self._db() as db:
+            found = db.execute(
+                "SELECT id, day, state, total FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if found is None:
+                return None
+            rows = db.execute(
+                "SELECT idx, state, attempts, error, image FROM rows WHERE job_id = ? ORDER BY idx",
+                (job_id,),
+            ).fetchall()
+        return {
+            "job_id": found[0],
+            "day": found[1],
+            "state": found[2],
+            "total": found[3],
+            "done": sum(1 for row in rows if row[1] == "done"),
+            "failed": sum(1 for row in rows if row[1] == "failed"),
+            "errors": [{"row": row[0], "error": row[3]} for row in rows if row[1] == "failed"],
+            "images": [row[4] for row in rows if row[1] == "done"],
+        }
+
+    def next_job(self) -> str | None:
+        with self._db() as db:
+            found = db.execute(
+                "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created LIMIT 1"
+            ).fetchone()
+        return found[0] if found else None
+
+    def pending_rows(self, job_id: str) -> list[tuple[int, BatchRow, int]]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT idx, spec, attempts FROM rows WHERE job_id = ? AND state = 'pending' "
+                "ORDER BY idx",
+                (job_id,),
+            ).fetchall()
+        return [(idx, BatchRow.model_validate_json(spec), tries) for idx, spec, tries in rows]
+
+    def set_job(self, job_id: str, state: str, only_if: tuple[str, ...] = ()) -> bool:
+        with self._db() as db:
+            if only_if:
+                marks = ",".join("?" * len(only_if))
+                cursor = db.execute(
+                    f"UPDATE jobs SET state = ? WHERE id = ? AND state IN ({marks})",
+                    (state, job_id, *only_if),
+                )
+            else:
+                cursor = db.execute("UPDATE jobs SET state = ? WHERE id = ?", (state, job_id))
+        return cursor.rowcount == 1
+
+    def state(self, job_id: str) -> str | None:
+        with self._db() as db:
+            found = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return found[0] if found else None
+
+    def finish_row(self, job_id: str, idx: int, image: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE rows SET state = 'done', image = ? WHERE job_id = ? AND idx = ?",
+                (image, job_id, idx),
+            )
+
+    def fail_row(self, job_id: str, idx: int, error: str, final: bool) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE rows SET attempts = attempts + 1, error = ?, state = ? "
+                "WHERE job_id = ? AND idx = ?",
+                (error[:500], "failed" if final else "pending", job_id, idx),
+            )
+
+
+class BatchRunner:
+    """One thread that works through the stored jobs, oldest first, via the device queue."""
+
+    def __init__(self, service: Service, settings: ServerSettings) -> None:
+        self.service = service
+        self.settings = settings
+        self.root = outputs_root(settings)
+        self.db_path = Path(settings.jobs_db or self.root / "jobs.sqlite")
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.current: Job | None = None
+        self._store: BatchStore | None = None
+        self._start_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        if self.db_path.is_file():  # jobs of an earlier run: resume them
+            self._start()
+
+    def _start(self) -> BatchStore:
+        """The store and the runner thread, made on first use (a server that never gets a batch
+        job writes nothing)."""
+        with self._start_lock:
+            if self._store is None:
+                self._store = BatchStore(self.db_path)
+                self.thread.start()
+            return self._store
+
+    @property
+    def store(self) -> BatchStore:
+        return self._start()
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        return self._store.job(job_id) if self._store is not None else None
+
+    def submit(self, rows: list[BatchRow]) -> str:
+        job_id = self.store.create(rows)
+        self.wake.set()
+        return job_id
+
+    def cancel(self, job_id: str) -> bool:
+        if self._store is None:
+            return False
+        cancelled = self.store.set_job(job_id, "cancelled", only_if=("queued", "running"))
+        current = self.current
+        if cancelled and current is not None and current.label == f"batch:{job_id}":
+            current.cancel("the batch job was cancelled")
+        return cancelled
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            job_id = self.store.next_job()
+            if job_id is None:
+                self.wake.wait(timeout=1.0)
+                self.wake.clear()
+                continue
+            try:
+                self._run_job(job_id)
+            except Exception:  # a job never takes the runner down with it
+                log.exception("batch job %s stopped", job_id)
+                self.store.set_job(job_id, "failed")
+
+    def _run_job(self, job_id: str) -> None:
+        self.store.set_job(job_id, "running", only_if=("queued",))
+        day = self.store.job(job_id)["day"]  # type: ignore[index]
+        folder = self.root / day / job_id
+        while not self.stopping.is_set():
+            pending = self.store.pending_rows(job_id)
+            if not pending or self.store.state(job_id) != "running":
+                break
+            idx, row, attempts = pending[0]
+            try:
+                path = self._render_row(job_id, folder, idx, row)
+            except RenderCancelled:
+                break  # the job was cancelled (or the server is stopping): the row stays pending
+            except (PlanError, ValueError, KeyError, OSError) as error:
+                final = attempts + 1 >= MAX_ATTEMPTS or isinstance(error, PlanError)
+                self.store.fail_row(job_id, idx, str(error).strip("'\""), final)
+                continue
+            self.store.finish_row(job_id, idx, str(path))
+        if not self.store.pending_rows(job_id):
+            self.store.set_job(job_id, "done", only_if=("running",))
+
+    def _render_row(self, job_id: str, folder: Path, idx: int, row: BatchRow) -> Path:
+        conditioning = None
+        if row.pose_image:
+            conditioning = Conditioning("control", self._pose(row.pose_image))
+        template = RenderRequest(
+            prompt=row.prompt,
+            seed=row.seed,
+            negative_prompt=row.negative,
+            width=row.width,
+            height=row.height,
+            steps=row.steps,
+            conditioning=conditioning,
+        )
+        requests, entries = plan(self.service, template, [row.seed], _lora_column(row.lora))
+        job = self.service.submit(requests, entries, label=f"batch:{job_id}", block=True)
+        self.current = job
+        try:
+            image = job.future.result()[0]
+        finally:
+            self.current = None
+        path = folder / f"{idx:05d}.png"
+        write_image(path, image)  # sidecar, then PNG, each atomic
+        return path
+
+    def _pose(self, reference: str) -> Image.Image:
+        """A pose image from inside the working folder or $AI_CACHE_ROOT only."""
+        roots = [Path.cwd().resolve()]
+        if os.environ.get("AI_CACHE_ROOT"):
+            roots.append(Path(os.environ["AI_CACHE_ROOT"]).resolve())
+        path = Path(reference).resolve()
+        if not any(path.is_relative_to(root) for root in roots) or not path.is_file():
+            raise PlanError(f"pose_image {reference[:80]!r}: not a file inside {roots[0]}")
+        return open_image_bytes(path.read_bytes(), self.settings, "pose_image").convert("RGB")
