@@ -13,7 +13,7 @@ from charaforge.models import base
 from charaforge.models.lora_files import kohya_file_name, stamp_metadata
 from charaforge.pipeline.stage import StageContext, run_stage
 from charaforge.pipeline.tracking import git_commit, repository_root
-from charaforge.train import RunContext, train_all
+from charaforge.train import RunContext, launch, train_all
 
 
 def body(ctx: StageContext) -> None:
@@ -62,4 +62,9 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train", body, sections=("model", "train"))
+    run_stage(
+        "train",
+        body,
+        sections=("model", "train"),
+        before=lambda params: launch.relaunch_if_needed(params.train, "stages.train"),
+    )

@@ -95,10 +95,12 @@ def train_all(
             "%s: %d steps in %.1f s, final loss %.4f",
             candidate.name, train.max_steps, result.seconds, result.final_loss,
         )  # fmt: skip
-        write_csv(Path(plots_dir) / f"{candidate.name}.csv", result.history[["step", "loss"]])
+        if trainer.is_main:  # N processes (accelerate launch): one copy of each output
+            write_csv(Path(plots_dir) / f"{candidate.name}.csv", result.history[["step", "loss"]])
         results.append(result)
-    summary = {"candidates": [r.summary() for r in results], "stand_in": base.info.stand_in}
-    write_json(Path(out_dir) / "summary.json", summary)
+    if trainer.is_main:
+        summary = {"candidates": [r.summary() for r in results], "stand_in": base.info.stand_in}
+        write_json(Path(out_dir) / "summary.json", summary)
     return results
 
 

@@ -28,8 +28,11 @@ def result_settings(
     candidate: CandidateConfig, train: TrainConfig, resolution: int, seed: int
 ) -> dict[str, Any]:
     """The configuration that decides the numbers: not where caches and states live, not the
-    resume switch, not the other candidates."""
-    settings = train.model_dump(mode="json", exclude={"candidates", "resume", "state_dir", "cache"})
+    resume switch, not the devices or the executor, not the other candidates."""
+    settings = train.model_dump(
+        mode="json",
+        exclude={"candidates", "resume", "state_dir", "cache", "devices", "executor"},
+    )
     return {
         "candidate": candidate.model_dump(mode="json"),
         "train": settings,
