@@ -1,22 +1,36 @@
 """DVC stage `generate`: render the evaluation sweep with the generation engine."""
 
+from charaforge.config import EvalConfig
 from charaforge.core import layout
+from charaforge.distributed.accelerate_sweep import AccelerateSweepExecutor
+from charaforge.distributed.ray_engine import RaySweepExecutor
 from charaforge.generate import sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.pipeline.stage import StageContext, run_stage
 
 
+def engine_options(eval: EvalConfig) -> dict:
+    return {
+        "scheduler": eval.scheduler,
+        "controlnets": dict(eval.controlnets),
+        "cpu_threads": eval.cpu_threads,
+    }
+
+
 def body(ctx: StageContext) -> None:
     params = ctx.params
     ctx.tag_data_hash(f"{layout.TRAIN_DIR}/summary.json")
-    engine = GenerationEngine(
-        layout.BASE_DIR,
-        scheduler=params.eval.scheduler,
-        controlnets=dict(params.eval.controlnets),
-        cpu_threads=params.eval.cpu_threads,
-    )
+    # With Ray the engines live in the actors; this one labels the outputs (it loads the base).
+    engine = GenerationEngine(layout.BASE_DIR, **engine_options(params.eval))
     ctx.run.set_tags({"stand_in": engine.base.stand_in})
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})
+    executor = None
+    if params.eval.executor == "ray":
+        executor = RaySweepExecutor(
+            params.ray, params.eval.workers, layout.BASE_DIR, engine_options(params.eval)
+        )
+    elif params.eval.executor == "accelerate":
+        executor = AccelerateSweepExecutor(engine)
     result = sweep.run_sweep(
         engine,
         layout.TRAIN_DIR,
@@ -26,6 +40,7 @@ def body(ctx: StageContext) -> None:
         seed=params.seed,
         out_dir=layout.GENERATE_DIR,
         pose_dir=layout.POSE_DIR if params.eval.pose.enabled else None,
+        executor=executor,
     )
     ctx.run.log_metrics(
         {

@@ -1,4 +1,5 @@
-"""Training in 2 processes (`accelerate launch --num_processes 2 --cpu`, gloo) against 1 process.
+"""Training in 2 CPU processes (`accelerate launch --multi_gpu --num_processes 2`: torchrun, gloo;
+accelerate's `--cpu` starts one process whatever the count) against 1 process.
 
 One slow test, three real launches of the train stage: an uninterrupted 2-process run (launched
 by `accelerate launch` directly, MLflow on); a 2-process run started as `python -m stages.train`
@@ -61,6 +62,7 @@ def distributed_config(processes: int, tmp: Path):
         caption={"shuffle": True, "keep_tokens": 1, "dropout": 0.0},
         cache={"latents": True, "text_encoder_outputs": False, "dir": str(tmp / "cache")},
         processes=processes,
+        cpu_threads=1,
     )
 
 
@@ -121,9 +123,9 @@ def test_two_processes_train_like_one_with_the_global_batch(
     ranks_log = tmp_path / "ranks_log"
     launched = _run(
         reference,
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "stages.train"],
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "stages.train"],
         **{SAMPLE_LOG_ENV: str(ranks_log)},
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]

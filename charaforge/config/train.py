@@ -123,6 +123,10 @@ class TrainConfig(Strict):
                 f"batch_size: {self.batch_size} (the global batch) does not split evenly over "
                 f"train.processes={self.processes}"
             )
+        if self.processes > 1 and self.executor == "ray":
+            raise ValueError(
+                "executor: ray trains each candidate in one process; use train.processes=1"
+            )
         if self.devices is not None:
             if len(set(self.devices)) != len(self.devices) or min(self.devices) < 0:
                 raise ValueError(f"devices: {self.devices}: give distinct GPU ids >= 0")

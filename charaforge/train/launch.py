@@ -2,7 +2,7 @@
 module, on the configured GPUs (or CPU processes over gloo on a machine without one).
 
 The stage calls `relaunch_if_needed` first: with `train.processes > 1` and no launcher around it,
-it runs `accelerate launch --num_processes N [--cpu] -m stages.train` and exits with its status,
+it runs `accelerate launch --multi_gpu --num_processes N -m stages.train` and exits with its status,
 so `dvc repro` and `dvc exp run` need no other command. Under a launcher (torchrun, accelerate,
 srun with the accelerate env) it does nothing; the trainer then checks that the launched process
 count is the configured one.
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # Set by every launcher we support (torchrun, accelerate launch, torch.distributed.run).
 LAUNCHED_ENV = "WORLD_SIZE"
+RELAUNCHED_ENV = "CHARAFORGE_RELAUNCHED"
 
 
 def is_launched() -> bool:
@@ -71,10 +72,11 @@ def launch_command(train: TrainConfig, module: str, devices: list[int] | None) -
         "--num_processes", str(train.processes), "--num_machines", "1",
         "--mixed_precision", train.mixed_precision, "--dynamo_backend", "no",
     ]  # fmt: skip
-    if devices is None:
-        command.append("--cpu")
-    else:
-        command += ["--multi_gpu", "--gpu_ids", ",".join(str(d) for d in devices)]
+    # `--multi_gpu` is accelerate's torchrun launcher, also for CPU processes (gloo) on a
+    # machine without a GPU; its `--cpu` starts a single process whatever --num_processes says.
+    command.append("--multi_gpu")
+    if devices is not None:
+        command += ["--gpu_ids", ",".join(str(d) for d in devices)]
     return [*command, "-m", module]
 
 
@@ -83,8 +85,14 @@ def relaunch_if_needed(train: TrainConfig, module: str) -> None:
     with the launcher's status. Returns (does nothing) with one process or under a launcher."""
     if train.processes == 1 or is_launched():
         return
+    if os.environ.get(RELAUNCHED_ENV):
+        # Never launch again from a launched process: a launcher that started one plain
+        # process would otherwise recurse.
+        raise ConfigError(
+            f"train.processes: {train.processes}, but the launcher started a single process"
+        )
     devices = check_devices(train)
     command = launch_command(train, module, devices)
     where = f"GPUs {devices}" if devices else "CPU (gloo)"
     log.info("train: %d processes on %s: %s", train.processes, where, " ".join(command))
-    raise SystemExit(subprocess.call(command))
+    raise SystemExit(subprocess.call(command, env={**os.environ, RELAUNCHED_ENV: "1"}))

@@ -15,8 +15,11 @@ the samples it trained on to `<folder>/rank-<r>.jsonl` (the multi-process test r
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,3 +86,22 @@ def log_samples(step: int, rank: int, paths: list[str]) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps({"step": step, "rank": rank, "samples": paths}) + "\n")
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher() -> None:
+    """In a worker of a distributed launch, get SIGKILLed when the launcher dies.
+
+    torchrun starts each worker in its own session, so a launcher killed with SIGKILL (a
+    scheduler ending the job, a user's kill -9) would leave its workers running, writing
+    checkpoints beside the resumed run. Linux only; a no-op elsewhere and without a launcher.
+    """
+    if "WORLD_SIZE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher:  # it died before the call
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -39,8 +39,9 @@ _STATE_NAME = re.compile(r"^step-(\d{6,})$")
 # Test hook: `CHARAFORGE_KILL_AT=<point>:<step>` makes the process SIGKILL itself at that point
 # (`step`: right after optimizer step <step>; `save`: halfway through writing the state of
 # <step>). The kill-and-resume tests use it to stop a real process at exact places. With
-# `CHARAFORGE_KILL_GROUP=1` the SIGKILL goes to the whole process group instead: a launcher
-# (`accelerate launch`) started in its own session dies at that instant with all its workers.
+# `CHARAFORGE_KILL_GROUP=1` it goes to the launcher's process group instead (a worker of a
+# distributed launch: its parent's group; else its own): the launcher dies at that instant, and
+# its workers with it (they die with their launcher, see train.processes).
 KILL_ENV = "CHARAFORGE_KILL_AT"
 KILL_GROUP_ENV = "CHARAFORGE_KILL_GROUP"
 
@@ -50,7 +51,8 @@ def kill_point(point: str, step: int) -> None:
     if os.environ.get(KILL_ENV) == f"{point}:{step}":
         log.warning("%s=%s: killing this process now", KILL_ENV, os.environ[KILL_ENV])
         if os.environ.get(KILL_GROUP_ENV) == "1":
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+            launched = "WORLD_SIZE" in os.environ
+            os.killpg(os.getpgid(os.getppid() if launched else 0), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -52,6 +52,7 @@ from charaforge.train.processes import (
     Share,
     batch_share,
     check_process_count,
+    die_with_launcher,
     gather_rng,
     log_samples,
 )
@@ -185,6 +186,7 @@ class CandidateTrainer:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         check_process_count(self.accelerator, train.processes)
+        die_with_launcher()
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         try:
@@ -383,7 +385,9 @@ class CandidateTrainer:
         """The global batch's mean loss (this process's own with one process)."""
         if self.accelerator.num_processes == 1:
             return float(loss.detach())
-        local_sum = loss.detach().float() * share.weight * global_size / self.accelerator.num_processes
+        local_sum = (
+            loss.detach().float() * share.weight * global_size / self.accelerator.num_processes
+        )
         return float(self.accelerator.reduce(local_sum.to(self.device), "sum")) / global_size
 
     def noisy_inputs(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
