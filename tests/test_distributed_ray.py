@@ -116,3 +116,12 @@ def test_ray_section_is_validated(params_dict: dict) -> None:
     params_dict["ray"] = {"adress": "auto"}
     with pytest.raises(ConfigError, match="ray.adress: unknown key"):
         validate_params(params_dict)
+    del params_dict["ray"]
+    params_dict["eval"].update(workers=0, executor="spark")
+    with pytest.raises(ConfigError) as error:
+        validate_params(params_dict)
+    assert "eval.workers" in str(error.value) and "eval.executor" in str(error.value)
+    params_dict["eval"].update(workers=2, executor="ray")
+    params_dict["train"].update(processes=2, executor="ray")
+    with pytest.raises(ConfigError, match="train: .*executor: ray trains each candidate in one"):
+        validate_params(params_dict)

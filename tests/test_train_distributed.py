@@ -180,7 +180,7 @@ def test_two_processes_train_like_one_with_the_global_batch(
 
 def test_more_gpus_than_exist_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"train\.processes: 4 processes asked for.*2 GPU"):
-        check_devices(tiny_train(processes=4), available=2)
+        check_devices(tiny_train(batch_size=4, processes=4), available=2)
     with pytest.raises(ConfigError, match=r"train\.devices: GPU\(s\) \[1\].*has 1 GPU"):
         check_devices(tiny_train(processes=2, devices=[0, 1]), available=1)
     assert check_devices(tiny_train(processes=2), available=0) is None  # CPU processes
