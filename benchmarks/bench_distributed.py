@@ -30,7 +30,8 @@ from bench_sweep import build_workspace  # noqa: E402
 
 from charaforge.config import EvalConfig  # noqa: E402
 from charaforge.config.resources import RayConfig  # noqa: E402
-from charaforge.distributed.ray_engine import RaySweepExecutor, connect  # noqa: E402
+from charaforge.distributed.cluster import connect  # noqa: E402
+from charaforge.distributed.ray_sweep import RaySweepExecutor  # noqa: E402
 from charaforge.generate.engine import GenerationEngine  # noqa: E402
 from charaforge.generate.sweep import run_sweep  # noqa: E402
 

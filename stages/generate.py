@@ -3,7 +3,7 @@
 from charaforge.config import EvalConfig
 from charaforge.core import layout
 from charaforge.distributed.accelerate_sweep import AccelerateSweepExecutor
-from charaforge.distributed.ray_engine import RaySweepExecutor
+from charaforge.distributed.ray_sweep import RaySweepExecutor
 from charaforge.generate import sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.pipeline.stage import StageContext, run_stage

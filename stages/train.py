@@ -9,7 +9,7 @@ from pathlib import Path
 
 from charaforge.core import layout
 from charaforge.core.layout import LORA_WEIGHTS
-from charaforge.distributed.ray_engine import train_grid
+from charaforge.distributed.ray_grid import train_grid
 from charaforge.models import base
 from charaforge.models.lora_files import kohya_file_name, stamp_metadata
 from charaforge.pipeline.stage import StageContext, run_stage

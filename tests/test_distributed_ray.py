@@ -16,7 +16,9 @@ from test_models_train import tiny_train
 
 from charaforge.config import validate_params
 from charaforge.config.resources import RayConfig
-from charaforge.distributed.ray_engine import RaySweepExecutor, connect, train_grid
+from charaforge.distributed.cluster import connect
+from charaforge.distributed.ray_grid import train_grid
+from charaforge.distributed.ray_sweep import RaySweepExecutor
 from charaforge.generate import sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.train import RunContext, train_all

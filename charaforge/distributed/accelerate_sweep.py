@@ -20,10 +20,13 @@ class AccelerateSweepExecutor:
     """This process's share of the sweep, on `engine` (see the module docstring)."""
 
     def __init__(self, engine: GenerationEngine, state: Any | None = None) -> None:
+        import torch
         from accelerate import PartialState
 
         self.engine = engine
-        self.state = state or PartialState()
+        # cpu=True on a machine without CUDA: without it, each process of a torchrun launch
+        # there sees itself alone (num_processes 1) and renders the whole sweep.
+        self.state = state or PartialState(cpu=not torch.cuda.is_available())
 
     @property
     def writes_outputs(self) -> bool:

@@ -105,3 +105,23 @@ def die_with_launcher() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != launcher:  # it died before the call
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reset_accelerate_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another
+    precision; one process (tests, a notebook) may train several configurations in turn."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state()
+
+
+def unprepare(model: torch.nn.Module) -> None:
+    # accelerate's `prepare` marks the module as prepared (a second `prepare` skips it) and,
+    # under mixed precision, wraps its `forward` in autocast on the instance. The base is reused
+    # by the next candidate, whose own Accelerator must prepare it afresh, exactly as a newly
+    # loaded one: the validation loss and samples run through that autocast wrapper too.
+    model.__dict__.pop("_is_accelerate_prepared", None)
+    if model.__dict__.pop("_original_forward", None) is not None:
+        model.__dict__.pop("forward", None)

@@ -23,7 +23,6 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +54,12 @@ from charaforge.train.processes import (
     die_with_launcher,
     gather_rng,
     log_samples,
+    reset_accelerate_precision,
+    unprepare,
 )
 from charaforge.train.settings import (
     RunContext,
+    TrainResult,
     checkpoint_steps,
     result_settings,
     run_fingerprint,
@@ -75,60 +77,11 @@ NUMPY_SEED_LIMIT = 2**32  # numpy's legacy global seed must be below this
 KIB_PER_MIB = 1024  # ru_maxrss is in KiB on Linux
 
 
-@dataclass
-class TrainResult:
-    """What one candidate's training produced (summary.json holds all but `seconds`)."""
-
-    name: str
-    rank: int
-    alpha: float
-    learning_rate: float
-    checkpoints: list[int]
-    final_loss: float
-    val_loss: list[float] | None = None  # one per checkpoint; None without a val split
-    initial_val_loss: float | None = None  # before the first step (the LoRA is a no-op then)
-    seconds: float = 0.0
-    resumed_from: int = 0
-    history: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "learning_rate": self.learning_rate,
-            "checkpoints": self.checkpoints,
-            "final_loss": self.final_loss,
-            "val_loss": self.val_loss,
-            "initial_val_loss": self.initial_val_loss,
-        }
-
-
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
-
-
-def _reset_accelerate_precision(mixed_precision: str) -> None:
-    """accelerate keeps one process-wide state and refuses a second Accelerator with another
-    precision; one process (tests, a notebook) may train several configurations in turn."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
-        AcceleratorState._reset_state()
-
-
-def _unprepare(model: torch.nn.Module) -> None:
-    # accelerate's `prepare` marks the module as prepared (a second `prepare` skips it) and,
-    # under mixed precision, wraps its `forward` in autocast on the instance. The base is reused
-    # by the next candidate, whose own Accelerator must prepare it afresh, exactly as a newly
-    # loaded one: the validation loss and samples run through that autocast wrapper too.
-    model.__dict__.pop("_is_accelerate_prepared", None)
-    if model.__dict__.pop("_original_forward", None) is not None:
-        model.__dict__.pop("forward", None)
 
 
 class CandidateTrainer:
@@ -175,7 +128,7 @@ class CandidateTrainer:
         from accelerate.utils import DataLoaderConfiguration
 
         train = self.train
-        _reset_accelerate_precision(train.mixed_precision)
+        reset_accelerate_precision(train.mixed_precision)
         # split_batches: train.batch_size is the global batch, shared by the processes, and
         # accelerate's prepared scheduler then steps once per optimizer step (without it, it
         # steps once per process per optimizer step: N times too fast).
@@ -243,7 +196,7 @@ class CandidateTrainer:
         if not self.lora_configs:
             return
         for model in self.trained_models:
-            _unprepare(model)
+            unprepare(model)
             model.eval()
         if self.train.gradient_checkpointing:
             self.base.unet.disable_gradient_checkpointing()
