@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class RaySweepExecutor:
     base_dir: str
     engine_options: dict[str, Any]
     worker_pids: list[int] = field(default_factory=list)  # filled once the actors are up
+    startup_seconds: float = 0.0  # starting the actors (each loads the base model)
 
     def render(self, jobs: list[SweepJob], work: SweepWork) -> tuple[int, int]:
         ray = connect(self.config)
@@ -65,8 +67,10 @@ class RaySweepExecutor:
         actors = [
             actor_class.remote(os.getcwd(), self.base_dir, self.engine_options) for _ in shares
         ]
+        started = time.perf_counter()
         try:
             self.worker_pids = ray.get([actor.pid.remote() for actor in actors])
+            self.startup_seconds = time.perf_counter() - started  # processes up, engines loaded
             pending = [
                 actor.render.remote(share, work)
                 for actor, share in zip(actors, shares, strict=True)
