@@ -1,23 +1,37 @@
 """DVC stage `generate`: render the evaluation sweep with the generation engine."""
 
+from charaforge.config import EvalConfig
 from charaforge.core import layout
+from charaforge.distributed.accelerate_sweep import AccelerateSweepExecutor
+from charaforge.distributed.ray_sweep import RaySweepExecutor
 from charaforge.generate import sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.pipeline.stage import StageContext, run_stage
 
 
+def engine_options(eval: EvalConfig) -> dict:
+    return {
+        "scheduler": eval.scheduler,
+        "controlnets": dict(eval.controlnets),
+        "cpu_threads": eval.cpu_threads,
+        "ip_adapter": eval.ip_adapter,
+    }
+
+
 def body(ctx: StageContext) -> None:
     params = ctx.params
     ctx.tag_data_hash(f"{layout.TRAIN_DIR}/summary.json")
-    engine = GenerationEngine(
-        layout.BASE_DIR,
-        scheduler=params.eval.scheduler,
-        controlnets=dict(params.eval.controlnets),
-        cpu_threads=params.eval.cpu_threads,
-        ip_adapter=params.eval.ip_adapter,
-    )
+    # With Ray the engines live in the actors; this one labels the outputs (it loads the base).
+    engine = GenerationEngine(layout.BASE_DIR, **engine_options(params.eval))
     ctx.run.set_tags({"stand_in": engine.base.stand_in})
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})
+    executor = None
+    if params.eval.executor == "ray":
+        executor = RaySweepExecutor(
+            params.ray, params.eval.workers, layout.BASE_DIR, engine_options(params.eval)
+        )
+    elif params.eval.executor == "accelerate":
+        executor = AccelerateSweepExecutor(engine)
     result = sweep.run_sweep(
         engine,
         layout.TRAIN_DIR,
@@ -28,6 +42,7 @@ def body(ctx: StageContext) -> None:
         out_dir=layout.GENERATE_DIR,
         pose_dir=layout.POSE_DIR if params.eval.pose.enabled else None,
         work_dir=layout.GENERATE_WORK_DIR,
+        executor=executor,
     )
     ctx.run.log_metrics(
         {

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from charaforge.core import layout
 from charaforge.core.layout import LORA_WEIGHTS
+from charaforge.distributed.ray_grid import train_grid
 from charaforge.models import base
 from charaforge.models.lora_files import kohya_file_name, stamp_metadata
 from charaforge.pipeline.stage import StageContext, run_stage
 from charaforge.pipeline.tracking import git_commit, repository_root
-from charaforge.train import RunContext, train_all
+from charaforge.train import RunContext, launch, train_all
 
 
 def body(ctx: StageContext) -> None:
@@ -25,18 +26,25 @@ def body(ctx: StageContext) -> None:
         ctx.run.log_metrics({f"{key}.{candidate}": value for key, value in metrics.items()}, step)
 
     context = RunContext(trigger=ctx.params.data.trigger, git_commit=git_commit(repository_root()))
-    results = train_all(
-        layout.BASE_DIR,
-        layout.DATASET_DIR,
-        ctx.params.train,
-        resolution=ctx.params.model.resolution,
-        seed=ctx.params.seed,
-        out_dir=layout.TRAIN_DIR,
-        plots_dir=layout.TRAIN_LOSS_PLOTS_DIR,
-        on_step=log_step,
-        trigger=ctx.params.data.trigger,
-        context=context,
-    )
+    if ctx.params.train.executor == "ray":
+        results = train_grid(
+            ctx.params.ray, layout.BASE_DIR, layout.DATASET_DIR, ctx.params.train,
+            ctx.params.model.resolution, ctx.params.seed, layout.TRAIN_DIR,
+            layout.TRAIN_LOSS_PLOTS_DIR, context,
+        )  # fmt: skip
+    else:
+        results = train_all(
+            layout.BASE_DIR,
+            layout.DATASET_DIR,
+            ctx.params.train,
+            resolution=ctx.params.model.resolution,
+            seed=ctx.params.seed,
+            out_dir=layout.TRAIN_DIR,
+            plots_dir=layout.TRAIN_LOSS_PLOTS_DIR,
+            on_step=log_step,
+            trigger=ctx.params.data.trigger,
+            context=context,
+        )
     for result in results:
         ctx.run.log_metrics(
             {
@@ -62,4 +70,9 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train", body, sections=("model", "train"))
+    run_stage(
+        "train",
+        body,
+        sections=("model", "train"),
+        before=lambda params: launch.relaunch_if_needed(params.train, "stages.train"),
+    )

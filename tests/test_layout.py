@@ -30,6 +30,7 @@ PHASES = [
     "evaluate",
     "selection",
     "serve",
+    "distributed",
     "cli",
 ]
 TOP_LEVEL_MODULES = {"__init__", "errors", "config", "cli"}

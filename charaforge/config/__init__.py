@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from charaforge.config.base import Strict
+from charaforge.config.resources import RayConfig
 from charaforge.config.train import TrainConfig
 from charaforge.config.world import WorldConfig
 from charaforge.errors import ConfigError
@@ -266,6 +267,13 @@ class EvalConfig(Strict):
     # torch CPU threads for the sweep (null: torch's default, one per core). A fixed count keeps
     # CPU output bytes independent of the machine; 1 avoids spin-waiting on shared cores.
     cpu_threads: int | None = Field(default=None, ge=1)
+    # Who renders the sweep's work items: in this process (the default), Ray actors (one per
+    # worker, `ray` section), or the processes of an `accelerate launch`. Same bytes either way.
+    executor: Literal["local", "ray", "accelerate"] = "local"
+    # Engine workers (Ray actors) rendering in parallel; CUDA device ids for them (None: CPU or
+    # as Ray places them).
+    workers: int = Field(default=1, ge=1)
+    devices: list[int] | None = Field(default=None, min_length=1)
 
     @field_validator("suites")
     @classmethod
@@ -443,6 +451,7 @@ class Params(Strict):
     report: ReportConfig
     tracking: TrackingConfig
     world: WorldConfig
+    ray: RayConfig = RayConfig()
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

@@ -92,6 +92,14 @@ class TrainConfig(Strict):
     # Continue from the latest saved state of a run with the same configuration and data.
     resume: bool = True
     state_dir: str = Field(default="data/train_state", min_length=1)
+    # Processes that share every global batch (`accelerate launch`, DDP): batch_size is the
+    # global batch and must divide evenly. The train stage launches them itself when > 1.
+    processes: int = Field(default=1, ge=1)
+    # CUDA device ids for the processes (None: the first `processes` GPUs, or CPU without one).
+    devices: list[int] | None = Field(default=None, min_length=1)
+    # The candidate grid: one candidate after another here (local), or one Ray task each (ray
+    # section: one GPU per candidate, any node). Same bytes either way.
+    executor: Literal["local", "ray"] = "local"
 
     @field_validator("target_modules")
     @classmethod
@@ -109,6 +117,26 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"candidates: the name {BASE_CANDIDATE!r} is reserved for the base model's row"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _processes_share_the_batch(self) -> TrainConfig:
+        if self.batch_size % self.processes:
+            raise ValueError(
+                f"batch_size: {self.batch_size} (the global batch) does not split evenly over "
+                f"train.processes={self.processes}"
+            )
+        if self.processes > 1 and self.executor == "ray":
+            raise ValueError(
+                "executor: ray trains each candidate in one process; use train.processes=1"
+            )
+        if self.devices is not None:
+            if len(set(self.devices)) != len(self.devices) or min(self.devices) < 0:
+                raise ValueError(f"devices: {self.devices}: give distinct GPU ids >= 0")
+            if len(self.devices) < self.processes:
+                raise ValueError(
+                    f"devices: {len(self.devices)} device(s) for train.processes={self.processes}"
+                )
         return self
 
     @model_validator(mode="after")

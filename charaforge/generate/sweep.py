@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 from PIL import Image, ImageDraw
@@ -204,8 +205,41 @@ def plan_jobs(
     return jobs
 
 
+class SweepExecutor(Protocol):
+    """Renders work items (sweep jobs) into out_dir: in this process, on Ray actors, or in the
+    processes of an `accelerate launch`. Any split of the items gives the same files: each
+    image's bytes depend only on its own job, each file is written atomically, and an image
+    already on disk with its parameters is not rendered again."""
+
+    def render(self, jobs: list[SweepJob], work: SweepWork) -> tuple[int, int]:
+        """Render the jobs; return (rendered, skipped)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SweepWork:
+    """Everything a worker needs to render any share of the sweep's jobs (picklable)."""
+
+    train_dir: str
+    eval: EvalConfig
+    resolution: int
+    out_dir: str
+    # Where each image is also kept as it is rendered (run_sweep's work_dir), or None.
+    keep_dir: str | None = None
+
+
+class InProcessExecutor:
+    """The default: every job here, in plan order, on the given engine."""
+
+    def __init__(self, engine: GenerationEngine, on_image: Callable[[SweepJob], None] | None):
+        self.engine, self.on_image = engine, on_image
+
+    def render(self, jobs: list[SweepJob], work: SweepWork) -> tuple[int, int]:
+        return render_jobs(self.engine, jobs, work, self.on_image)
+
+
 def run_sweep(
-    engine: GenerationEngine,
+    engine: GenerationEngine | None,
     train_dir: str | Path,
     eval: EvalConfig,
     trigger: str,
@@ -216,22 +250,85 @@ def run_sweep(
     root: str | Path = ".",
     on_image: Callable[[SweepJob], None] | None = None,
     work_dir: str | Path | None = None,
+    executor: SweepExecutor | None = None,
+    stand_in: bool | None = None,
 ) -> SweepResult:
     """Render the sweep into out_dir/images, write out_dir/index.parquet and out_dir/grids/.
 
-    `on_image` is called after each image is on disk (progress; tests interrupt through it).
-    `work_dir`: a folder outside the stage's output (DVC deletes data/generate before it runs the
-    stage again) where every image is kept as it is rendered, so that an interrupted sweep
-    resumes inside `dvc repro` too; removed once the sweep is complete.
+    `executor` renders the work items (default: in this process on `engine`); the index and
+    the grids are then built here from the plan, in plan order, so they do not depend on who
+    rendered what. `on_image` is called after each image is on disk (in-process only;
+    progress, and tests interrupt through it). `stand_in` labels the grids (default: the
+    engine's base). `work_dir`: a folder outside the stage's output (DVC deletes data/generate
+    before it runs the stage again) where every image is kept as it is rendered, so that an
+    interrupted sweep resumes inside `dvc repro` too; removed once the sweep is complete.
     """
     out_dir = Path(out_dir)
-    work = Path(work_dir) if work_dir is not None else None
-    poses = pose_conditions(eval, pose_dir)
-    jobs = plan_jobs(read_candidates(train_dir), eval, trigger, seed, poses, root)
-    skeletons = {pose: Image.open(pose.skeleton).convert("RGB") for pose in poses}
-    counts = [0, 0]  # rendered, reused
-    loaded: str | None = None
+    jobs = sweep_work_items(train_dir, eval, trigger, seed, pose_dir, root)
+    keep_dir = str(work_dir) if work_dir is not None else None
+    work = SweepWork(str(train_dir), eval, resolution, str(out_dir), keep_dir)
+    if executor is None:
+        if engine is None:
+            raise ValueError("run_sweep: give an engine or an executor")
+        executor = InProcessExecutor(engine, on_image)
     started = time.perf_counter()
+    rendered, skipped = executor.render(jobs, work)
+    seconds = time.perf_counter() - started
+    index = _index(jobs, out_dir)
+    if stand_in is None:
+        stand_in = engine.base.stand_in if engine is not None else False
+    grids: list[Path] = []
+    if getattr(executor, "writes_outputs", True):  # the main one of N processes
+        write_parquet(out_dir / "index.parquet", index)
+        grids = write_contact_sheets(index, eval, out_dir, stand_in=stand_in)
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)  # complete: nothing left to resume
+    log.info(
+        "sweep: %d images (%d rendered, %d reused) in %.1f s", len(jobs), rendered, skipped, seconds
+    )
+    return SweepResult(index, rendered, skipped, seconds, grids)
+
+
+def sweep_work_items(
+    train_dir: str | Path,
+    eval: EvalConfig,
+    trigger: str,
+    seed: int,
+    pose_dir: str | Path | None = None,
+    root: str | Path = ".",
+) -> list[SweepJob]:
+    """The sweep's work items in plan order, each keyed by its (candidate, step, scale,
+    prompt, seed, pose) and rendered to its own file (`SweepJob.relative_path`)."""
+    poses = pose_conditions(eval, pose_dir)
+    return plan_jobs(read_candidates(train_dir), eval, trigger, seed, poses, root)
+
+
+def shard_by_cell(jobs: list[SweepJob], shards: int) -> list[list[SweepJob]]:
+    """Deterministic shares for `shards` workers: whole cells (one LoRA load each), dealt in
+    plan order to the least-loaded share (ties: the lowest index)."""
+    shares: list[list[SweepJob]] = [[] for _ in range(shards)]
+    for cell_jobs in _cells(jobs):
+        smallest = min(range(shards), key=lambda index: (len(shares[index]), index))
+        shares[smallest].extend(cell_jobs)
+    return shares
+
+
+def render_jobs(
+    engine: GenerationEngine,
+    jobs: list[SweepJob],
+    work: SweepWork,
+    on_image: Callable[[SweepJob], None] | None = None,
+) -> tuple[int, int]:
+    """Render `jobs` (any share of the sweep, in its order) on `engine`; (rendered, skipped)."""
+    eval, resolution, out_dir = work.eval, work.resolution, Path(work.out_dir)
+    train_dir = Path(work.train_dir)
+    skeletons = {
+        pose: Image.open(pose.skeleton).convert("RGB")
+        for pose in dict.fromkeys(job.pose for job in jobs if job.pose is not None)
+    }
+    counts = [0, 0]  # rendered, reused
+    kept_dir = Path(work.keep_dir) if work.keep_dir is not None else None
+    loaded: str | None = None
     progress = tqdm(total=len(jobs), desc="generate", leave=False)
 
     def done(job: SweepJob, was_rendered: bool) -> None:
@@ -247,9 +344,7 @@ def run_sweep(
             name = adapter_name(f"{first.candidate}-{first.step}")
             if loaded != name:
                 _release(engine, loaded)
-                engine.load_lora(
-                    name, checkpoint_path(Path(train_dir) / first.candidate, first.step)
-                )
+                engine.load_lora(name, checkpoint_path(train_dir / first.candidate, first.step))
                 loaded = name
             loras = {name: first.lora_scale}
         conditioning = None
@@ -271,20 +366,11 @@ def run_sweep(
         ) -> RenderRequest:
             return _request(job, loras, eval, resolution, conditioning, consistency, image_prompt)
 
-        render_cell(engine, cell_jobs, make_request, eval, out_dir, done, work)
+        render_cell(engine, cell_jobs, make_request, eval, out_dir, done, kept_dir)
     progress.close()
     _release(engine, loaded)
     rendered, skipped = counts
-    seconds = time.perf_counter() - started
-    index = _index(jobs, out_dir)
-    write_parquet(out_dir / "index.parquet", index)
-    grids = write_contact_sheets(index, eval, out_dir, stand_in=engine.base.stand_in)
-    if work is not None:
-        shutil.rmtree(work, ignore_errors=True)  # complete: nothing left to resume
-    log.info(
-        "sweep: %d images (%d rendered, %d reused) in %.1f s", len(jobs), rendered, skipped, seconds
-    )
-    return SweepResult(index, rendered, skipped, seconds, grids)
+    return rendered, skipped
 
 
 def _cells(jobs: list[SweepJob]) -> list[list[SweepJob]]:

@@ -44,18 +44,28 @@ def run_stage(
     body: Callable[[StageContext], None],
     sections: Sequence[str] = (),
     params_path: str | Path = "params.yaml",
+    before: Callable[[Params], None] | None = None,
 ) -> None:
     """Run one stage: load and validate params, track it in MLflow.
 
     Every expected failure (a bad config, a missing input or earlier stage, a missing model) is a
     `CharaForgeError`: it ends the stage with one log line and exit code 2, never a traceback.
+    `before(params)` runs after validation and before tracking (the train stage relaunches itself
+    in N processes there). In a process of a distributed launch other than rank 0, tracking is
+    off: only the main process logs to MLflow.
     """
     configure_logging()
     try:
         params = load_params(params_path)
+        if before is not None:
+            before(params)
     except CharaForgeError as error:
         log.error("%s: %s", name, error)
         raise SystemExit(2) from None
+    if os.environ.get("RANK", "0") != "0":
+        params = params.model_copy(
+            update={"tracking": params.tracking.model_copy(update={"enabled": False})}
+        )
     logged = {section: getattr(params, section).model_dump(mode="json") for section in sections}
     logged["seed"] = params.seed
     tags = {"charaforge.config_hash": config_hash(logged)}

@@ -95,11 +95,21 @@ def train_all(
             "%s: %d steps in %.1f s, final loss %.4f",
             candidate.name, train.max_steps, result.seconds, result.final_loss,
         )  # fmt: skip
-        write_csv(Path(plots_dir) / f"{candidate.name}.csv", result.history[["step", "loss"]])
         results.append(result)
-    summary = {"candidates": [r.summary() for r in results], "stand_in": base.info.stand_in}
-    write_json(Path(out_dir) / "summary.json", summary)
+    if trainer.is_main:  # N processes (accelerate launch): one copy of each output
+        write_grid_outputs(results, base.info.stand_in, out_dir, plots_dir)
     return results
+
+
+def write_grid_outputs(
+    results: list[TrainResult], stand_in: bool, out_dir: str | Path, plots_dir: str | Path
+) -> None:
+    """The loss-curve plot files and data/train/summary.json, in candidate order (whoever
+    trained them, in whatever order)."""
+    for result in results:
+        write_csv(Path(plots_dir) / f"{result.name}.csv", result.history[["step", "loss"]])
+    summary = {"candidates": [r.summary() for r in results], "stand_in": stand_in}
+    write_json(Path(out_dir) / "summary.json", summary)
 
 
 def _bind(on_step: GridCallback, name: str) -> StepCallback:

@@ -38,14 +38,21 @@ _STATE_NAME = re.compile(r"^step-(\d{6,})$")
 
 # Test hook: `CHARAFORGE_KILL_AT=<point>:<step>` makes the process SIGKILL itself at that point
 # (`step`: right after optimizer step <step>; `save`: halfway through writing the state of
-# <step>). The kill-and-resume tests use it to stop a real process at exact places.
+# <step>). The kill-and-resume tests use it to stop a real process at exact places. With
+# `CHARAFORGE_KILL_GROUP=1` it goes to the launcher's process group instead (a worker of a
+# distributed launch: its parent's group; else its own): the launcher dies at that instant, and
+# its workers with it (they die with their launcher, see train.processes).
 KILL_ENV = "CHARAFORGE_KILL_AT"
+KILL_GROUP_ENV = "CHARAFORGE_KILL_GROUP"
 
 
 def kill_point(point: str, step: int) -> None:
-    """SIGKILL this process if the test hook names this point (no-op otherwise)."""
+    """SIGKILL this process (or its group) if the test hook names this point (no-op otherwise)."""
     if os.environ.get(KILL_ENV) == f"{point}:{step}":
         log.warning("%s=%s: killing this process now", KILL_ENV, os.environ[KILL_ENV])
+        if os.environ.get(KILL_GROUP_ENV) == "1":
+            launched = "WORLD_SIZE" in os.environ
+            os.killpg(os.getpgid(os.getppid() if launched else 0), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -146,6 +153,12 @@ def latest_state_discarding_foreign(state_dir: Path, fingerprint: str) -> SavedS
         )
         shutil.rmtree(state_dir)
         return None
+    return states[-1] if states else None
+
+
+def latest_state(state_dir: Path) -> SavedState | None:
+    """The newest complete state in `state_dir`, if any (after the foreign ones are gone)."""
+    states = saved_states(state_dir)
     return states[-1] if states else None
 
 

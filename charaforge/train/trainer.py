@@ -23,7 +23,6 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,19 @@ from charaforge.train.data import DataOrder, augment_caption
 from charaforge.train.encodings import TrainingData
 from charaforge.train.export import Exporter, export_metadata
 from charaforge.train.loss import diffusion_loss, noisy_inputs
+from charaforge.train.processes import (
+    Share,
+    batch_share,
+    check_process_count,
+    die_with_launcher,
+    gather_rng,
+    log_samples,
+    reset_accelerate_precision,
+    unprepare,
+)
 from charaforge.train.settings import (
     RunContext,
+    TrainResult,
     checkpoint_steps,
     result_settings,
     run_fingerprint,
@@ -67,60 +77,11 @@ NUMPY_SEED_LIMIT = 2**32  # numpy's legacy global seed must be below this
 KIB_PER_MIB = 1024  # ru_maxrss is in KiB on Linux
 
 
-@dataclass
-class TrainResult:
-    """What one candidate's training produced (summary.json holds all but `seconds`)."""
-
-    name: str
-    rank: int
-    alpha: float
-    learning_rate: float
-    checkpoints: list[int]
-    final_loss: float
-    val_loss: list[float] | None = None  # one per checkpoint; None without a val split
-    initial_val_loss: float | None = None  # before the first step (the LoRA is a no-op then)
-    seconds: float = 0.0
-    resumed_from: int = 0
-    history: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "learning_rate": self.learning_rate,
-            "checkpoints": self.checkpoints,
-            "final_loss": self.final_loss,
-            "val_loss": self.val_loss,
-            "initial_val_loss": self.initial_val_loss,
-        }
-
-
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
-
-
-def _reset_accelerate_precision(mixed_precision: str) -> None:
-    """accelerate keeps one process-wide state and refuses a second Accelerator with another
-    precision; one process (tests, a notebook) may train several configurations in turn."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
-        AcceleratorState._reset_state()
-
-
-def _unprepare(model: torch.nn.Module) -> None:
-    # accelerate's `prepare` marks the module as prepared (a second `prepare` skips it) and,
-    # under mixed precision, wraps its `forward` in autocast on the instance. The base is reused
-    # by the next candidate, whose own Accelerator must prepare it afresh, exactly as a newly
-    # loaded one: the validation loss and samples run through that autocast wrapper too.
-    model.__dict__.pop("_is_accelerate_prepared", None)
-    if model.__dict__.pop("_original_forward", None) is not None:
-        model.__dict__.pop("forward", None)
 
 
 class CandidateTrainer:
@@ -148,6 +109,7 @@ class CandidateTrainer:
         self.fingerprint = run_fingerprint(
             candidate, train, resolution, seed, data.fingerprint, base.fingerprint
         )
+        self.is_main = True  # set on entering, from accelerate
         # Set on entering: the adapters, optimizer, schedule, generators and the record.
         self.lora_configs: dict[str, Any] = {}
         self.trained_models: list[torch.nn.Module] = []  # the plain modules the pipeline holds
@@ -163,15 +125,23 @@ class CandidateTrainer:
 
     def __enter__(self) -> CandidateTrainer:
         from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration
 
         train = self.train
-        _reset_accelerate_precision(train.mixed_precision)
+        reset_accelerate_precision(train.mixed_precision)
+        # split_batches: train.batch_size is the global batch, shared by the processes, and
+        # accelerate's prepared scheduler then steps once per optimizer step (without it, it
+        # steps once per process per optimizer step: N times too fast).
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
             cpu=not torch.cuda.is_available(),
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
+        check_process_count(self.accelerator, train.processes)
+        die_with_launcher()
         self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
         try:
             self._attach_adapters()
             optimizer, lr_scheduler = self._optimizer_and_schedule()
@@ -197,7 +167,9 @@ class CandidateTrainer:
                 unet_config=self.base.unet.config,
                 prediction_type=self.base.noise_scheduler.config.prediction_type,
             )  # fmt: skip
-            self.exporter.rewrite_missing(self.start)
+            if self.is_main:
+                self.exporter.rewrite_missing(self.start)
+            self.accelerator.wait_for_everyone()
         except BaseException:
             self._detach_adapters()
             raise
@@ -226,7 +198,7 @@ class CandidateTrainer:
         if not self.lora_configs:
             return
         for model in self.trained_models:
-            _unprepare(model)
+            unprepare(model)
             model.eval()
         if self.train.gradient_checkpointing:
             self.base.unet.disable_gradient_checkpointing()
@@ -266,18 +238,26 @@ class CandidateTrainer:
         and torch's global RNGs (peft's dropout draws from torch's); a resumed run restores them.
         """
         name, state_dir = self.candidate.name, self.state_dir
-        latest = None
-        if self.train.resume:
-            latest = resume_state.latest_state_discarding_foreign(state_dir, self.fingerprint)
-        elif state_dir.exists():
-            shutil.rmtree(state_dir)
-        resume_state.clean_stale_temporaries(state_dir)
+        # Only the main process clears states (foreign ones, or all without resume); the others
+        # read the state folder once it has.
+        if self.is_main:
+            if self.train.resume:
+                resume_state.latest_state_discarding_foreign(state_dir, self.fingerprint)
+            elif state_dir.exists():
+                shutil.rmtree(state_dir)
+            resume_state.clean_stale_temporaries(state_dir)
+        self.accelerator.wait_for_everyone()
+        latest = resume_state.latest_state(state_dir) if self.train.resume else None
         if latest is None:
             if self.data.val_items:
                 self.initial_val_loss = self.validation_loss()
-            random.seed(derive_seed(self.seed, name, "python"))
-            np.random.seed(derive_seed(self.seed, name, "numpy") % NUMPY_SEED_LIMIT)
-            torch.manual_seed(derive_seed(self.seed, name, "torch"))
+            # Per process (rank 0 keeps the single-process seeds): peft's dropout masks are
+            # drawn from torch's global RNG and must not repeat across the processes' samples.
+            rank = self.accelerator.process_index
+            extra = (rank,) if rank else ()
+            random.seed(derive_seed(self.seed, name, "python", *extra))
+            np.random.seed(derive_seed(self.seed, name, "numpy", *extra) % NUMPY_SEED_LIMIT)
+            torch.manual_seed(derive_seed(self.seed, name, "torch", *extra))
             return
         self.start = latest.step
         load_adapter_state(self.base.pipeline, resume_state.load_adapter(latest.folder))
@@ -285,7 +265,8 @@ class CandidateTrainer:
         self.optimizer.load_state_dict(training["optimizer"])
         self.lr_scheduler.load_state_dict(training["lr_scheduler"])
         self.order.load_state_dict(training["order"])
-        resume_state.restore_rng(training["rng"], self.generators)
+        per_process = training.get("rng_per_process") or [training["rng"]]
+        resume_state.restore_rng(per_process[self.accelerator.process_index], self.generators)
         self.history = latest.progress["history"]
         self.val_losses = latest.progress["val_losses"]
         self.initial_val_loss = latest.progress["initial_val_loss"]
@@ -301,7 +282,7 @@ class CandidateTrainer:
         steps = range(self.start + 1, self.train.max_steps + 1)
         progress = tqdm(
             steps, desc=f"train {self.candidate.name}", initial=self.start,
-            total=self.train.max_steps, leave=False,
+            total=self.train.max_steps, leave=False, disable=not self.is_main,
         )  # fmt: skip
         for step in progress:
             step_started = time.perf_counter()
@@ -309,7 +290,7 @@ class CandidateTrainer:
             resume_state.kill_point("step", step)
             metrics = self.record(step, step_loss, grad_norm)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
-            if on_step is not None:
+            if on_step is not None and self.is_main:
                 timing = {
                     "step_seconds": time.perf_counter() - step_started,
                     "memory_mb": peak_memory_mb(),
@@ -328,11 +309,21 @@ class CandidateTrainer:
         train, accelerator = self.train, self.accelerator
         step_loss, grad_norm = 0.0, float("nan")
         for _ in range(train.gradient_accumulation_steps):
+            # The global batch and all its draws, alike on every process; then this one's share.
             batch = self.order.next()
-            latents, noise, timesteps = self.noisy_inputs(batch)
+            share = batch_share(accelerator, len(batch))
+            latents, noise, timesteps = map(share.take, self.noisy_inputs(batch))
+            text = self.batch_text(batch, share)
+            local = [batch[position] for position in share.positions]
+            log_samples(
+                len(self.history) + 1, accelerator.process_index,
+                [self.data.items[i].path for i in local] if share.weight else [],
+            )  # fmt: skip
             with accelerator.accumulate(*self.wrapped_models), accelerator.autocast():
-                loss = self.batch_loss(batch, latents, noise, timesteps)
-                accelerator.backward(loss)
+                loss = self.batch_loss(local, latents, noise, timesteps, text)
+                # DDP averages the processes' gradients: weighted so that the average is the
+                # gradient of the global batch's mean loss (weight 1 for an even split).
+                accelerator.backward(loss * share.weight if share.weight != 1.0 else loss)
                 if accelerator.sync_gradients:
                     grad_norm = float(
                         accelerator.clip_grad_norm_(self.parameters, train.max_grad_norm)
@@ -340,8 +331,19 @@ class CandidateTrainer:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            step_loss += float(loss.detach()) / train.gradient_accumulation_steps
+            step_loss += self._global_loss(loss, share, len(batch)) / (
+                train.gradient_accumulation_steps
+            )
         return step_loss, grad_norm
+
+    def _global_loss(self, loss: torch.Tensor, share: Share, global_size: int) -> float:
+        """The global batch's mean loss (this process's own with one process)."""
+        if self.accelerator.num_processes == 1:
+            return float(loss.detach())
+        local_sum = (
+            loss.detach().float() * share.weight * global_size / self.accelerator.num_processes
+        )
+        return float(self.accelerator.reduce(local_sum.to(self.device), "sum")) / global_size
 
     def noisy_inputs(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's latents (a fresh posterior sample), noise (with offset) and timesteps,
@@ -361,9 +363,9 @@ class CandidateTrainer:
         latents: torch.Tensor,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
+        text: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """The batch's (min-SNR weighted) loss, through the wrapped UNet."""
-        text = self.batch_text(batch)
         time_ids = None
         if self.base.family == "sdxl":
             time_ids = sdxl_time_ids([self.data.items[i] for i in batch]).to(self.device)
@@ -372,15 +374,19 @@ class CandidateTrainer:
             noise, timesteps, self.train.min_snr_gamma,
         )  # fmt: skip
 
-    def batch_text(self, batch: list[int]) -> dict[str, torch.Tensor]:
-        """The batch's text conditioning: from the cache, or its augmented captions encoded now
-        (with gradients only when the text encoders train)."""
+    def batch_text(self, batch: list[int], share: Share) -> dict[str, torch.Tensor]:
+        """The text conditioning of this process's share of the global batch: from the cache,
+        or the augmented captions encoded now (with gradients only when the text encoders
+        train). Every caption of the global batch is augmented, so the caption generator draws
+        alike on every process."""
         train = self.train
+        local = [batch[position] for position in share.positions]
         if train.cache.text_encoder_outputs:
-            cached = self.data.cached_text(batch)
+            cached = self.data.cached_text(local)
             return {key: value.to(self.device) for key, value in cached.items()}
         generator = self.generators["captions"]
-        captions = [augment_caption(self.data.items[i].caption, train, generator) for i in batch]
+        augmented = [augment_caption(self.data.items[i].caption, train, generator) for i in batch]
+        captions = [augmented[position] for position in share.positions]
         grad = contextlib.nullcontext() if train.text_encoder_lora else torch.no_grad()
         with grad:
             return encode_captions(self.base.pipeline, self.base.family, captions)
@@ -413,7 +419,14 @@ class CandidateTrainer:
 
     def save_checkpoint(self, step: int, step_loss: float) -> None:
         """Render the samples, export the LoRA in both formats, then save the full training
-        state (adapter, optimizer, scheduler, data order, every RNG, history) for resuming."""
+        state (adapter, optimizer, scheduler, data order, every RNG, history) for resuming.
+
+        Every process gives its RNG state; only the main process writes, after the others have
+        finished the step."""
+        rng_per_process = gather_rng(self.accelerator, resume_state.capture_rng(self.generators))
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return
         samples = None
         if self.train.validation.sample_prompts:
             samples = self.out_dir / "samples" / f"step-{step:06d}"
@@ -431,8 +444,10 @@ class CandidateTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "order": self.order.state_dict(),
-            "rng": resume_state.capture_rng(self.generators),
+            "rng": rng_per_process[0],
         }
+        if len(rng_per_process) > 1:
+            training["rng_per_process"] = rng_per_process
         flat = {
             f"{name}.{key}": value
             for name, state in peft_states.items()
@@ -448,10 +463,12 @@ class CandidateTrainer:
         log.info("%s: saved checkpoint-%d (loss %.4f)", self.candidate.name, step, step_loss)
 
     def result(self, seconds: float) -> TrainResult:
-        """Write history.csv and sum the run up."""
+        """Write history.csv (the main process) and sum the run up."""
         candidate = self.candidate
         frame = pd.DataFrame(self.history, columns=HISTORY_COLUMNS)
-        write_csv(self.out_dir / "history.csv", frame)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            write_csv(self.out_dir / "history.csv", frame)
         return TrainResult(
             name=candidate.name,
             rank=candidate.rank,
