@@ -27,9 +27,8 @@ import torch
 
 from charaforge.config import ClipConfig
 from charaforge.evaluate.groups import group_consistency
-from charaforge.generate.consistent import Consistency
 from charaforge.generate.engine import GenerationEngine
-from charaforge.generate.request import RenderRequest
+from charaforge.generate.request import Consistency, RenderRequest
 from charaforge.models.clip import load_clip
 from charaforge.prepare.world import ATTRIBUTES
 

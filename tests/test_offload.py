@@ -15,10 +15,9 @@ from typer.testing import CliRunner
 from charaforge.cli import app
 from charaforge.config import ModelConfig
 from charaforge.errors import ConfigError
-from charaforge.generate.consistent import Consistency
 from charaforge.generate.devices import MEMORY_MODES, check_memory_mode
 from charaforge.generate.engine import GenerationEngine
-from charaforge.generate.request import ImagePrompt, RenderRequest
+from charaforge.generate.request import Consistency, ImagePrompt, RenderRequest
 from charaforge.models.base import write_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")

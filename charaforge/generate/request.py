@@ -13,7 +13,6 @@ from typing import Any, Literal
 from PIL import Image
 
 from charaforge.core.files import sha256_bytes
-from charaforge.generate.consistent import Consistency
 
 # Config name -> (diffusers class, extra config, A1111 sampler name).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -35,6 +34,49 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
 
 
 SchedulerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+
+
+@dataclass(frozen=True)
+class Consistency:
+    """A request's part in a consistent group.
+
+    `character` is the character text of the prompt (the middle field of a suite line); its
+    tokens' cross-attention locates the character. `identity_prompt` and `identity_seed` name the
+    group's identity shot for a frame (None for the identity shot itself): a frame's pixels depend
+    on them, so they are part of its recorded parameters.
+    """
+
+    character: str
+    identity_prompt: str | None = None
+    identity_seed: int | None = None
+    share_background: bool = False
+    mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.character.strip():
+            raise ValueError("consistency.character must name the character text of the prompt")
+        if not 0.0 <= self.mask_threshold <= 1.0:
+            raise ValueError(f"consistency.mask_threshold must be in [0, 1]: {self.mask_threshold}")
+        if (self.identity_prompt is None) != (self.identity_seed is None):
+            raise ValueError("a frame names both identity_prompt and identity_seed (or neither)")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.identity_prompt is None
+
+    def settings(self) -> tuple[bool, float]:
+        """What every image of one group must agree on."""
+        return (self.share_background, float(self.mask_threshold))
+
+    def record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "character": self.character,
+            "share_background": self.share_background,
+            "mask_threshold": float(self.mask_threshold),
+        }
+        if not self.is_identity:
+            record["identity"] = {"prompt": self.identity_prompt, "seed": int(self.identity_seed)}
+        return record
 
 
 @dataclass(frozen=True)

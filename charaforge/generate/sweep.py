@@ -34,11 +34,10 @@ from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUM
 from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
 from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
 from charaforge.errors import ConfigError, MissingInputError
-from charaforge.generate.consistent import Consistency
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name
 from charaforge.generate.prompts import read_suite
-from charaforge.generate.request import Conditioning, ImagePrompt, RenderRequest
+from charaforge.generate.request import Conditioning, Consistency, ImagePrompt, RenderRequest
 from charaforge.generate.sweep_methods import render_cell
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from PIL import Image
 
 from charaforge.config import EvalConfig, SuiteConfig
 from charaforge.core.files import write_bytes, write_png
-from charaforge.generate.consistent import CHARACTER_MASK_KEY, Consistency, mask_overlay
+from charaforge.generate.consistent import CHARACTER_MASK_KEY, mask_overlay
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.records import read_sidecar, write_image
-from charaforge.generate.request import ImagePrompt, RenderRequest
+from charaforge.generate.request import Consistency, ImagePrompt, RenderRequest
 
 MASK_DIR = "masks"
 
