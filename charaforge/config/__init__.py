@@ -121,6 +121,9 @@ class DataConfig(Strict):
     ingest: IngestConfig
     dedupe: DedupeConfig
     dataset: DatasetConfig
+    # Images that come without a caption and that no model tagger tagged would train on the
+    # trigger word alone: the dataset stage stops unless this says that is what is wanted.
+    allow_trigger_only_captions: bool = False
 
 
 class ClipTaggerConfig(Strict):
@@ -165,13 +168,19 @@ class TaggerConfig(Strict):
     replace: dict[str, str] = Field(default_factory=dict)
     deny: list[str] = Field(default_factory=list)
     allow: list[str] = Field(default_factory=list)
+    # With backend "sidecar": the model backend that tags the images that came without a sidecar
+    # caption (its settings: tagger.clip / tagger.wd14); None leaves them without tags.
+    fill_missing: Literal["clip", "wd14"] | None = None
 
     @model_validator(mode="after")
     def _backend_inputs(self) -> TaggerConfig:
-        if self.backend == "clip" and not self.clip.vocabulary:
+        models = {self.backend, self.fill_missing}
+        if "clip" in models and not self.clip.vocabulary:
             raise ValueError("tagger.clip.vocabulary must list at least one tag for backend 'clip'")
-        if self.backend == "wd14" and not self.wd14.model_path:
+        if "wd14" in models and not self.wd14.model_path:
             raise ValueError("tagger.wd14.model_path is required for backend 'wd14'")
+        if self.fill_missing is not None and self.backend != "sidecar":
+            raise ValueError("tagger.fill_missing applies to backend 'sidecar' only")
         return self
 
 
