@@ -1,7 +1,7 @@
 """DVC stage `generate`: render the evaluation sweep with the generation engine."""
 
 from charaforge.core import layout
-from charaforge.generate import sweep
+from charaforge.generate import data_prompts, sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.pipeline.stage import StageContext, run_stage
 
@@ -17,10 +17,13 @@ def body(ctx: StageContext) -> None:
     )
     ctx.run.set_tags({"stand_in": engine.base.stand_in})
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})
+    # eval.from_data: the prompts built from the character's own dataset join the hand-written.
+    eval_config = data_prompts.resolve_prompts(params.eval, layout.DATASET_DIR)
+    ctx.run.log_params({"eval": {"resolved_prompts": " | ".join(eval_config.prompts)}})
     result = sweep.run_sweep(
         engine,
         layout.TRAIN_DIR,
-        params.eval,
+        eval_config,
         trigger=params.data.trigger,
         resolution=params.model.resolution,
         seed=params.seed,
