@@ -17,7 +17,12 @@ def body(ctx: StageContext) -> None:
         seed=ctx.params.seed,
     )
     tracking.log_selection(
-        ctx.run, selection, layout.TRAIN_DIR, ctx.params.report.registered_model, layout.REPORTS_DIR
+        ctx.run,
+        selection,
+        layout.TRAIN_DIR,
+        ctx.params.report.registered_model,
+        layout.REPORTS_DIR,
+        character=ctx.params.data.character,
     )
 
 

@@ -140,7 +140,7 @@ def test_mlflow_store_holds_every_stage_run(pipeline_repo: dict) -> None:
 
     workdir: Path = pipeline_repo["path"]
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("charaforge")
+    experiment = client.get_experiment_by_name("charaforge-aoi")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     by_stage = {run.data.tags["charaforge.pipeline.stage"]: run for run in runs}

@@ -701,7 +701,7 @@ def test_report_stage_promotes_the_champion_in_mlflow(
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    version = client.get_model_version_by_alias("charaforge-lora", "champion")
+    version = client.get_model_version_by_alias("charaforge-aoi", "champion")
     champion = json.loads((root / "reports/metrics.json").read_text())["champion"]
     assert version.tags["candidate"] == champion["candidate"]
     assert version.tags["step"] == str(champion["step"])

@@ -15,7 +15,7 @@ from pathlib import Path
 from charaforge.config import Params, config_hash, load_params
 from charaforge.core.files import sha256_file
 from charaforge.errors import CharaForgeError
-from charaforge.pipeline.tracking import StageRun, stage_run
+from charaforge.pipeline.tracking import StageRun, stage_run, stage_run_name
 
 log = logging.getLogger("charaforge")
 
@@ -60,8 +60,12 @@ def run_stage(
         raise SystemExit(2) from None
     logged = {section: getattr(params, section).model_dump(mode="json") for section in sections}
     logged["seed"] = params.seed
-    tags = {"charaforge.config_hash": config_hash(logged)}
-    with stage_run(params.tracking, name, tags=tags) as run:
+    tags = {
+        "charaforge.config_hash": config_hash(logged),
+        "charaforge.character": params.data.character,
+    }
+    run_name = stage_run_name(name, params.data.character)
+    with stage_run(params.tracking, name, tags=tags, run_name=run_name) as run:
         run.log_params(logged)
         try:
             body(StageContext(name=name, params=params, run=run))
