@@ -15,6 +15,9 @@ def body(ctx: StageContext) -> None:
         layout.REPORTS_DIR,
         layout.BASE_DIR,
         seed=ctx.params.seed,
+        character=ctx.params.data.character,
+        trigger=ctx.params.data.trigger,
+        experiment=ctx.params.tracking.experiment if ctx.params.tracking.enabled else "",
     )
     tracking.log_selection(
         ctx.run,

@@ -650,6 +650,8 @@ def _stage_repo(tmp_path: Path, params_dict: dict, repo_root: Path, tracking: bo
     params = dict(params_dict)
     params["score"] = yaml.safe_load((repo_root / "conf/score/stand_in.yaml").read_text())
     params["report"] = yaml.safe_load((repo_root / "conf/report/default.yaml").read_text())
+    # conf/ names the registered model after the character (resolved when conf/ is composed).
+    params["report"]["registered_model"] = f"charaforge-{params['data']['character']}"
     params["data"] = {**params["data"], "trigger": TRIGGER}
     params["tracking"] = {
         "enabled": tracking,
