@@ -20,6 +20,7 @@ from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name, lora_file
 from charaforge.generate.records import write_image
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
+from charaforge.pipeline import new_character  # light: yaml, tomllib, subprocess
 from charaforge.pipeline.compose import DEFAULT_CONFIG, compose_params
 from charaforge.pipeline.stage import configure_logging
 from charaforge.serve.http import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
@@ -308,8 +309,6 @@ def new(
     ),
 ) -> None:
     """Your own character: write conf/experiment/NAME.yaml and run it as a DVC experiment."""
-    from charaforge.pipeline import new_character
-
     request = new_character.NewCharacter(
         name=name,
         trigger=trigger,

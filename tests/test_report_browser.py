@@ -121,11 +121,10 @@ def test_report_opens_in_headless_chromium_with_every_image(tmp_path: Path) -> N
             card_text = page.text_content("#champion-card")
             deciding = page.eval_on_selector_all(
                 "table.ranking th",
-                "els => els.map(e => ({text: e.textContent, right: e.getBoundingClientRect().right}))",
+                "els => els.map(e => ({text: e.textContent,"
+                " right: e.getBoundingClientRect().right}))",
             )
-            full_hidden = page.eval_on_selector(
-                "table.ranking-full", "e => !e.checkVisibility()"
-            )
+            full_hidden = page.eval_on_selector("table.ranking-full", "e => !e.checkVisibility()")
             images = page.eval_on_selector_all("img", IMAGE_STATE)
             headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
             banner = page.text_content(".banner")

@@ -286,7 +286,7 @@ def report_selection(
     write_csv(out_dir / RANKING_FILE, _ranking_csv(context))
     dirs = data_dirs or DataDirs()
     card = champion_card(
-        selection, index, train_dir, out_dir, trigger, character, config.registered_model
+        selection, index, train_dir, out_dir, trigger, character, config.registered_model, root
     )
     by_step = best_scale_by_step(table, shown)
     with atomic_path(out_dir / "plots" / "score_by_step") as plots_dir:
@@ -322,6 +322,7 @@ def report_selection(
                 "MLflow experiment": experiment or "(tracking off)",
                 "MLflow registered model": f"{card.registry_uri} ({card.registry_link})",
             },
+            Path(root),
         ),
     )
     write_text(out_dir / "selection.md", render_markdown(context, extras))

@@ -16,6 +16,7 @@ import pandas as pd
 
 from charaforge.core.files import sha256_file
 from charaforge.selection.plots import PLOT_RC, Thumbnails, figure_png, png_data_uri, pyplot
+from charaforge.selection.usage import relative_to_root
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,10 @@ def dataset_summary(dirs: DataDirs, root: Path, trigger: str) -> DatasetSummary 
 
 
 def provenance(
-    paths: dict[str, Path], base_model: dict[str, Any] | None, extra: dict[str, str]
+    paths: dict[str, Path],
+    base_model: dict[str, Any] | None,
+    extra: dict[str, str],
+    root: Path,
 ) -> list[tuple[str, str]]:
     """What the ranking was computed from: input hashes, the base model, the registry names."""
     lines = []
@@ -135,6 +139,7 @@ def provenance(
         lines.append(("base model", f"{base_model.get('family')} {source}"))
     for label, path in paths.items():
         if path.is_file():
-            lines.append((label, f"{path.as_posix()} sha256 {sha256_file(path)[:16]}"))
+            shown = relative_to_root(path, root)
+            lines.append((label, f"{shown} sha256 {sha256_file(path)[:16]}"))
     lines += list(extra.items())
     return lines

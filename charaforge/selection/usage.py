@@ -47,6 +47,14 @@ class ChampionCard:
     registry_link: str  # the model's page in the MLflow UI
 
 
+def relative_to_root(path: str | Path, root: str | Path) -> str:
+    """`path` as the report shows it: relative to the repository root when inside it."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
 def _verdict(selection: Selection) -> str:
     comparison = selection.baseline
     if comparison is None:
@@ -76,12 +84,15 @@ def champion_card(
     trigger: str,
     character: str,
     registered_model: str,
+    root: str | Path = ".",
 ) -> ChampionCard:
+    """The card of the selection's champion; paths relative to the repository root `root`."""
     champion = selection.champion
     candidate, step = str(champion["candidate"]), int(champion["step"])
     scale = f"{float(champion['lora_scale']):g}"
     kohya = kohya_file_name(candidate, step)
-    folder = Path(out_dir) / CHAMPION_DIR
+    folder = Path(relative_to_root(Path(out_dir) / CHAMPION_DIR, root))
+    checkpoint = layout.checkpoint_dir(Path(train_dir) / candidate, step)
     prompt = champion_prompt(index, champion) or trigger
     command = shlex.join(
         [
@@ -103,7 +114,7 @@ def champion_card(
         trigger=trigger,
         kohya_file=(folder / kohya).as_posix(),
         diffusers_file=(folder / layout.LORA_WEIGHTS).as_posix(),
-        checkpoint_dir=layout.checkpoint_dir(Path(train_dir) / candidate, step).as_posix(),
+        checkpoint_dir=relative_to_root(checkpoint, root),
         a1111_prompt=f"<lora:{Path(kohya).stem}:{scale}>",
         generate_command=command,
         verdict=_verdict(selection),
