@@ -178,6 +178,12 @@ def test_metrics_and_plots_show(pipeline_repo: dict) -> None:
     plotted = set(plots["data"])
     assert any(key.startswith("reports/plots/train_loss/") for key in plotted), plotted
     assert any(key.startswith("reports/plots/score_by_step/") for key in plotted), plotted
+    assert "reports/plots/images/train_loss.png" in plotted, plotted
+    # The page `dvc plots show` writes loads nothing from the network (the project's template).
+    _dvc(workdir, "plots", "show", "-o", "plots_page")
+    page = (workdir / "plots_page/index.html").read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page
+    assert "<img" in page and "function vegaEmbed" in page
 
 
 def test_changing_an_eval_parameter_reruns_only_generate_score_report(

@@ -325,6 +325,13 @@ def report_selection(
             Path(root),
         ),
     )
+    # The same plots as PNG files: DVC shows image plots in `dvc plots show` offline.
+    with atomic_path(out_dir / "plots" / "images") as images_dir:
+        images_dir.mkdir()
+        named = {"score_by_step": step_png, "pareto": pareto_png, "train_loss": extras.loss_plot}
+        for name, png in named.items():
+            if png is not None:
+                (images_dir / f"{name}.png").write_bytes(png)
     write_text(out_dir / "selection.md", render_markdown(context, extras))
     write_text(
         out_dir / "selection.html", render_html(context, step_png, pareto_png, sheets, extras)
