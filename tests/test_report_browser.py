@@ -37,15 +37,27 @@ def _scores(root: Path) -> None:
         clip_t=rng.normal(0.3, 0.05, len(index)),
         arcface=np.where(rng.random(len(index)) < 0.3, np.nan, rng.normal(0.4, 0.1, len(index))),
     )
+    # As many metrics as a real run shows: the full ranking is then wider than the screen.
+    for metric in WIDE_METRICS:
+        scores[metric] = rng.random(len(index))
     write_parquet(root / "data/score/scores.parquet", scores)
     info = {"model": "tiny", "scale": "raw cosine, -1..1", "stand_in": True, "applicable": True}
     write_json(
         root / "data/score/scorers.json",
-        {"clip_i": info, "clip_t": info, "arcface": {**info, "images_without_face": 5}},
+        {
+            "clip_i": info,
+            "clip_t": info,
+            "arcface": {**info, "images_without_face": 5},
+            **{metric: info for metric in WIDE_METRICS},
+        },
     )
 
 
 VIEWPORT = {"width": 1400, "height": 900}
+WIDE_METRICS = [
+    "face_detected", "pose_oks", "pose_pck_01", "pose_pck_02", "pose_detected", "tag_precision",
+    "tag_recall", "diversity", "consistency_clip", "consistency_arcface", "context_alignment",
+]  # fmt: skip
 
 
 def _run_outputs(root: Path) -> None:
@@ -124,7 +136,11 @@ def test_report_opens_in_headless_chromium_with_every_image(tmp_path: Path) -> N
                 "els => els.map(e => ({text: e.textContent,"
                 " right: e.getBoundingClientRect().right}))",
             )
-            full_hidden = page.eval_on_selector("table.ranking-full", "e => !e.checkVisibility()")
+            full_hidden_before = page.eval_on_selector(
+                "table.ranking-full", "e => !e.checkVisibility()"
+            )
+            page.click("details summary")
+            full_width = page.locator("table.ranking-full").bounding_box()["width"]
             images = page.eval_on_selector_all("img", IMAGE_STATE)
             headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent)")
             banner = page.text_content(".banner")
@@ -158,7 +174,8 @@ def test_report_opens_in_headless_chromium_with_every_image(tmp_path: Path) -> N
     assert [cell["text"] for cell in deciding][:2] == ["rank", "candidate"]
     assert "composite" in [cell["text"] for cell in deciding]
     assert max(cell["right"] for cell in deciding) <= VIEWPORT["width"], deciding
-    assert full_hidden
+    assert full_hidden_before
+    assert full_width > VIEWPORT["width"]  # what the compact ranking spares the reader
     samples = [image for image in images if image["alt"].startswith("r4_lr1e-3 step-")]
     assert len(samples) == 2  # one per checkpoint
     assert any(image["alt"] == "dedupe contact sheet" for image in images)
