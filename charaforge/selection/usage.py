@@ -41,6 +41,7 @@ class ChampionCard:
     a1111_prompt: str  # `<lora:name:scale>`
     generate_command: str
     verdict: str  # beats / does not beat the base model (short)
+    why: str  # why this row and not the top of the ranking
     model_card: str
     registered_model: str
     registry_uri: str  # models:/<name>@champion
@@ -64,6 +65,17 @@ def _verdict(selection: Selection) -> str:
         "beats": f"yes: beats the base model ({difference}, beyond its CI)",
         "worse": f"no: WORSE than the base model ({difference}, beyond its CI)",
     }.get(comparison.verdict, f"no: does not beat the base model beyond its CI ({difference})")
+
+
+def _why(selection: Selection) -> str:
+    champion = selection.champion
+    if not selection.statistical_tie:
+        return f"rank {int(champion['rank'])}: the best composite, no statistical tie"
+    return (
+        f"rank {int(champion['rank'])}: {len(selection.tied)} LoRA rows are a statistical tie "
+        "(within noise of the best mean composite); among them the rule takes the smallest LoRA "
+        "scale, then the earliest step"
+    )
 
 
 def champion_prompt(index: pd.DataFrame, champion: pd.Series) -> str:
@@ -118,6 +130,7 @@ def champion_card(
         a1111_prompt=f"<lora:{Path(kohya).stem}:{scale}>",
         generate_command=command,
         verdict=_verdict(selection),
+        why=_why(selection),
         model_card=(folder / "README.md").as_posix(),
         registered_model=registered_model,
         registry_uri=f"models:/{registered_model}@champion",
@@ -173,8 +186,7 @@ model: {card.verdict}.
 ## Use
 
 ```python
-pipe.load_lora_weights("{Path(card.diffusers_file).parent.as_posix()}",
-                       weight_name="{Path(card.diffusers_file).name}")
+pipe.load_lora_weights("path/to/this/folder", weight_name="{Path(card.diffusers_file).name}")
 pipe.fuse_lora(lora_scale={card.lora_scale})
 ```
 
