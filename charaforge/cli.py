@@ -301,7 +301,7 @@ def new(
         str | None, typer.Option(help="A conf/tagger choice (clip, wd14) for uncaptioned images.")
     ] = None,
     overrides: Annotated[
-        list[str] | None, typer.Option("--set", "-S", help="More Hydra overrides (KEY=VALUE).")
+        list[str] | None, typer.Option("--set", "-S", help="More settings KEY=VALUE (in the file).")
     ] = None,
     run: Annotated[bool, typer.Option(help="Run it with DVC (--no-run: only write it).")] = True,
     root: Annotated[Path, typer.Option(help="Repository root holding conf/ and dvc.yaml.")] = Path(

@@ -40,7 +40,12 @@ def test_the_experiment_file_composes_into_params_for_the_folder(
 ) -> None:
     folder = _images(tmp_path / "bob_images")
     request = new_character.NewCharacter(
-        name="bob", trigger="bob_cf", source=folder, model="tiny_sd15", tagger="clip"
+        name="bob",
+        trigger="bob_cf",
+        source=folder,
+        model="tiny_sd15",
+        tagger="clip",
+        overrides=("tagger.clip.threshold=0.25", "eval.seeds=[3]"),
     )
     path = new_character.write_experiment(repo, request)
     assert path == repo / "conf/experiment/bob.yaml"
@@ -49,6 +54,7 @@ def test_the_experiment_file_composes_into_params_for_the_folder(
     assert params.data.source == str(folder.resolve())
     assert (params.data.character, params.data.trigger) == ("bob", "bob_cf")
     assert params.model.source == "stand_in" and params.tagger.backend == "clip"
+    assert params.tagger.clip.threshold == 0.25 and params.eval.seeds == [3]  # --set, in the file
     assert params.eval.prompts == [] and params.eval.from_data.enabled
     # Per character: the MLflow experiment and the registered model.
     assert params.tracking.experiment == "charaforge-bob"

@@ -61,7 +61,9 @@ class NewCharacter:
     model_path: str | None = None
     tagger: str | None = None  # a conf/tagger choice (clip, wd14, sidecar)
     kohya_repeats: int | None = None
-    overrides: tuple[str, ...] = field(default_factory=tuple)  # extra `-S` Hydra overrides
+    # More settings, KEY=VALUE (VALUE in YAML), written into the experiment file (a command-line
+    # key override would be checked before the file's group overrides apply, and fail).
+    overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _choices(root: Path, group: str) -> list[str]:
@@ -142,6 +144,18 @@ def stage_kohya_source(subsets: Sequence[KohyaSubset], destination: Path) -> int
     return count
 
 
+def _set(config: dict, override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip() or key.startswith(("+", "~")):
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. tagger.clip.threshold=0.3")
+    *parents, leaf = key.strip().split(".")
+    for name in parents:
+        config = config.setdefault(name, {})
+        if not isinstance(config, dict):
+            raise ConfigError(f"--set {override!r}: {name} is not a section")
+    config[leaf] = yaml.safe_load(value)
+
+
 def experiment_config(request: NewCharacter, source: str) -> dict:
     """The Hydra experiment file's content (a `# @package _global_` override of the primary)."""
     defaults: list[object] = []
@@ -165,15 +179,14 @@ def experiment_config(request: NewCharacter, source: str) -> dict:
             "backgrounds": BACKGROUNDS,
         },
     }
+    for override in request.overrides:
+        _set(config, override)
     return config
 
 
 def dvc_command(request: NewCharacter) -> list[str]:
     """`dvc exp run` of the experiment, targeted at `report` (the demo stage is not upstream)."""
-    command = ["dvc", "exp", "run", "-S", f"+experiment={request.name}"]
-    for override in request.overrides:
-        command += ["-S", override]
-    return [*command, "report"]
+    return ["dvc", "exp", "run", "-S", f"+experiment={request.name}", "report"]
 
 
 def write_experiment(root: Path, request: NewCharacter) -> Path:
