@@ -50,7 +50,15 @@ def test_the_experiment_file_composes_into_params_for_the_folder(
     path = new_character.write_experiment(repo, request)
     assert path == repo / "conf/experiment/bob.yaml"
     assert path.read_text().startswith("# @package _global_\n")
-    params = compose_params(repo, ["+experiment=bob"], output=tmp_path / "params.yaml")
+    overrides = new_character.hydra_overrides(request)
+    assert overrides == ["+experiment=bob", "model=tiny_sd15", "tagger=clip"]
+    # Composed from the stand-in primary too, whose own `override tagger: sidecar` an
+    # experiment file's defaults could not beat.
+    for primary in ("config", "stand_in"):
+        params = compose_params(
+            repo, overrides, output=tmp_path / "params.yaml", config_name=primary
+        )
+        assert params.tagger.backend == "clip" and params.tagger.clip.threshold == 0.25
     assert params.data.source == str(folder.resolve())
     assert (params.data.character, params.data.trigger) == ("bob", "bob_cf")
     assert params.model.source == "stand_in" and params.tagger.backend == "clip"
@@ -60,7 +68,8 @@ def test_the_experiment_file_composes_into_params_for_the_folder(
     assert params.tracking.experiment == "charaforge-bob"
     assert params.report.registered_model == "charaforge-bob"
     assert new_character.dvc_command(request) == [
-        "dvc", "exp", "run", "-S", "+experiment=bob", "report",
+        "dvc", "exp", "run", "-S", "+experiment=bob", "-S", "model=tiny_sd15", "-S", "tagger=clip",
+        "report",
     ]  # fmt: skip
 
 

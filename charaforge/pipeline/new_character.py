@@ -3,9 +3,9 @@
 `new_character` turns a folder of images (or a kohya sd-scripts TOML dataset config) into a
 Hydra experiment file `conf/experiment/<name>.yaml` (the `# @package _global_` pattern: it
 overrides whatever the primary config sets) and the DVC command that runs it:
-`dvc exp run -S +experiment=<name> report`. Naming the `report` stage as the target runs exactly
-the stages the report needs; the `demo` stage is not among them once `data.source` is the
-user's folder, so it never runs for a user's character.
+`dvc exp run -S +experiment=<name> [-S model=...] [-S tagger=...] report`. Naming the `report`
+stage as the target runs exactly the stages the report needs; the `demo` stage is not among
+them once `data.source` is the user's folder, so it never runs for a user's character.
 
 A kohya TOML (`[[datasets]]` / `[[datasets.subsets]]` with `image_dir`, `num_repeats`,
 `class_tokens`, `caption_extension`; options fall back from subset to dataset to `[general]`)
@@ -158,12 +158,7 @@ def _set(config: dict, override: str) -> None:
 
 def experiment_config(request: NewCharacter, source: str) -> dict:
     """The Hydra experiment file's content (a `# @package _global_` override of the primary)."""
-    defaults: list[object] = []
-    if request.model:
-        defaults.append({"override /model": request.model})
-    if request.tagger:
-        defaults.append({"override /tagger": request.tagger})
-    config: dict = {"defaults": [*defaults, "_self_"]} if defaults else {}
+    config: dict = {}
     config["data"] = {"source": source, "character": request.name, "trigger": request.trigger}
     if request.kohya_repeats is not None:
         config["data"]["dataset"] = {"kohya_repeats": request.kohya_repeats}
@@ -184,9 +179,23 @@ def experiment_config(request: NewCharacter, source: str) -> dict:
     return config
 
 
+def hydra_overrides(request: NewCharacter) -> list[str]:
+    """The experiment, and the model / tagger choices: group choices go on the command line,
+    because a primary config's own `override` (conf/stand_in.yaml's) beats an experiment's."""
+    overrides = [f"+experiment={request.name}"]
+    if request.model:
+        overrides.append(f"model={request.model}")
+    if request.tagger:
+        overrides.append(f"tagger={request.tagger}")
+    return overrides
+
+
 def dvc_command(request: NewCharacter) -> list[str]:
     """`dvc exp run` of the experiment, targeted at `report` (the demo stage is not upstream)."""
-    return ["dvc", "exp", "run", "-S", f"+experiment={request.name}", "report"]
+    command = ["dvc", "exp", "run"]
+    for override in hydra_overrides(request):
+        command += ["-S", override]
+    return [*command, "report"]
 
 
 def write_experiment(root: Path, request: NewCharacter) -> Path:
