@@ -650,3 +650,53 @@ def check(
         log.error("%s", error)
         raise typer.Exit(2) from None
     log.info("configuration ok")
+
+
+@app.command()
+def new(
+    source: Annotated[
+        Path, typer.Argument(help="A folder of images (.txt captions beside them) or a kohya TOML.")
+    ],
+    name: Annotated[str, typer.Option(help="The character's name (file and registry names).")],
+    trigger: Annotated[str, typer.Option(help="The trigger word the LoRA learns.")],
+    model: Annotated[
+        str | None, typer.Option(help="A conf/model choice (tiny_sd15, sd15, sdxl, ...).")
+    ] = None,
+    model_path: Annotated[
+        str | None, typer.Option(help="model.path: local weights (with --model sd15/sdxl).")
+    ] = None,
+    tagger: Annotated[
+        str | None, typer.Option(help="A conf/tagger choice (clip, wd14) for uncaptioned images.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-S", help="More settings KEY=VALUE (in the file).")
+    ] = None,
+    run: Annotated[bool, typer.Option(help="Run it with DVC (--no-run: only write it).")] = True,
+    root: Annotated[Path, typer.Option(help="Repository root holding conf/ and dvc.yaml.")] = Path(
+        "."
+    ),
+) -> None:
+    """Your own character: write conf/experiment/NAME.yaml and run it as a DVC experiment."""
+    from charaforge.pipeline import new_character  # light: yaml, tomllib, subprocess
+
+    request = new_character.NewCharacter(
+        name=name,
+        trigger=trigger,
+        source=source,
+        model=model,
+        model_path=model_path,
+        tagger=tagger,
+        overrides=tuple(overrides or ()),
+    )
+    try:
+        new_character.write_experiment(root.resolve(), request)
+        if not run:
+            typer.echo(" ".join(new_character.dvc_command(request)))
+            return
+        code = new_character.run_experiment(root.resolve(), request)
+    except ConfigError as error:
+        log.error("%s", error)
+        raise typer.Exit(2) from None
+    if code:
+        log.error("new: the DVC experiment failed (exit %d); the stage's message is above", code)
+        raise typer.Exit(2)

@@ -20,6 +20,7 @@ def body(ctx: StageContext) -> None:
         character=data.character,
         trigger=data.trigger,
         seed=ctx.params.seed,
+        allow_trigger_only_captions=data.allow_trigger_only_captions,
     )
     ctx.run.log_metrics(
         {
@@ -28,6 +29,7 @@ def body(ctx: StageContext) -> None:
             "val": summary.val,
             "without_person": summary.without_person,
             "without_tags": summary.without_tags,
+            "trigger_only_captions": summary.trigger_only_captions,
         }
     )
     ctx.run.log_artifact(f"{layout.DATASET_DIR}/metadata.parquet")

@@ -4,7 +4,7 @@ from charaforge.config import EvalConfig
 from charaforge.core import layout
 from charaforge.distributed.accelerate_sweep import AccelerateSweepExecutor
 from charaforge.distributed.ray_sweep import RaySweepExecutor
-from charaforge.generate import sweep
+from charaforge.generate import data_prompts, sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.pipeline.stage import StageContext, run_stage
 
@@ -25,6 +25,9 @@ def body(ctx: StageContext) -> None:
     engine = GenerationEngine(layout.BASE_DIR, **engine_options(params.eval))
     ctx.run.set_tags({"stand_in": engine.base.stand_in})
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})
+    # eval.from_data: the prompts built from the character's own dataset join the hand-written.
+    eval_config = data_prompts.resolve_prompts(params.eval, layout.DATASET_DIR)
+    ctx.run.log_params({"eval": {"resolved_prompts": " | ".join(eval_config.prompts)}})
     executor = None
     if params.eval.executor == "ray":
         executor = RaySweepExecutor(
@@ -35,7 +38,7 @@ def body(ctx: StageContext) -> None:
     result = sweep.run_sweep(
         engine,
         layout.TRAIN_DIR,
-        params.eval,
+        eval_config,
         trigger=params.data.trigger,
         resolution=params.model.resolution,
         seed=params.seed,

@@ -15,9 +15,17 @@ def body(ctx: StageContext) -> None:
         layout.REPORTS_DIR,
         layout.BASE_DIR,
         seed=ctx.params.seed,
+        character=ctx.params.data.character,
+        trigger=ctx.params.data.trigger,
+        experiment=ctx.params.tracking.experiment if ctx.params.tracking.enabled else "",
     )
     tracking.log_selection(
-        ctx.run, selection, layout.TRAIN_DIR, ctx.params.report.registered_model, layout.REPORTS_DIR
+        ctx.run,
+        selection,
+        layout.TRAIN_DIR,
+        ctx.params.report.registered_model,
+        layout.REPORTS_DIR,
+        character=ctx.params.data.character,
     )
 
 

@@ -13,7 +13,7 @@ from charaforge.distributed.ray_grid import train_grid
 from charaforge.models import base
 from charaforge.models.lora_files import kohya_file_name, stamp_metadata
 from charaforge.pipeline.stage import StageContext, run_stage
-from charaforge.pipeline.tracking import git_commit, repository_root
+from charaforge.pipeline.tracking import ChildRun, git_commit, open_child_run, repository_root
 from charaforge.train import RunContext, launch, train_all
 
 
@@ -22,8 +22,22 @@ def body(ctx: StageContext) -> None:
     info = base.read_base_info(layout.BASE_DIR)
     ctx.run.set_tags({"stand_in": info.stand_in, "model.family": info.family})
 
+    # One nested MLflow run per candidate, its metrics under the same names in every child, so
+    # that MLflow's compare view overlays the candidates' curves.
+    children: dict[str, ChildRun] = {}
+    candidates = {candidate.name: candidate for candidate in ctx.params.train.candidates}
+
+    def child(name: str) -> ChildRun:
+        if name not in children:
+            character = ctx.params.data.character
+            children[name] = open_child_run(
+                ctx.run, f"{name} · {character}", tags={"charaforge.candidate": name}
+            )
+            children[name].log_params(candidates[name].model_dump(mode="json"))
+        return children[name]
+
     def log_step(candidate: str, step: int, metrics: dict[str, float]) -> None:
-        ctx.run.log_metrics({f"{key}.{candidate}": value for key, value in metrics.items()}, step)
+        child(candidate).log_metrics(metrics, step)
 
     context = RunContext(trigger=ctx.params.data.trigger, git_commit=git_commit(repository_root()))
     if ctx.params.train.executor == "ray":
@@ -46,15 +60,16 @@ def body(ctx: StageContext) -> None:
             context=context,
         )
     for result in results:
-        ctx.run.log_metrics(
+        run = child(result.name)
+        run.log_metrics(
             {
-                f"final_loss.{result.name}": result.final_loss,
-                f"seconds_per_step.{result.name}": result.seconds
+                "final_loss": result.final_loss,
+                "seconds_per_step": result.seconds
                 / max(1, ctx.params.train.max_steps - result.resumed_from),
             }
         )
         candidate_dir = Path(layout.TRAIN_DIR) / result.name
-        ctx.run.log_artifact(candidate_dir / "samples", artifact_path=f"samples/{result.name}")
+        run.log_artifact(candidate_dir / "samples", artifact_path="samples")
         # The final LoRA in both layouts. The copies in MLflow also name the run that made them
         # (the DVC outputs cannot: they must be byte-identical from run to run).
         last = result.checkpoints[-1]
@@ -63,9 +78,10 @@ def body(ctx: StageContext) -> None:
             for name in (LORA_WEIGHTS, kohya_file_name(result.name, last)):
                 stamped = Path(temp) / name
                 stamp_metadata(
-                    folder / name, stamped, {"charaforge.mlflow_run_id": ctx.run.run_id or ""}
+                    folder / name, stamped, {"charaforge.mlflow_run_id": run.run_id or ""}
                 )
-                ctx.run.log_artifact(stamped, artifact_path=f"lora/{result.name}")
+                run.log_artifact(stamped, artifact_path="lora")
+        run.end()
     ctx.run.log_artifact(f"{layout.TRAIN_DIR}/summary.json")
 
 

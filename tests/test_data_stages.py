@@ -367,7 +367,9 @@ def test_dataset_schema_split_and_exports(pipeline_root: Path, params: Params) -
     train = table[table.split == "train"]
     assert sorted(p.stem for p in concept.glob("*.png")) == sorted(train.image_id)
     for row in train.itertuples():
-        assert (concept / f"{row.image_id}.txt").read_text(encoding="utf-8") == row.caption + "\n"
+        for extension in (".txt", ".caption"):  # sd-scripts' default is .caption
+            caption = (concept / f"{row.image_id}{extension}").read_text(encoding="utf-8")
+            assert caption == row.caption + "\n"
     for split in ("train", "val"):
         lines = (root / "imagefolder" / split / "metadata.jsonl").read_text(encoding="utf-8")
         records = [json.loads(line) for line in lines.splitlines()]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from charaforge.config import DatasetConfig
-from charaforge.prepare import dataset
+from charaforge.prepare import dataset, dataset_card
 
 TAGS = ["1girl", "solo", "red hair", "blue dress", "standing", "arms up", "white background"]
 
@@ -100,7 +100,7 @@ def test_dataset_card_counts_frequencies_and_plot(tmp_path: Path) -> None:
         val_fraction=0.2, caption_template="{trigger}, {tags}", kohya_repeats=5, card_top_tags=4
     )
     counts = {"quarantined by ingest": 3}
-    dataset.write_card(tmp_path, table, config, "aoi", "aoi_cf", ["sidecar"], counts)
+    dataset_card.write_card(tmp_path, table, config, "aoi", "aoi_cf", ["sidecar"], counts)
     card = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert "| images | 20 |" in card and "| train / val | 16 / 4 |" in card
     assert "| quarantined by ingest | 3 |" in card and "| no person detected | 7 |" in card
@@ -114,7 +114,7 @@ def test_dataset_card_counts_frequencies_and_plot(tmp_path: Path) -> None:
         assert plot.format == "PNG" and plot.width > 300 and "Software" not in plot.info
         assert len(np.unique(np.asarray(plot.convert("L")))) > 10  # something is drawn
     first = (tmp_path / "tag_frequency.png").read_bytes()
-    dataset.write_card(tmp_path, table, config, "aoi", "aoi_cf", ["clip (stand-in)"], counts)
+    dataset_card.write_card(tmp_path, table, config, "aoi", "aoi_cf", ["clip (stand-in)"], counts)
     assert "Stand-in tagger" in (tmp_path / "README.md").read_text(encoding="utf-8")
-    dataset.write_card(tmp_path, table, config, "aoi", "aoi_cf", ["sidecar"], counts)
+    dataset_card.write_card(tmp_path, table, config, "aoi", "aoi_cf", ["sidecar"], counts)
     assert (tmp_path / "tag_frequency.png").read_bytes() == first  # same data, same bytes

@@ -140,10 +140,14 @@ def test_mlflow_store_holds_every_stage_run(pipeline_repo: dict) -> None:
 
     workdir: Path = pipeline_repo["path"]
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("charaforge")
+    experiment = client.get_experiment_by_name("charaforge-aoi")
     assert experiment is not None
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    runs = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     by_stage = {run.data.tags["charaforge.pipeline.stage"]: run for run in runs}
+    assert by_stage["train"].info.run_name == "train · aoi · workspace"
     assert set(by_stage) == set(STAGES)
     for run in runs:
         assert run.data.tags["mlflow.source.git.commit"] != "unknown"
@@ -151,8 +155,18 @@ def test_mlflow_store_holds_every_stage_run(pipeline_repo: dict) -> None:
         assert "seed" in run.data.params
     train = by_stage["train"]
     assert "train.max_steps" in train.data.params
-    history = client.get_metric_history(train.info.run_id, "loss.r4_lr1e-3")
-    assert len(history) >= 2
+    # A nested child run per candidate, with the same metric names: MLflow overlays them.
+    trained = {
+        run.data.tags["charaforge.candidate"]: run
+        for run in children
+        if run.data.tags["mlflow.parentRunId"] == train.info.run_id
+    }
+    assert sorted(trained) == ["r4_lr1e-3", "r8_lr3e-4"]
+    for name, child in trained.items():
+        assert child.data.params["rank"] in {"4", "8"}
+        assert len(client.get_metric_history(child.info.run_id, "loss")) >= 2
+        lora = {item.path for item in client.list_artifacts(child.info.run_id, "lora")}
+        assert "lora/pytorch_lora_weights.safetensors" in lora, (name, lora)
     assert by_stage["report"].data.metrics, "report must log the champion's metrics"
 
 
@@ -164,6 +178,12 @@ def test_metrics_and_plots_show(pipeline_repo: dict) -> None:
     plotted = set(plots["data"])
     assert any(key.startswith("reports/plots/train_loss/") for key in plotted), plotted
     assert any(key.startswith("reports/plots/score_by_step/") for key in plotted), plotted
+    assert "reports/plots/images/train_loss.png" in plotted, plotted
+    # The page `dvc plots show` writes loads nothing from the network (the project's template).
+    _dvc(workdir, "plots", "show", "-o", "plots_page")
+    page = (workdir / "plots_page/index.html").read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page
+    assert "<img" in page and "function vegaEmbed" in page
 
 
 def test_changing_an_eval_parameter_reruns_only_generate_score_report(
@@ -189,6 +209,64 @@ def test_exp_run_with_set_param(pipeline_repo: dict) -> None:
     assert composed["eval"]["lora_scales"] == [0.0, 0.75], "Hydra composition must apply -S"
     shown = json.loads(_dvc(workdir, "exp", "show", "--json"))
     assert "0.75" in json.dumps(shown)
+
+
+def _new(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`charaforge new` with the copy's own code (the editable install may be another tree)."""
+    command = [sys.executable, "-c", "from charaforge.cli import app; app()", "new", *args]
+    return subprocess.run(
+        command, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=1200
+    )
+
+
+def test_new_character_from_a_folder_without_captions(
+    pipeline_repo: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The one command on new images without captions: it stops before training with the fix;
+    with a tagger it trains on real captions, evaluates the folder's own tags, never runs the
+    demo stage, and bob's @champion leaves aoi's in place."""
+    import numpy as np
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    workdir: Path = pipeline_repo["path"]
+    folder = tmp_path_factory.mktemp("bob_images")
+    for index in range(8):
+        blocks = np.random.default_rng(100 + index).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((96, 96), Image.NEAREST).save(folder / f"bob{index}.png")
+    name = ["--name", "bob", "--trigger", "bob_cf"]
+
+    stopped = _new(workdir, str(folder), *name)
+    assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+    output = stopped.stdout + stopped.stderr
+    assert "8 of 8 images have no caption" in output and "tagger=clip" in output
+    assert "Running stage 'train'" not in output and "Running stage 'demo'" not in output
+    assert (workdir / "conf/experiment/bob.yaml").is_file()
+
+    # The stand-in CLIP tags at threshold 0: every image gets the vocabulary's tags.
+    done = _new(workdir, str(folder), *name, "--tagger", "clip", "-S", "tagger.clip.threshold=0")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Running stage 'demo'" not in output and "Running stage 'train'" in output
+    metadata = pd.read_parquet(workdir / "data/dataset/metadata.parquet")
+    assert set(metadata["character"]) == {"bob"}
+    assert all(len(caption.split(", ")) > 3 for caption in metadata["caption"])
+    # The evaluation prompts carry the dataset's most frequent tags (counted here directly).
+    counts = pd.Series([t for tags in metadata["tags"] for t in set(tags)]).value_counts()
+    top = [tag for tag in counts.index if counts[tag] == len(metadata)]
+    index = pd.read_parquet(workdir / "data/generate/index.parquet")
+    from_data = set(index.loc[index["suite"].isna() | (index["suite"] == ""), "prompt"])
+    assert len(from_data) == 4 and all(p.startswith("bob_cf, ") for p in from_data)
+    carried = [tag for tag in top if all(tag in prompt for prompt in from_data)]
+    assert len(carried) >= 3, (top, from_data)  # eval.from_data.max_tags of them, contexts aside
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    aoi = client.get_model_version_by_alias("charaforge-aoi", "champion")
+    bob = client.get_model_version_by_alias("charaforge-bob", "champion")
+    assert aoi.run_id != bob.run_id
+    assert client.get_run(bob.run_id).data.tags["charaforge.character"] == "bob"
+    assert client.get_experiment_by_name("charaforge-bob") is not None
 
 
 def test_two_runs_from_scratch_are_byte_identical(

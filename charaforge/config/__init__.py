@@ -128,6 +128,9 @@ class DataConfig(Strict):
     ingest: IngestConfig
     dedupe: DedupeConfig
     dataset: DatasetConfig
+    # Images that come without a caption and that no model tagger tagged would train on the
+    # trigger word alone: the dataset stage stops unless this says that is what is wanted.
+    allow_trigger_only_captions: bool = False
 
 
 class ClipTaggerConfig(Strict):
@@ -172,13 +175,19 @@ class TaggerConfig(Strict):
     replace: dict[str, str] = Field(default_factory=dict)
     deny: list[str] = Field(default_factory=list)
     allow: list[str] = Field(default_factory=list)
+    # With backend "sidecar": the model backend that tags the images that came without a sidecar
+    # caption (its settings: tagger.clip / tagger.wd14); None leaves them without tags.
+    fill_missing: Literal["clip", "wd14"] | None = None
 
     @model_validator(mode="after")
     def _backend_inputs(self) -> TaggerConfig:
-        if self.backend == "clip" and not self.clip.vocabulary:
+        models = {self.backend, self.fill_missing}
+        if "clip" in models and not self.clip.vocabulary:
             raise ValueError("tagger.clip.vocabulary must list at least one tag for backend 'clip'")
-        if self.backend == "wd14" and not self.wd14.model_path:
+        if "wd14" in models and not self.wd14.model_path:
             raise ValueError("tagger.wd14.model_path is required for backend 'wd14'")
+        if self.fill_missing is not None and self.backend != "sidecar":
+            raise ValueError("tagger.fill_missing applies to backend 'sidecar' only")
         return self
 
 
@@ -230,8 +239,42 @@ PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PROMPT_PLACEHOLDERS = frozenset({"trigger"})
 
 
+class DataPromptsConfig(Strict):
+    """Evaluation prompts built from the dataset: the character's defining tags (the tags most of
+    its images carry) in each context (charaforge.generate.data_prompts)."""
+
+    enabled: bool = False
+    # A tag defines the character when at least this share of its (non-photo) images carry it.
+    defining_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    max_tags: int = Field(default=6, ge=1)  # the most frequent defining tags, at most this many
+    # Fields {trigger}, {tags}, {framing}, {action}, {background}; prompt i takes entry i of each
+    # list (cycling), as many prompts as the longest list has entries.
+    template: str = "{trigger}, {tags}, {framing}, {action}, {background}"
+    framings: list[str] = Field(default=["full body"], min_length=1)
+    actions: list[str] = Field(default=["standing"], min_length=1)
+    backgrounds: list[str] = Field(default=["white background"], min_length=1)
+
+    @property
+    def count(self) -> int:
+        return max(len(self.framings), len(self.actions), len(self.backgrounds))
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        import string
+
+        allowed = {"trigger", "tags", "framing", "action", "background"}
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        if fields - allowed or "tags" not in fields:
+            raise ValueError(f"use the fields {sorted(allowed)}, {{tags}} among them")
+        return value
+
+
 class EvalConfig(Strict):
-    prompts: list[str] = Field(min_length=1)
+    # Hand-written prompts ({trigger}: data.trigger); with from_data enabled the prompts built
+    # from the dataset follow them, numbered after them.
+    prompts: list[str] = []
+    from_data: DataPromptsConfig = DataPromptsConfig()
     negative_prompt: str = ""
     seeds: list[int] = Field(min_length=1)
     # 0.0 renders the base model's row (no LoRA), the baseline every candidate is compared with.
@@ -298,11 +341,19 @@ class EvalConfig(Strict):
                 )
         return value
 
+    @property
+    def prompt_count(self) -> int:
+        """Hand-written prompts plus those the dataset gives (before the suites)."""
+        return len(self.prompts) + (self.from_data.count if self.from_data.enabled else 0)
+
     @model_validator(mode="after")
     def _pose_prompts_exist(self) -> EvalConfig:
-        bad = [index for index in self.pose.prompt_indices if not 0 <= index < len(self.prompts)]
-        if bad:
-            raise ValueError(f"pose.prompt_indices {bad}: eval.prompts has {len(self.prompts)}")
+        if not self.prompt_count and not self.suites:
+            raise ValueError("no prompts: give eval.prompts, eval.suites or eval.from_data")
+        count = self.prompt_count
+        bad = [index for index in self.pose.prompt_indices if not 0 <= index < count]
+        if bad and self.pose.enabled:
+            raise ValueError(f"pose.prompt_indices {bad}: eval has {count} prompts")
         return self
 
 

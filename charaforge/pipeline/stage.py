@@ -21,7 +21,7 @@ from charaforge.config import Params, config_hash, load_params
 from charaforge.core.files import sha256_file
 from charaforge.core.logs import configure_logging  # one set-up for stages and the CLI
 from charaforge.errors import DISK_ERRNOS, CharaForgeError, disk_message
-from charaforge.pipeline.tracking import StageRun, Terminated, stage_run
+from charaforge.pipeline.tracking import StageRun, Terminated, stage_run, stage_run_name
 
 log = logging.getLogger("charaforge")
 
@@ -68,9 +68,16 @@ def run_stage(
         )
     logged = {section: getattr(params, section).model_dump(mode="json") for section in sections}
     logged["seed"] = params.seed
-    tags = {"charaforge.config_hash": config_hash(logged)}
+    tags = {
+        "charaforge.config_hash": config_hash(logged),
+        "charaforge.character": params.data.character,
+    }
+    run_name = stage_run_name(name, params.data.character)
     try:
-        with workspace_lock(name), stage_run(params.tracking, name, tags=tags) as run:
+        with (
+            workspace_lock(name),
+            stage_run(params.tracking, name, tags=tags, run_name=run_name) as run,
+        ):
             run.log_params(logged)
             body(StageContext(name=name, params=params, run=run))
     except CharaForgeError as error:

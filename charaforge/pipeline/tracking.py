@@ -324,9 +324,15 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def stage_run(
-    config: TrackingConfig, stage: str, tags: Mapping[str, Any] | None = None
+    config: TrackingConfig,
+    stage: str,
+    tags: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
 ) -> Iterator[StageRun]:
-    """Open an MLflow run for one stage execution (or a no-op run when tracking is disabled)."""
+    """Open an MLflow run for one stage execution (or a no-op run when tracking is disabled).
+
+    `run_name` (default: the stage) is what MLflow's run list shows (see `stage_run_name`).
+    """
     if not config.enabled:
         yield StageRun(None)
         return
@@ -339,6 +345,7 @@ def stage_run(
     try:
         experiment_id = open_experiment(mlflow, config, uri, root)
         mlflow.set_experiment(experiment_id=experiment_id)
+        mark_model_training(experiment_id)
         close_stale_runs(mlflow, experiment_id)
     except TrackingError:
         raise
@@ -358,7 +365,9 @@ def stage_run(
     if in_main:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        active = mlflow.start_run(run_name=stage, tags={k: str(v) for k, v in all_tags.items()})
+        active = mlflow.start_run(
+            run_name=run_name or stage, tags={k: str(v) for k, v in all_tags.items()}
+        )
         run = StageRun(mlflow, backlog)
         status = "FINISHED"
         try:
@@ -383,3 +392,105 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+# --- run structure and names: a parent run per stage execution, a child run per candidate ------
+
+# MLflow 3 opens an experiment in its GenAI view unless this tag says it is model training
+# (the UI reads `mlflow.experimentKind`; "custom_model_development" is its training kind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment as model training (once), so MLflow shows its training views."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment(experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
+def stage_run_name(stage: str, character: str) -> str:
+    """`<stage> · <character> · <DVC experiment>`: what a run list needs to tell runs apart."""
+    return f"{stage} · {character} · {os.environ.get('DVC_EXP_NAME', 'workspace')}"
+
+
+class ChildRun:
+    """A nested MLflow run (one per candidate) under a stage's run, logged by run id so that
+    several can be open at once; metric names are the same in every child, so MLflow's compare
+    view overlays the candidates."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self._client, self.run_id = client, run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        for key, value in flatten(params).items():
+            self._client.log_param(self.run_id, key, str(value)[:6000])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self._client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path)
+        elif Path(path).exists():
+            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, str(value))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+
+class _NoChildRun(ChildRun):
+    """Tracking disabled: a child that records nothing."""
+
+    def __init__(self) -> None:
+        self.run_id = None  # type: ignore[assignment]
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def open_child_run(run: StageRun, name: str, tags: Mapping[str, Any] | None = None) -> ChildRun:
+    """A nested run under the stage's active run (`mlflow.parentRunId`), named `name`; the
+    caller ends it (`ChildRun.end`)."""
+    parent = run.run_id
+    if parent is None:
+        return _NoChildRun()
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent_run = client.get_run(parent)
+    inherited = {
+        key: value
+        for key, value in parent_run.data.tags.items()
+        if key.startswith(("charaforge.", "dvc.", "mlflow.source.git"))
+    }
+    child = client.create_run(
+        parent_run.info.experiment_id,
+        run_name=name,
+        tags={
+            **inherited,
+            "mlflow.parentRunId": parent,
+            **{key: str(value) for key, value in (tags or {}).items()},
+        },
+    )
+    return ChildRun(client, child.info.run_id)

@@ -15,11 +15,17 @@ One row per kept image. Columns (docs/data-contracts.md):
 - caption: `caption_template` with {trigger}, {character}, {outfit}, {pose}, {style} and {tags}
   filled in; {tags} holds the tags that no other field of the template already placed.
 
-Exports: `kohya/<repeats>_<trigger>/` holds the train split (image + .txt caption: kohya trains on
-every image in the folder, so validation images stay out); `imagefolder/{train,val}/` holds
+Exports: `kohya/<repeats>_<trigger>/` holds the train split (image + caption, written both as
+`.caption`, sd-scripts' default extension, and as `.txt`, what A1111-era tools and
+`--caption_extension .txt` read: kohya trains on every image in the folder, so validation
+images stay out); `imagefolder/{train,val}/` holds
 both splits with `metadata.jsonl` lines `{"file_name", "text"}` (Hugging Face imagefolder).
-The dataset card `README.md` gives the counts, the split rule, example captions and the most
-frequent tags with a bar chart (`tag_frequency.png`); `tag_frequency.csv` has every tag.
+Images with no tags whose captions no model tagger looked at (no sidecar, tagger `sidecar`)
+would train on the trigger word alone: `build_dataset` stops before writing anything unless
+`allow_trigger_only_captions`. The dataset card `README.md` (with the Hugging Face `datasets` YAML
+header) gives the counts, the caption sources, the images captioned with the trigger word
+alone, the split rule, example captions and the most frequent tags with a bar chart
+(`tag_frequency.png`); `tag_frequency.csv` has every tag (`charaforge.prepare.dataset_card`).
 """
 
 from __future__ import annotations
@@ -34,15 +40,16 @@ from pathlib import Path
 import pandas as pd
 
 from charaforge.config import DatasetConfig
-from charaforge.core.contracts import defining_tags, kept_rows, tag_frequency
+from charaforge.core.contracts import defining_tags, kept_rows
 from charaforge.core.files import (
     atomic_path,
     derive_seed,
     write_bytes,
-    write_csv,
     write_parquet,
     write_text,
 )
+from charaforge.errors import ConfigError
+from charaforge.prepare.dataset_card import write_card
 from charaforge.prepare.ingest import portable_path
 
 log = logging.getLogger(__name__)
@@ -83,6 +90,36 @@ class DatasetSummary:
     val: int
     without_person: int
     without_tags: int
+    trigger_only_captions: int = 0
+
+
+CAPTION_EXTENSIONS = (".caption", ".txt")  # sd-scripts' default first, then the common one
+SIDECAR_TAGGER = "sidecar"  # the `tagger` value of rows whose tags only a sidecar could give
+
+
+def uncaptioned_images(tags: pd.DataFrame, image_ids: list[str]) -> list[str]:
+    """The images with no tags that no model tagger looked at (no sidecar caption came with
+    them and the tagger was the sidecar reader): their captions would be the trigger alone."""
+    tagger_of = dict(zip(tags["image_id"], tags["tagger"], strict=True))
+    tags_of = dict(zip(tags["image_id"], tags["tags"], strict=True))
+    return [
+        image_id
+        for image_id in image_ids
+        if len(tags_of.get(image_id, [])) == 0
+        and tagger_of.get(image_id, SIDECAR_TAGGER) == SIDECAR_TAGGER
+    ]
+
+
+def uncaptioned_message(count: int, total: int) -> str:
+    """The one-line stop message: how many images lack a caption and which settings fix it."""
+    return (
+        f"{count} of {total} images have no caption (no sidecar .txt came with them and "
+        "tagger.backend=sidecar tags nothing else), so the LoRA would learn from the trigger "
+        "word alone; fix: caption them with a model tagger (-S tagger=clip, or -S tagger=wd14 "
+        "-S tagger.wd14.model_path=<folder with model.onnx>; keeping the sidecars of the others: "
+        "-S tagger.fill_missing=clip|wd14), add .txt captions beside the images, or accept "
+        "trigger-only captions with -S data.allow_trigger_only_captions=true"
+    )
 
 
 def outfit_of(tags: list[str]) -> str:
@@ -212,8 +249,13 @@ def build_dataset(
     character: str,
     trigger: str,
     seed: int,
+    allow_trigger_only_captions: bool = False,
 ) -> DatasetSummary:
-    """Write metadata.parquet, images/, kohya/ and imagefolder/ under `out_dir`."""
+    """Write metadata.parquet, images/, kohya/ and imagefolder/ under `out_dir`.
+
+    Raises ConfigError, before writing anything, when images would be captioned with the trigger
+    word alone (see `uncaptioned_images`) and `allow_trigger_only_captions` is false.
+    """
     out_dir = Path(out_dir)
     manifest = pd.read_parquet(Path(ingest_dir) / "manifest.parquet")
     dedupe_table = pd.read_parquet(Path(dedupe_dir) / "dedupe.parquet")
@@ -222,6 +264,9 @@ def build_dataset(
     rows = kept_rows(manifest, dedupe_table)
     images_dir = portable_path(out_dir / "images")
     table = build_metadata(rows, tags, poses, config, character, trigger, seed, images_dir)
+    uncaptioned = uncaptioned_images(tags, table["image_id"].tolist())
+    if uncaptioned and not allow_trigger_only_captions:
+        raise ConfigError(uncaptioned_message(len(uncaptioned), len(table)))
     source_of = dict(zip(rows["image_id"], rows["image_path"], strict=True))
     payload = {image_id: Path(source_of[image_id]).read_bytes() for image_id in table["image_id"]}
 
@@ -234,7 +279,8 @@ def build_dataset(
         concept.mkdir(parents=True)
         for row in table[table["split"] == "train"].itertuples():
             write_bytes(concept / f"{row.image_id}.png", payload[row.image_id])
-            write_text(concept / f"{row.image_id}.txt", row.caption + "\n")
+            for extension in CAPTION_EXTENSIONS:
+                write_text(concept / f"{row.image_id}{extension}", row.caption + "\n")
     with atomic_path(out_dir / "imagefolder") as folder:
         for split in ("train", "val"):
             (folder / split).mkdir(parents=True)
@@ -254,7 +300,18 @@ def build_dataset(
     if ingest_summary.is_file():
         report = json.loads(ingest_summary.read_text(encoding="utf-8"))
         counts["quarantined by ingest"] = int(report.get("quarantined", 0))
-    write_card(out_dir, table, config, character, trigger, sorted(set(tags["tagger"])), counts)
+    kept_tags = tags[tags["image_id"].isin(set(table["image_id"]))]
+    write_card(
+        out_dir,
+        table,
+        config,
+        character,
+        trigger,
+        sorted(set(tags["tagger"])),
+        counts,
+        caption_sources=kept_tags["tagger"].value_counts().sort_index().to_dict(),
+        trigger_only=uncaptioned,
+    )
 
     summary = DatasetSummary(
         images=len(table),
@@ -262,7 +319,14 @@ def build_dataset(
         val=int((table["split"] == "val").sum()),
         without_person=int(table["notes"].str.contains("no person detected").sum()),
         without_tags=int((table["tags"].map(len) == 0).sum()),
+        trigger_only_captions=len(uncaptioned),
     )
+    if uncaptioned:
+        log.warning(
+            "dataset: %d images captioned with the trigger word alone "
+            "(data.allow_trigger_only_captions=true)",
+            len(uncaptioned),
+        )
     log.info(
         "dataset: %d images (%d train, %d val), %d without a person, %d without tags",
         summary.images,
@@ -272,109 +336,3 @@ def build_dataset(
         summary.without_tags,
     )
     return summary
-
-
-def tag_frequency_plot(frequency: pd.DataFrame, images: int, title: str) -> bytes:
-    """A horizontal bar chart of tag counts (PNG bytes, no timestamp: same data, same bytes)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    height = 1.2 + 0.28 * max(len(frequency), 1)
-    figure, axis = plt.subplots(figsize=(6.4, height), dpi=100)
-    try:
-        ordered = frequency.iloc[::-1]
-        axis.barh(ordered["tag"], ordered["count"], color="#4878a8")
-        axis.set_xlabel(f"images with the tag (of {images})")
-        axis.set_xlim(0, max(images, 1))
-        axis.set_title(title, fontsize=10)
-        axis.tick_params(axis="y", labelsize=8)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", metadata={"Software": None})
-    finally:
-        plt.close(figure)
-    return buffer.getvalue()
-
-
-def _markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_card(
-    out_dir: Path,
-    table: pd.DataFrame,
-    config: DatasetConfig,
-    character: str,
-    trigger: str,
-    taggers: list[str],
-    counts: dict[str, int],
-) -> None:
-    """README.md (the dataset card), tag_frequency.csv and tag_frequency.png under `out_dir`."""
-    frequency = tag_frequency(table["tags"].tolist())
-    write_csv(out_dir / "tag_frequency.csv", frequency)
-    top = frequency.head(config.card_top_tags)
-    stand_in = any("stand-in" in name for name in taggers)
-    title = f"{character}: top {len(top)} tags" + (" (stand-in tagger)" if stand_in else "")
-    write_bytes(out_dir / "tag_frequency.png", tag_frequency_plot(top, len(table), title))
-
-    splits = table["split"].value_counts()
-    styles = table["style"].value_counts()
-    rows = [
-        ["images", len(table)],
-        ["train / val", f"{int(splits.get('train', 0))} / {int(splits.get('val', 0))}"],
-        *[[f"style: {name}", int(count)] for name, count in sorted(styles.items())],
-        ["no person detected", int(table["notes"].str.contains("no person detected").sum())],
-        ["without tags", int((table["tags"].map(len) == 0).sum())],
-        ["distinct tags", len(frequency)],
-        *[[name, value] for name, value in counts.items()],
-    ]
-    examples = table.head(3)["caption"].tolist()
-    warning = (
-        "\n> **Stand-in tagger**: the tags come from a model with random weights; they mean "
-        "nothing about the images.\n"
-        if stand_in
-        else ""
-    )
-    card = f"""# Dataset card: {character}
-
-A character LoRA training set built by CharaForge (ingest, dedupe, tag, pose, dataset stages).
-Trigger word: `{trigger}`. Tagger: {", ".join(f"`{name}`" for name in taggers) or "none"}.
-{warning}
-## Counts
-
-{_markdown_table(["", "count"], rows)}
-
-## Split
-
-Deterministic by content: an image is in `val` when a number drawn from hash(seed, image_id) is
-below {config.val_fraction}; adding or removing images never moves the others.
-
-## Captions
-
-Template `{config.caption_template}`. Examples:
-
-{chr(10).join(f"- `{caption}`" for caption in examples)}
-
-## Tag frequencies (top {len(top)})
-
-![tag frequencies](tag_frequency.png)
-
-{_markdown_table(["tag", "images", "fraction"], top.values.tolist())}
-
-Every tag: `tag_frequency.csv`.
-
-## Files
-
-- `metadata.parquet`: one row per image (`image_id, image_path, character, outfit, pose_tag,
-  style, tags, source, split, notes, caption`)
-- `images/`: the training images (RGB PNG, named by content hash)
-- `kohya/{config.kohya_repeats}_{trigger}/`: the train split with `.txt` captions (kohya sd-scripts)
-- `imagefolder/{{train,val}}/metadata.jsonl`: Hugging Face `imagefolder` layout
-"""
-    write_text(out_dir / "README.md", card)

@@ -19,7 +19,7 @@ from charaforge.selection.ranking import BASE_CANDIDATE
 log = logging.getLogger(__name__)
 
 # rc_context pins what could differ between machines (font, size, the SVG hash salt).
-_RC = {"font.family": "DejaVu Sans", "font.size": 9, "svg.hashsalt": "cf"}
+PLOT_RC = {"font.family": "DejaVu Sans", "font.size": 9, "svg.hashsalt": "cf"}
 STAND_IN_TITLE = "computed with stand-in models (random weights)"
 
 
@@ -27,7 +27,7 @@ def png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,11 +36,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _figure_png(figure: Any) -> bytes:
+def figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     # metadata drops the Software/version text chunk so that the bytes depend on the data only.
     figure.savefig(buffer, format="png", metadata={"Software": None})
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return buffer.getvalue()
 
 
@@ -52,8 +52,8 @@ def plot_by_step(
     confidence: float,
 ) -> bytes:
     """One panel per metric: each candidate's value at its best scale, against the step."""
-    plt = _pyplot()
-    with plt.rc_context(_RC):
+    plt = pyplot()
+    with plt.rc_context(PLOT_RC):
         columns = min(3, len(panels))
         rows = -(-len(panels) // columns)
         figure, axes = plt.subplots(
@@ -87,15 +87,15 @@ def plot_by_step(
         if stand_in:
             figure.suptitle(STAND_IN_TITLE, color="#a05000")
         figure.tight_layout()
-        return _figure_png(figure)
+        return figure_png(figure)
 
 
 def plot_pareto(selection: Selection, axes: tuple[str, str], stand_in: bool) -> bytes:
     """Identity against prompt alignment, one point per row; front, memorisers, champion marked."""
-    plt = _pyplot()
+    plt = pyplot()
     table, champion = selection.table, selection.champion
     x, y = axes
-    with plt.rc_context(_RC):
+    with plt.rc_context(PLOT_RC):
         figure, axis = plt.subplots(figsize=(6, 4.5), dpi=100)
         for candidate in sorted(table["candidate"].unique()):
             rows = table[table["candidate"] == candidate]
@@ -121,7 +121,7 @@ def plot_pareto(selection: Selection, axes: tuple[str, str], stand_in: bool) -> 
         if stand_in:
             figure.suptitle(STAND_IN_TITLE, color="#a05000")
         figure.tight_layout()
-        return _figure_png(figure)
+        return figure_png(figure)
 
 
 class Thumbnails:
@@ -166,6 +166,8 @@ class SheetColumn:
 class SheetRow:
     prompt: str
     cells: list[list[SheetImage]]  # one list of images (the seeds) per column
+    prompt_index: int = 0
+    suite: str = ""  # the CharaConsist suite the prompt comes from ("" for eval.prompts)
 
 
 @dataclass(frozen=True)
@@ -194,11 +196,8 @@ def contact_sheet(
         .assign(is_lora=lambda frame: frame["candidate"] != BASE_CANDIDATE)
         .sort_values(["is_lora", "step", "lora_scale"])
     )
-    prompts = (
-        rows.loc[:, ["prompt_index", "prompt"]]
-        .drop_duplicates("prompt_index")
-        .sort_values("prompt_index")
-    )
+    labels = ["prompt_index", "prompt", *(["suite"] if "suite" in rows.columns else [])]
+    prompts = rows.loc[:, labels].drop_duplicates("prompt_index").sort_values("prompt_index")
     sheet_rows = []
     for prompt in prompts.itertuples():
         cells = []
@@ -217,7 +216,9 @@ def contact_sheet(
                     label += ": " + ", ".join(f"{m} {scored[m]:.3f}" for m in metrics)
                 cell.append(SheetImage(thumbnails(image.image_path), label))
             cells.append(cell)
-        sheet_rows.append(SheetRow(str(prompt.prompt), cells))
+        suite = getattr(prompt, "suite", "")
+        suite = suite if isinstance(suite, str) else ""  # None / NaN: not from a suite
+        sheet_rows.append(SheetRow(str(prompt.prompt), cells, int(prompt.prompt_index), suite))
     sheet_columns = [
         SheetColumn(bool(c.is_lora), c.step, f"{c.lora_scale:g}") for c in columns.itertuples()
     ]

@@ -42,8 +42,16 @@ from charaforge.selection.ranking import (
     pareto_table,
     per_prompt_breakdown,
 )
-from charaforge.selection.render import render_html, render_markdown
+from charaforge.selection.render import ReportExtras, render_html, render_markdown
+from charaforge.selection.run_summary import (
+    DataDirs,
+    dataset_summary,
+    loss_plot,
+    provenance,
+    training_samples,
+)
 from charaforge.selection.statistics import KEY
+from charaforge.selection.usage import champion_card, export_champion
 from charaforge.selection.wording import ReportContext
 
 log = logging.getLogger(__name__)
@@ -214,10 +222,16 @@ def report_selection(
     *,
     seed: int,
     root: str | Path = ".",
+    character: str = "",
+    trigger: str = "",
+    data_dirs: DataDirs | None = None,
+    experiment: str = "",
 ) -> Selection:
-    """Rank, choose the champion and write metrics.json, selection.md/.html and the plots.
+    """Rank, choose the champion and write metrics.json, selection.md/.html, the plots and the
+    champion's files with its model card (`champion/`).
 
-    Image paths in the tables are relative to the repository root `root` (data-contracts.md).
+    Image paths in the tables are relative to the repository root `root` (data-contracts.md);
+    `data_dirs` (repository-relative) are the earlier stages' outputs the report summarises.
     Every input is read and checked before anything is written.
     """
     score_dir, out_dir = Path(score_dir), Path(out_dir)
@@ -270,7 +284,10 @@ def report_selection(
     )
     write_json(out_dir / "metrics.json", _metrics_payload(context))
     write_csv(out_dir / RANKING_FILE, _ranking_csv(context))
-    write_text(out_dir / "selection.md", render_markdown(context))
+    dirs = data_dirs or DataDirs()
+    card = champion_card(
+        selection, index, train_dir, out_dir, trigger, character, config.registered_model, root
+    )
     by_step = best_scale_by_step(table, shown)
     with atomic_path(out_dir / "plots" / "score_by_step") as plots_dir:
         plots_dir.mkdir()
@@ -286,5 +303,37 @@ def report_selection(
         pareto_png = plot_pareto(selection, axes, bool(stand_in))
     thumbnails = Thumbnails(Path(root), config.thumbnail_size)
     sheets = [contact_sheet(index, scores, candidate, shown, thumbnails) for candidate in by_step]
-    write_text(out_dir / "selection.html", render_html(context, step_png, pareto_png, sheets))
+    lora_candidates = [name for name in by_step if name != "base"]
+    extras = ReportExtras(
+        card=card,
+        exported=export_champion(card, index, selection, base_model, root),
+        loss_plot=loss_plot(train_dir, lora_candidates, bool(stand_in)),
+        samples=training_samples(train_dir, lora_candidates, thumbnails, Path(root)),
+        dataset=dataset_summary(dirs, Path(root), trigger),
+        provenance=provenance(
+            {
+                "dataset": Path(root) / dirs.dataset / "metadata.parquet",
+                "training summary": Path(train_dir) / "summary.json",
+                "sweep index": Path(generate_dir) / "index.parquet",
+                "scores": score_dir / "scores.parquet",
+            },
+            base_model,
+            {
+                "MLflow experiment": experiment or "(tracking off)",
+                "MLflow registered model": f"{card.registry_uri} ({card.registry_link})",
+            },
+            Path(root),
+        ),
+    )
+    # The same plots as PNG files: DVC shows image plots in `dvc plots show` offline.
+    with atomic_path(out_dir / "plots" / "images") as images_dir:
+        images_dir.mkdir()
+        named = {"score_by_step": step_png, "pareto": pareto_png, "train_loss": extras.loss_plot}
+        for name, png in named.items():
+            if png is not None:
+                (images_dir / f"{name}.png").write_bytes(png)
+    write_text(out_dir / "selection.md", render_markdown(context, extras))
+    write_text(
+        out_dir / "selection.html", render_html(context, step_png, pareto_png, sheets, extras)
+    )
     return selection

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from charaforge.core import layout
-from charaforge.pipeline.tracking import StageRun
+from charaforge.pipeline.tracking import StageRun, open_child_run
 from charaforge.selection.champion import Selection
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ def log_selection(
     train_dir: str | Path,
     registered_model: str,
     report_dir: str | Path,
+    character: str = "",
 ) -> None:
     """Log the selection to the stage's run and promote the champion in the registry."""
     champion, table = selection.champion, selection.table
@@ -55,15 +56,21 @@ def log_selection(
             "charaforge.stand_in": bool(selection.stand_in),
         }
     )
-    # One metric series per candidate and metric (MLflow step = training step), at each
-    # checkpoint's best LoRA scale: MLflow's compare view then plots them against each other.
+    # One nested run per candidate, its metrics under the same names in every child (MLflow step
+    # = training step, at each checkpoint's best LoRA scale): the compare view overlays them.
     for candidate in sorted(table["candidate"].unique()):
+        child = open_child_run(
+            run, f"{candidate} · {character} · scores", tags={"charaforge.candidate": candidate}
+        )
         rows = table[table["candidate"] == candidate]
         for step, group in rows.groupby("step", sort=True):
             best = group.sort_values(["composite", "lora_scale"], ascending=[False, True]).iloc[0]
-            run.log_metrics(_finite(best, names, suffix=f".{candidate}"), step=int(step))
+            child.log_metrics(_finite(best, names), step=int(step))
+        child.end()
     if run.run_id is not None:
-        version = promote_champion(selection, train_dir, registered_model, bool(selection.stand_in))
+        version = promote_champion(
+            selection, train_dir, registered_model, bool(selection.stand_in), character
+        )
         run.set_tags({"charaforge.registry_version": version or "none"})
     report_dir = Path(report_dir)
     for name in REPORT_FILES:
@@ -77,6 +84,7 @@ def promote_champion(
     train_dir: str | Path,
     registered_model: str,
     stand_in: bool,
+    character: str = "",
 ) -> str | None:
     """Register the champion checkpoint in the MLflow registry with the alias `champion`.
 
@@ -100,11 +108,17 @@ def promote_champion(
         return None
     mlflow.log_artifacts(str(checkpoint), artifact_path="champion")
     client = MlflowClient()
+    description = (
+        f"CharaForge character LoRA for {character or registered_model}: each version is a "
+        "selection report's champion (candidate, step, LoRA scale in its tags); the alias "
+        "@champion names the latest."
+    )
     try:
-        client.create_registered_model(registered_model)
+        client.create_registered_model(registered_model, description=description)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+        client.update_registered_model(registered_model, description=description)
     tags = {
         "candidate": str(champion["candidate"]),
         "step": str(int(champion["step"])),
@@ -112,6 +126,7 @@ def promote_champion(
         "composite": f"{champion['composite']:.6f}",
         "statistical_tie": str(selection.statistical_tie),
         "stand_in": str(stand_in),
+        "character": character,
     }
     version = client.create_model_version(
         registered_model,

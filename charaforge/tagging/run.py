@@ -14,6 +14,7 @@ from charaforge.tagging.base import (
     TAG_COLUMNS,
     Tagger,
     TagRequest,
+    TagResult,
     postprocess,
 )
 from charaforge.tagging.clip import ClipZeroShotTagger
@@ -23,23 +24,34 @@ from charaforge.tagging.wd14 import Wd14Tagger
 log = logging.getLogger(__name__)
 
 
-def build_tagger(config: TaggerConfig) -> Tagger:
-    """The tagger `config.backend` names (model backends load their weights here)."""
-    if config.backend == "sidecar":
+def build_tagger(config: TaggerConfig, backend: str | None = None) -> Tagger:
+    """The tagger `backend` (default `config.backend`) names; model backends load weights here."""
+    backend = backend or config.backend
+    if backend == "sidecar":
         return SidecarTagger()
-    if config.backend == "clip":
+    if backend == "clip":
         return ClipZeroShotTagger.from_config(config)
-    if config.backend == "wd14":
+    if backend == "wd14":
         return Wd14Tagger.from_config(config)
-    raise ValueError(f"tagger.backend {config.backend!r} is not implemented")
+    raise ValueError(f"tagger.backend {backend!r} is not implemented")
+
+
+def _run_tagger(tagger: Tagger, requests: list[TagRequest]) -> list[TagResult]:
+    many = getattr(tagger, "tag_many", None)
+    return many(requests) if many else [tagger.tag(request) for request in requests]
 
 
 def tag_images(
-    rows: pd.DataFrame, tagger: Tagger, config: TaggerConfig | None = None
+    rows: pd.DataFrame,
+    tagger: Tagger,
+    config: TaggerConfig | None = None,
+    fill_missing: Tagger | None = None,
 ) -> pd.DataFrame:
     """The tags table for manifest rows (columns image_id, tags, scores, tagger).
 
     With `config`, its replacements and allow/deny lists are applied to every image's tags.
+    `fill_missing` tags the images `tagger` left without tags (those without a sidecar caption);
+    the `tagger` column names, per image, the tagger its tags came from.
     """
     requests = [
         TagRequest(
@@ -49,10 +61,15 @@ def tag_images(
         )
         for row in rows.itertuples()
     ]
-    many = getattr(tagger, "tag_many", None)
-    results = many(requests) if many else [tagger.tag(request) for request in requests]
+    results = _run_tagger(tagger, requests)
+    names = [tagger.name] * len(requests)
+    if fill_missing is not None:
+        missing = [index for index, result in enumerate(results) if not result.tags]
+        filled = _run_tagger(fill_missing, [requests[index] for index in missing])
+        for index, result in zip(missing, filled, strict=True):
+            results[index], names[index] = result, fill_missing.name
     records = []
-    for request, result in zip(requests, results, strict=True):
+    for request, result, name in zip(requests, results, names, strict=True):
         if config is not None:
             result = postprocess(result, config)
         records.append(
@@ -60,7 +77,7 @@ def tag_images(
                 "image_id": request.image_id,
                 "tags": result.tags,
                 "scores": [float(score) for score in result.scores],
-                "tagger": tagger.name,
+                "tagger": name,
             }
         )
     return pd.DataFrame(records, columns=TAG_COLUMNS)
@@ -73,11 +90,20 @@ def tag_folder(
     manifest = pd.read_parquet(Path(ingest_dir) / "manifest.parquet")
     dedupe_table = pd.read_parquet(Path(dedupe_dir) / "dedupe.parquet")
     tagger = build_tagger(config)
-    table = tag_images(kept_rows(manifest, dedupe_table), tagger, config)
+    fill = build_tagger(config, config.fill_missing) if config.fill_missing else None
+    table = tag_images(kept_rows(manifest, dedupe_table), tagger, config, fill)
     write_parquet(Path(out_dir) / "tags.parquet", table)
     write_csv(Path(out_dir) / "tag_frequency.csv", tag_frequency(table["tags"]))
-    if getattr(tagger, "stand_in", False):
-        log.warning("tag: %s uses a stand-in model: its tags mean nothing", tagger.name)
+    for model in (tagger, fill):
+        if getattr(model, "stand_in", False):
+            log.warning("tag: %s uses a stand-in model: its tags mean nothing", model.name)
     untagged = int((table["tags"].map(len) == 0).sum())
     log.info("tag: %d images tagged with %s, %d without tags", len(table), config.backend, untagged)
+    if untagged and tagger.name == SidecarTagger.name and fill is None:
+        log.warning(
+            "tag: %d of %d images have no sidecar caption and no model tagger is configured "
+            "(tagger.fill_missing, or tagger=clip / tagger=wd14)",
+            untagged,
+            len(table),
+        )
     return table
