@@ -55,7 +55,12 @@ def _hashes(root: Path) -> dict[str, str]:
 def test_sweep_over_two_accelerate_processes(
     base_dir: Path, dataset_dir: Path, tmp_path: Path, params_dict: dict, monkeypatch
 ) -> None:
-    params_dict["eval"].update(suites={}, pose={**params_dict["eval"]["pose"], "enabled": False})
+    params_dict["eval"].update(
+        prompts=["{trigger}, red hair", "{trigger}, blue hair"],  # hand-written: no dataset here
+        from_data={**params_dict["eval"]["from_data"], "enabled": False},
+        suites={},
+        pose={**params_dict["eval"]["pose"], "enabled": False},
+    )
     evaluation = validate_params(params_dict).eval
     sequential, launched = tmp_path / "sequential", tmp_path / "launched"
     sequential.mkdir()
@@ -85,7 +90,12 @@ def test_sweep_over_two_accelerate_processes(
 
 
 def test_cells_are_dealt_deterministically(params_dict: dict) -> None:
-    params_dict["eval"].update(suites={}, pose={**params_dict["eval"]["pose"], "enabled": False})
+    params_dict["eval"].update(
+        prompts=["{trigger}, red hair", "{trigger}, blue hair"],  # hand-written: no dataset here
+        from_data={**params_dict["eval"]["from_data"], "enabled": False},
+        suites={},
+        pose={**params_dict["eval"]["pose"], "enabled": False},
+    )
     evaluation = validate_params(params_dict).eval
     candidates = [{"name": "a", "checkpoints": [1, 2]}, {"name": "b", "checkpoints": [2]}]
     jobs = sweep.plan_jobs(candidates, evaluation, "t", 5)

@@ -23,6 +23,7 @@ from charaforge.config import ModelConfig, TrainConfig
 from charaforge.models.base import write_base
 from charaforge.train import CandidateTrainer
 from charaforge.train.grid import prepare
+from charaforge.train.processes import Share
 
 RESOLUTION = 64
 
@@ -74,7 +75,8 @@ def test_min_snr_weights_the_loss_by_the_formula(base_dir: Path, dataset_dir: Pa
             lambda module, args, output: predictions.append(output.sample.detach())
         )
         with torch.no_grad():
-            loss = trainer.batch_loss(batch, latents, noise, timesteps)
+            text = trainer.batch_text(batch, Share(list(range(len(batch))), 1.0))
+            loss = trainer.batch_loss(batch, latents, noise, timesteps, text)
         hook.remove()
         alphas_cumprod = trainer.base.noise_scheduler.alphas_cumprod[timesteps]
     # Min-SNR-gamma (Hang et al. 2023), epsilon prediction: w = min(SNR, gamma) / SNR with
@@ -201,7 +203,8 @@ def test_sdxl_time_ids_carry_original_size_crop_and_target(
         )
         batch = trainer.order.next()
         with torch.no_grad():
-            trainer.batch_loss(batch, *trainer.noisy_inputs(batch))
+            text = trainer.batch_text(batch, Share(list(range(len(batch))), 1.0))
+            trainer.batch_loss(batch, *trainer.noisy_inputs(batch), text)
         hook.remove()
         paths = [trainer.data.items[i].path for i in batch]
     # SDXL's micro-conditioning: (original height, width, crop top, left, target height,

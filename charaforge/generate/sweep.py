@@ -172,7 +172,8 @@ def plan_jobs(
     """Every image of the sweep, in rendering order (one LoRA load per checkpoint)."""
     prompts = sweep_prompts(eval, trigger, root)
     scales = sorted(set(eval.lora_scales))  # the schema keeps them >= 0
-    pose_prompts = [prompts[index] for index in eval.pose.prompt_indices]
+    # Only with poses: the pose prompts may be eval.from_data's, which the stage resolves first.
+    pose_prompts = [prompts[index] for index in eval.pose.prompt_indices] if poses else []
 
     def grid(candidate: str, step: int, scale: float) -> list[SweepJob]:
         jobs = [

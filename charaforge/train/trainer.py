@@ -313,13 +313,14 @@ class CandidateTrainer:
             batch = self.order.next()
             share = batch_share(accelerator, len(batch))
             latents, noise, timesteps = map(share.take, self.noisy_inputs(batch))
-            text = self.batch_text(batch, share)
             local = [batch[position] for position in share.positions]
             log_samples(
                 len(self.history) + 1, accelerator.process_index,
                 [self.data.items[i].path for i in local] if share.weight else [],
             )  # fmt: skip
             with accelerator.accumulate(*self.wrapped_models), accelerator.autocast():
+                # Inside autocast: the text encoders run in the mixed precision too.
+                text = self.batch_text(batch, share)
                 loss = self.batch_loss(local, latents, noise, timesteps, text)
                 # DDP averages the processes' gradients: weighted so that the average is the
                 # gradient of the global batch's mean loss (weight 1 for an even split).
