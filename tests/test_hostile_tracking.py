@@ -64,6 +64,10 @@ HOLDER = textwrap.dedent(
 )
 
 
+# One experiment per character (conf/tracking: charaforge-${data.character}).
+EXPERIMENT = stand_in_params_dict()["tracking"]["experiment"]
+
+
 def _workspace(tmp_path: Path, uri: str | None = None) -> Path:
     raw = stand_in_params_dict()
     raw["tracking"]["uri"] = uri or f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -101,7 +105,7 @@ def _runs(workdir: Path) -> list:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("charaforge")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
@@ -204,7 +208,7 @@ def test_fresh_store_created_once_by_parallel_stages(tmp_path: Path) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("charaforge")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(run.info.status for run in runs) == ["FINISHED"] * 3
 
