@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 STAGES = [
     "world",
     "demo",
+    "scan",
     "ingest",
     "dedupe",
     "tag",
