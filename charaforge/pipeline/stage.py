@@ -75,7 +75,10 @@ def run_stage(
     run_name = stage_run_name(name, params.data.character)
     try:
         with (
-            workspace_lock(name),
+            # One lock per workspace: with N processes (accelerate launch) the main one holds it.
+            workspace_lock(name)
+            if os.environ.get("RANK", "0") == "0"
+            else contextlib.nullcontext(),
             stage_run(params.tracking, name, tags=tags, run_name=run_name) as run,
         ):
             run.log_params(logged)
