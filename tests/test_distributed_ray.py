@@ -38,7 +38,18 @@ def _hashes(root: Path) -> dict[str, str]:
 def _eval(params_dict: dict):
     # The stand-in sweep without poses and suites: 2 candidates x 2 checkpoints x 2 scales x 3
     # prompts x 2 seeds + the base row = 54 images.
-    params_dict["eval"].update(suites={}, pose={**params_dict["eval"]["pose"], "enabled": False})
+    # Hand-written prompts: the demo's come from the dataset (eval.from_data), which the generate
+    # stage resolves, and run_sweep is called directly here.
+    params_dict["eval"].update(
+        prompts=[
+            "{trigger}, 1girl, red hair, standing, white background",
+            "{trigger}, 1girl, red hair, arms up, outdoors",
+            "{trigger}, 1girl, red hair, sitting, indoors",
+        ],
+        from_data={**params_dict["eval"]["from_data"], "enabled": False},
+        suites={},
+        pose={**params_dict["eval"]["pose"], "enabled": False},
+    )
     return validate_params(params_dict).eval
 
 
