@@ -42,6 +42,12 @@ DEFAULT_CONFIG = "config"
 
 log = logging.getLogger("charaforge")
 
+# Options `params` and `check` share: where conf/ is and which primary config composes it.
+RootOption = Annotated[Path, typer.Option(help="Repository root holding conf/.")]
+ConfigNameOption = Annotated[
+    str, typer.Option(help="Primary config in conf/: config (the world demo) or stand_in.")
+]
+
 # Plain click help and tracebacks: typer's rich rendering imports ~0.4 s of modules per call.
 app = typer.Typer(
     help="CharaForge: train, evaluate and use character LoRAs.",
@@ -575,11 +581,8 @@ def params(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Hydra overrides, e.g. eval.seeds=[0,1,2].")
     ] = None,
-    root: Annotated[Path, typer.Option(help="Repository root holding conf/.")] = Path("."),
-    config_name: Annotated[
-        str,
-        typer.Option(help="Primary config in conf/: config (the world demo) or stand_in."),
-    ] = DEFAULT_CONFIG,
+    root: RootOption = Path("."),
+    config_name: ConfigNameOption = DEFAULT_CONFIG,
 ) -> None:
     """Compose conf/ into params.yaml exactly as `dvc exp run` does (`dvc repro` never does)."""
     from charaforge.pipeline.compose import compose_params
@@ -617,11 +620,8 @@ def check(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Hydra overrides, as given to `dvc exp run -S`.")
     ] = None,
-    root: Annotated[Path, typer.Option(help="Repository root holding conf/.")] = Path("."),
-    config_name: Annotated[
-        str,
-        typer.Option(help="Primary config in conf/: config (the world demo) or stand_in."),
-    ] = DEFAULT_CONFIG,
+    root: RootOption = Path("."),
+    config_name: ConfigNameOption = DEFAULT_CONFIG,
 ) -> None:
     """Validate conf/ with these overrides (and the model from its config files) without
     touching params.yaml or any output: run it before `dvc exp run -S ...`, which deletes a

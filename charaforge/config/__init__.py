@@ -234,6 +234,19 @@ class PoseEvalConfig(Strict):
     conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0)
 
 
+# Every ControlNet type the engine conditions on (generate.controls makes each map from a photo).
+CONTROL_TYPES = (
+    "openpose",
+    "canny",
+    "lineart",
+    "softedge",
+    "scribble",
+    "depth",
+    "normal",
+    "segmentation",
+)
+ControlType = Literal[CONTROL_TYPES]  # type: ignore[valid-type]
+
 # `{name}` in an eval prompt; the sweep fills in these names.
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PROMPT_PLACEHOLDERS = frozenset({"trigger"})
@@ -291,19 +304,7 @@ class EvalConfig(Strict):
     # Contact-sheet columns: checkpoints (at the largest scale) or scales (at the last step).
     grid_columns: Literal["step", "scale"] = "step"
     # Local ControlNet folders per conditioning type (needed with a real base model only).
-    controlnets: dict[
-        Literal[
-            "openpose",
-            "canny",
-            "lineart",
-            "softedge",
-            "scribble",
-            "depth",
-            "normal",
-            "segmentation",
-        ],
-        str,
-    ] = {}
+    controlnets: dict[ControlType, str] = {}
     # A local IP-Adapter weight file (image_encoder/ beside it) for suites with method ip_adapter
     # on real weights; null: a stand-in adapter with the stand-in base.
     ip_adapter: str | None = None

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from charaforge.config import CONTROL_TYPES
 from charaforge.core.files import sha256_bytes
 
 # Config name -> (diffusers class, extra config, A1111 sampler name).
@@ -95,19 +96,6 @@ PRESETS: dict[str, Preset] = {
 
 
 PresetName = Literal["draft", "standard", "high", "ultra"]
-
-
-# Every ControlNet type the engine conditions on (generate.controls makes each map from a photo).
-CONTROL_TYPES = (
-    "openpose",
-    "canny",
-    "lineart",
-    "softedge",
-    "scribble",
-    "depth",
-    "normal",
-    "segmentation",
-)
 
 
 def image_digest(image: Image.Image) -> str:
