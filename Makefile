@@ -23,9 +23,13 @@ demo: install  ## run the whole pipeline on the built-in demo set
 	$(BIN)/dvc repro
 	@echo "Report: reports/selection.html (summary in reports/selection.md)"
 
+# Two xdist workers, one module at a time each, in collection order (the world demo first):
+# one worker runs the world demo while the other runs everything else.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: install  ## lint, then the whole test suite, slow end-to-end tests included
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest $(XDIST)
 
 test-fast: install  ## the fast tests only
 	$(BIN)/pytest -m "not slow"

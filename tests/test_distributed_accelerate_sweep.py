@@ -18,6 +18,7 @@ from charaforge.config import validate_params
 from charaforge.generate import sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.train import train_all
+from charaforge.train.launch import free_local_port
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = {"scheduler": "euler", "controlnets": {}, "cpu_threads": 1}
@@ -78,7 +79,8 @@ def test_sweep_over_two_accelerate_processes(
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "sweep_script.py", str(base_dir), "eval.json"],
+         "--dynamo_backend", "no", "--main_process_port", str(free_local_port()),
+         "sweep_script.py", str(base_dir), "eval.json"],
         cwd=launched, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

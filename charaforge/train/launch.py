@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -65,12 +66,22 @@ def check_devices(train: TrainConfig, available: int | None = None) -> list[int]
     return list(range(train.processes))
 
 
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the kernel's choice)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def launch_command(train: TrainConfig, module: str, devices: list[int] | None) -> list[str]:
     """The `accelerate launch` command line for `python -m <module>` in N processes."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", str(train.processes), "--num_machines", "1",
         "--mixed_precision", train.mixed_precision, "--dynamo_backend", "no",
+        # One machine: its own rendezvous port, not torchrun's fixed 29500, so two trainings
+        # (or a training and a test) on the same machine do not take each other's port.
+        "--main_process_port", str(free_local_port()),
     ]  # fmt: skip
     # `--multi_gpu` is accelerate's torchrun launcher, also for CPU processes (gloo) on a
     # machine without a GPU; its `--cpu` starts a single process whatever --num_processes says.
