@@ -230,6 +230,29 @@ def test_data_parallel_unet_matches_one_process_on_the_whole_batch(
     assert parallel_losses == pytest.approx(single_losses, rel=1e-4)
 
 
+def test_min_snr_weights_the_world_unet_loss() -> None:
+    """snr_gamma weights each sample by min(SNR, gamma) / SNR <= 1: the first step's loss falls
+    below the plain mean with gamma 1 (SNR > 1 for roughly the first third of SD1.5's timesteps),
+    and a gamma above every SNR of the schedule (the largest is ~1200, at t=0) gives the plain
+    mean back."""
+    torch.set_num_threads(1)
+    latents = torch.randn((8, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    tokenizer = build_clip_tokenizer(max_length=CONTEXT_LENGTH)
+    token_ids = tokenize(tokenizer, [caption(scene) for scene in sample_scenes(3, 8)])
+    empty_ids = tokenize(tokenizer, [""])[0]
+
+    def first_loss(gamma: float | None) -> float:
+        unet = TINY.unet.model_copy(update={"steps": 1, "batch_size": 32, "snr_gamma": gamma})
+        losses: list[float] = []
+        config = TINY.model_copy(update={"unet": unet})
+        train_unet(latents, token_ids, empty_ids, config, 7, lambda _s, loss: losses.append(loss))
+        return losses[0]
+
+    plain = first_loss(None)
+    assert first_loss(1.0) < 0.9 * plain
+    assert first_loss(1e9) == pytest.approx(plain, rel=1e-6)
+
+
 def build_unet_like(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights the world UNet starts from (its seeded initialisation for seed 7)."""
     from charaforge.models.world_diffusion import build_unet

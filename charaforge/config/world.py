@@ -34,6 +34,11 @@ class WorldUnetConfig(Strict):
     # the text encoder pulls prompts that differ in a small attribute together before the UNet
     # has learnt to draw it (the world CLIP's text tower did the same; see world_clip).
     text_learning_rate: float | None = Field(default=None, ge=0)
+    # Min-SNR-gamma loss weights (as train.min_snr_gamma; None: the plain mean). The world's
+    # attributes are decided at the noisy steps, which the plain loss under-weights: with 5.0 the
+    # oracle read all six prompted attributes right in 55% of 200 generations against 33%
+    # (accessory 0.92 vs 0.69, hair colour 0.73 vs 0.65; same seed, steps and data).
+    snr_gamma: float | None = Field(default=5.0, gt=0)
 
     @field_validator("batch_size")
     @classmethod

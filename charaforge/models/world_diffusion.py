@@ -38,6 +38,7 @@ from charaforge.models.base import (
     save_stand_in,
     set_determinism,
 )
+from charaforge.models.objective import min_snr_weights
 from charaforge.models.world_parallel import (
     Shard,
     average_gradients,
@@ -314,7 +315,12 @@ def train_unet(
         hidden = text_encoder(ids)[0]
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, hidden).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        if settings.snr_gamma is None:
+            loss = torch.nn.functional.mse_loss(prediction, noise)
+        else:
+            per_sample = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+            weights = min_snr_weights(noise_scheduler, timesteps, settings.snr_gamma)
+            loss = (per_sample * weights).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         step_loss = average_gradients(parameters, loss) if shard else loss.item()

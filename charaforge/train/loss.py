@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from charaforge.models.objective import min_snr_weights
+
 
 def noisy_inputs(
     latent_parameters: torch.Tensor,
@@ -36,18 +38,6 @@ def noisy_inputs(
         noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
     timesteps = torch.randint(0, num_train_timesteps, (len(latents),), generator=generator)
     return latents, noise.to(device), timesteps.to(device)
-
-
-def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for noise
-    prediction, min(SNR, gamma) / (SNR + 1) for v-prediction."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
 
 
 def diffusion_loss(
