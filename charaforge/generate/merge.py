@@ -31,6 +31,10 @@ class MergeResult:
     tensors: int  # weights in the single file
     changed_modules: int  # weights the LoRA changed
 
+    @property
+    def paths(self) -> tuple[Path, Path]:
+        return self.checkpoint, self.diffusers_dir
+
 
 def merge_lora(
     base_dir: str | Path, lora: str | Path, out_dir: str | Path, scale: float = 1.0
