@@ -615,6 +615,24 @@ def lora_resize(
     )  # fmt: skip
 
 
+@app.command("lora-merge")
+def lora_merge(
+    lora: Annotated[Path, typer.Argument(help="A LoRA file or checkpoint folder.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the checkpoint + diffusers/.")],
+    scale: Annotated[float, typer.Option(help="The LoRA scale merged in.")] = 1.0,
+    base: Annotated[Path, typer.Option(help="The base model folder.")] = layout.BASE_DIR,
+) -> None:
+    """Merge a LoRA into the base at a scale: a single-file checkpoint and a diffusers folder."""
+    from charaforge.generate.merge import merge_lora  # imported here: cli stays light
+
+    try:
+        result = merge_lora(base, lora, out_dir, scale)
+    except (FileNotFoundError, ValueError, OSError, ConfigError) as error:
+        log.error("%s", error)
+        raise typer.Exit(2) from None
+    log.info("wrote %s and %s (%d weights changed)", *result.paths, result.changed_modules)
+
+
 @app.command()
 def check(
     overrides: Annotated[

@@ -474,3 +474,67 @@ def test_kohya_metadata_names_the_checkpoint_and_carries_a1111s_hashes(tmp_path:
     training_only = len(encoded).to_bytes(8, "little") + encoded + data[8 + length :]
     legacy = hashlib.sha256(training_only[0x100000:0x110000]).hexdigest()[:8]
     assert metadata["sshs_legacy_hash"] == legacy
+
+
+# --- ControlNet at real shapes ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_controlnet_and_lora_run_together_at_real_shapes(family: str) -> None:
+    """A ControlNet in the real configuration (diffusers' `from_unet` of the real UNet, with the
+    (16, 32, 96, 256) conditioning embedding of the SD1.5/SDXL ControlNets; meta device: shapes
+    propagate, nothing is computed), LoRAs attached with the `all` preset and the text encoders
+    on: a 64 px sampling step runs through text encoder (clip skip 2), ControlNet and UNet, and
+    every shape is the real one: 3 conditioning channels at pixel resolution, one residual per
+    UNet down-block output, SDXL's 6 time ids and pooled projection (2816 = 1280 + 6 x 256)."""
+    from diffusers import ControlNetModel
+
+    models = _models(family)
+    train = TrainConfig(
+        batch_size=1, max_steps=1, checkpoint_every=1, target_modules="all",
+        text_encoder_lora=True, cache={"text_encoder_outputs": False},
+        candidates=[{"name": "c", "rank": 4, "alpha": 2, "learning_rate": 1e-4}],
+    )  # fmt: skip
+    attach_lora(models, train.candidates[0], train, seed=0)
+    with torch.device("meta"):
+        controlnet = ControlNetModel.from_unet(
+            models.unet, conditioning_embedding_out_channels=(16, 32, 96, 256),
+            load_weights_from_unet=False,
+        )  # fmt: skip
+    assert controlnet.config.conditioning_channels == 3
+    assert controlnet.controlnet_cond_embedding.conv_in.in_channels == 3
+    batch, latent = 2, 64 // 8
+    tokens = torch.zeros(batch, 77, dtype=torch.long, device="meta")
+    # clip skip 2: the penultimate of 12 hidden layers (hidden_states has 13 entries).
+    hidden = models.text_encoder(tokens, output_hidden_states=True).hidden_states
+    assert len(hidden) == 13
+    context = hidden[-2]
+    extra: dict = {}
+    if family == "sdxl":
+        second = models.text_encoder_2(tokens, output_hidden_states=True)
+        context = torch.cat([context, second.hidden_states[-2]], dim=-1)
+        assert second.text_embeds.shape == (batch, 1280)
+        time_ids = torch.empty(batch, 6, device="meta")  # size, crop, target size
+        extra = {"added_cond_kwargs": {"text_embeds": second.text_embeds, "time_ids": time_ids}}
+        assert models.unet.add_embedding.linear_1.in_features == 1280 + 6 * 256
+    assert context.shape == (batch, 77, models.unet.config.cross_attention_dim)
+    sample = torch.empty(batch, 4, latent, latent, device="meta")
+    steps = torch.full((batch,), 10, device="meta")
+    down, mid = controlnet(
+        sample, steps, encoder_hidden_states=context,
+        controlnet_cond=torch.empty(batch, 3, 64, 64, device="meta"), return_dict=False, **extra,
+    )  # fmt: skip
+    channels = models.unet.config.block_out_channels
+    layers = models.unet.config.layers_per_block
+    # conv_in, then per down block its resnets and (but the last) its down-sampler.
+    expected = [channels[0]]
+    for index, width in enumerate(channels):
+        expected += [width] * layers + ([width] if index < len(channels) - 1 else [])
+    assert [residual.shape[1] for residual in down] == expected
+    assert mid.shape[:2] == (batch, channels[-1])
+    out = models.unet(
+        sample, steps, encoder_hidden_states=context, down_block_additional_residuals=down,
+        mid_block_additional_residual=mid, return_dict=False, **extra,
+    )[0]  # fmt: skip
+    assert out.shape == sample.shape

@@ -143,6 +143,11 @@ NOISY_RUN = textwrap.dedent(
     with PoseDetector(config) as detector:
         found = detector.detect(Image.fromarray(data.astronaut())).has_person
         os.write(2, b"E0000 00:00:1.0  7 real.cc:1] a native error stays\\n")
+    from charaforge.models.face import MediaPipeFaceDetector  # its Face Mesh graph writes too
+
+    mesh = MediaPipeFaceDetector(0.5)
+    mesh.detect(np.ascontiguousarray(data.astronaut()))
+    mesh.close()
     logging.getLogger("charaforge").info("person found: %s", found)
     open_clip.create_model("ViT-B-32", pretrained=None)
     bitsandbytes.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(8))]).step()

@@ -46,7 +46,7 @@ from charaforge.generate.consistent import (
 )
 from charaforge.generate.devices import apply_memory, check_memory_mode, resolve_device
 from charaforge.generate.ip_adapter import image_prompt_arguments, load_for_engine
-from charaforge.generate.loras import LoadedLora, describe_lora, lora_file
+from charaforge.generate.loras import LoadedLora, describe_lora, load_peft_only_adapter, lora_file
 from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
 from charaforge.models.base import (
@@ -153,7 +153,8 @@ class GenerationEngine:
         with warnings.catch_warnings():
             # peft warns whenever a second adapter joins the first: that is the point here.
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            self.pipeline.load_lora_weights(str(file), adapter_name=name)
+            if not load_peft_only_adapter(self.pipeline, name, file):  # LoHa, LoKr
+                self.pipeline.load_lora_weights(str(file), adapter_name=name)
         loaded = describe_lora(name, file, tuple(trigger_words))
         self.loras[name] = loaded
         log.debug("loaded LoRA %s from %s", name, file)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from charaforge.core.files import sha256_file
 from charaforge.core.layout import LORA_WEIGHTS
+from charaforge.models.lora_files import TEXT_MODEL_LEVEL
+
+# peft adapter types that diffusers' LoRA loader cannot read; the engine loads them through peft.
+PEFT_ONLY_TYPES = ("LOHA", "LOKR")
+LYCORIS_KEYS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a")
 
 
 def adapter_name(text: str) -> str:
@@ -75,6 +82,68 @@ def describe_lora(name: str, file: str | Path, trigger_words: tuple[str, ...] = 
         trigger_words=tuple(trigger_words),
         a1111_name=a1111_file.stem,
     )
+
+
+def peft_only_configs(file: str | Path) -> dict[str, dict[str, Any]] | None:
+    """Per component, the peft config a diffusers-layout file stores (as our exporter and
+    diffusers' `save_lora_weights` write it) when its adapter is LoHa or LoKr; None otherwise.
+
+    A LyCORIS kohya file (`hada_*` / `lokr_*` keys) is refused: it is for A1111 and ComfyUI,
+    and its checkpoint folder holds the peft file the engine loads.
+    """
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        metadata = handle.metadata() or {}
+        names = handle.keys()  # a safetensors handle is not iterable
+    lycoris = any(key.endswith(LYCORIS_KEYS) for key in names)
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}")).items():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    if any(config.get("peft_type") in PEFT_ONLY_TYPES for config in configs.values()):
+        return configs
+    if lycoris:
+        raise ValueError(
+            f"{Path(file).name}: a LyCORIS (LoHa/LoKr) file in kohya naming; load its checkpoint "
+            f"folder (or its {LORA_WEIGHTS}) instead"
+        )
+    return None
+
+
+def load_peft_only_adapter(pipeline: Any, name: str, file: str | Path) -> bool:
+    """Load a LoHa/LoKr file as adapter `name` through peft (False: not such a file).
+
+    Each component gets peft's own config from the file and the saved weights, so diffusers'
+    `set_adapters`, `disable_lora`, `delete_adapters` and `fuse_lora` treat it as any LoRA.
+    """
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    configs = peft_only_configs(file)
+    if configs is None:
+        return False
+    tensors = load_file(str(file))
+    for component, fields in configs.items():
+        model = getattr(pipeline, component)
+        model.add_adapter(PeftConfig.from_peft_type(**fields), adapter_name=name)
+        # Text-encoder keys carry CLIP's `text_model` level (the standard layout); a flattened
+        # transformers CLIPTextModel has none.
+        level = f"{TEXT_MODEL_LEVEL}." if not hasattr(model, TEXT_MODEL_LEVEL) else None
+        state = {}
+        for key, tensor in tensors.items():
+            owner, _, module_key = key.partition(".")
+            if owner == component:
+                if level and module_key.startswith(level):
+                    module_key = module_key[len(level) :]
+                state[module_key] = tensor
+        result = set_peft_model_state_dict(model, state, adapter_name=name)
+        if result.unexpected_keys:
+            raise ValueError(f"{Path(file).name}: {component} has no module for "
+                             f"{result.unexpected_keys[0]}")  # fmt: skip
+    return True
 
 
 def lora_file(path: str | Path) -> Path:

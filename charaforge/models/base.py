@@ -274,7 +274,11 @@ def build_stand_in_sdxl(seed: int, resolution: int) -> Any:
 
 def save_stand_in(pipeline: Any, out_dir: str | Path) -> None:
     """Save in the diffusers layout, plus vocab.json/merges.txt as SD1.5 repositories carry them."""
+    from transformers.utils import logging as transformers_logging
+
     out_dir = Path(out_dir)
+    # transformers 5 shows a "Writing model shards" bar for a one-shard text encoder: noise.
+    transformers_logging.disable_progress_bar()
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     vocab, merges = clip_vocabulary()
     lines = ["#version: 0.2", *(" ".join(merge) for merge in merges)]

@@ -29,6 +29,7 @@ from PIL import Image
 
 from charaforge.config import FaceConfig
 from charaforge.core.files import find_local_file, sha256_bytes, sha256_file
+from charaforge.core.logs import NativeNoiseFilter
 from charaforge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class MediaPipeFaceDetector:
     def __init__(self, min_confidence: float, max_faces: int = 4) -> None:
         import mediapipe as mp
 
+        # Its C++ graph writes start-up notes (XNNPACK, feedback tensors, NORM_RECT) to fd 2
+        # from its own threads, as the pose graph does: filtered until the mesh is closed.
+        self._quiet = NativeNoiseFilter().open()
         self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=True,
             max_num_faces=max_faces,
@@ -79,6 +83,7 @@ class MediaPipeFaceDetector:
 
     def close(self) -> None:
         self._mesh.close()
+        self._quiet.close()
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         height, width = rgb.shape[:2]
