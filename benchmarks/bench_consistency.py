@@ -117,6 +117,8 @@ def main() -> None:
             anchors = [True] + [False] * args.frames
             consistency = group_consistency(embeddings, ["g"] * len(images), anchors)
             scores[method] += [float(value) for value in consistency[1:]]
+        running = ", ".join(f"{m} {np.mean(v):.4f}" for m, v in scores.items())
+        print(f"after group {group + 1}: {running}", file=sys.stderr, flush=True)
     print(f"model: {engine.model_name}; CLIP: {'world' if args.clip else 'stand-in'}")
     print(f"{args.groups} groups x {args.frames} frames, {args.steps} steps")
     print(f"{'method':<20}{'consistency':>12}{'diff':>10}{'95% CI':>22}")

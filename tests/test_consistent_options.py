@@ -103,15 +103,11 @@ def test_group_tokens_add_sampled_tokens_of_the_earlier_frames() -> None:
     # Reproducible, and drawn afresh per step.
     _, _, again = _run_layer(0.5, images)
     assert torch.equal(again[2], half[2])
-    first = half_state.group_samples("up_blocks.0.attn1", 6)
-    half_state.step += 1
-    assert (
-        not all(
-            torch.equal(a[1], b[1])
-            for a, b in zip(first, half_state.group_samples("up_blocks.0.attn1", 6), strict=True)
-        )
-        or len(first[0][1]) == 6
-    )
+    drawn = []
+    for step in range(6):
+        half_state.step = step
+        drawn.append(tuple(half_state.group_samples("up_blocks.0.attn1", 6)[0][1].tolist()))
+    assert len(set(drawn)) > 1 and all(len(sample) == 3 for sample in drawn)
 
 
 @pytest.fixture(scope="module")
