@@ -56,6 +56,10 @@ VARIANTS: dict[str, dict | None] = {
     "background_strength_3": {"share_background": True, "strength": 3.0},
     "early_half": {"window": (0.0, 0.5)},
     "background_group": {"share_background": True, "group_tokens": 0.5},
+    "up_strength_3": {"blocks": "up", "strength": 3.0},
+    "up_background": {"blocks": "up", "share_background": True},
+    "late_half": {"window": (0.5, 1.0)},
+    "strength_0.3": {"strength": 0.3},
 }
 
 
