@@ -6,8 +6,8 @@ generate.controls makes from the person's ingested photo (`<ingest>/images/<imag
 types are a sweep axis: the same prompts and seeds render once per type, the index's
 `control_type` column tells them apart, and the score stage scores them all the same way (pose
 fidelity against the person's keypoints, CLIP, identity), so the report compares them.
-The maps are written under the sweep's `controls/` folder, so a user sees what conditioned
-each image.
+The maps made from photos are written under the sweep's `controls/` folder, so a user sees what
+conditioned each image.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def pose_conditions(
 def condition_maps(
     conditions: list[PoseCondition], eval: EvalConfig, out_dir: Path
 ) -> dict[PoseCondition, Image.Image]:
-    """Each condition's control map (RGB), written to `out_dir/controls/<id>-<type>.png`."""
+    """Each condition's control map (RGB); those made from photos are written to
+    `out_dir/controls/<id>-<type>.png`."""
     preprocessor = ControlPreprocessor(eval.pose.depth_model)
     maps = {}
     for condition in dict.fromkeys(conditions):
@@ -92,6 +93,7 @@ def condition_maps(
             assert condition.photo is not None  # pose_conditions checked it
             with Image.open(condition.photo) as photo:
                 maps[condition] = preprocessor(condition.control_type, photo.convert("RGB"))
-        name = f"{condition.image_id}-{condition.control_type}.png"
-        write_png(out_dir / CONTROL_DIR / name, maps[condition])
+            # The openpose map is the pose stage's skeleton, already saved there.
+            name = f"{condition.image_id}-{condition.control_type}.png"
+            write_png(out_dir / CONTROL_DIR / name, maps[condition])
     return maps
