@@ -146,11 +146,7 @@ def test_a_control_type_axis_conditions_each_person_through_each_type(
     expected = cv2.Canny(gray, 100, 200)
     with Image.open(out / "controls" / f"{PERSON}-canny.png") as saved:
         assert np.array_equal(np.asarray(saved)[..., 0], expected)
-    with (
-        Image.open(out / "controls" / f"{PERSON}-openpose.png") as saved,
-        Image.open(workspace / "pose" / "skeletons" / f"{PERSON}.png") as skeleton,
-    ):
-        assert np.array_equal(np.asarray(saved), np.asarray(skeleton.convert("RGB")))
+    assert not (out / "controls" / f"{PERSON}-openpose.png").exists()  # the pose stage's
     record = read_sidecar(Path(posed.loc["canny", "image_path"]))
     assert record["conditioning"]["control_type"] == "canny"
 
