@@ -208,7 +208,7 @@ def test_axis_options_are_checked(workspace: Path, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="each method once"):
         SuiteConfig(file="s.txt", method=["independent", "independent"])
     with pytest.raises(ValidationError, match="window"):
-        SuiteConfig(file="s.txt", window=(0.5, 0.5))
+        SuiteConfig(file="s.txt", window=[0.5, 0.5])
     with pytest.raises(ValidationError, match="control_types"):
         EvalConfig(
             prompts=["x"], seeds=[0], lora_scales=[0.0], steps=1, guidance_scale=1,

@@ -229,7 +229,7 @@ class SuiteConfig(Strict):
     group_tokens: float = Field(default=0.0, ge=0.0, le=1.0)
     strength: float = Field(default=1.0, gt=0.0, le=10.0)
     blocks: Literal["all", "up"] = "all"
-    window: tuple[float, float] = (0.0, 1.0)
+    window: list[float] = Field(default=[0.0, 1.0], min_length=2, max_length=2)
     # Write each image's character mask as an overlay under the sweep's masks/ folder.
     save_masks: bool = False
 
@@ -242,7 +242,7 @@ class SuiteConfig(Strict):
 
     @field_validator("window")
     @classmethod
-    def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
+    def _window(cls, value: list[float]) -> list[float]:
         if not 0.0 <= value[0] < value[1] <= 1.0:
             raise ValueError(f"window {list(value)}: need 0 <= start < end <= 1")
         return value

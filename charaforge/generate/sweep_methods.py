@@ -135,7 +135,7 @@ def _consistency(job: Any, jobs: list[Any], eval: EvalConfig) -> Consistency | N
         group_tokens=suite.group_tokens,
         strength=suite.strength,
         blocks=suite.blocks,
-        window=suite.window,
+        window=(float(suite.window[0]), float(suite.window[1])),
     )
 
 
