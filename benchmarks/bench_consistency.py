@@ -2,8 +2,10 @@
 
 For each of `--groups` characters (a random world character per group: hair, outfit,
 accessory) a group of one identity shot and `--frames` frames on other backgrounds is rendered
-three ways: independently (every image alone), with shared attention on the character (frames
-attend to the identity shot's character tokens), and with the background shared too. The score
+several ways (VARIANTS): independently (every image alone), with shared attention on the
+character (frames attend to the identity shot's character tokens), with the background shared
+too, and with the shared-attention options (StoryDiffusion's sampled group tokens, up blocks
+only, a strength on the shared tokens, a window over the steps; `--variants` picks). The score
 is the project's consistency score (evaluate.groups.group_consistency: CLIP cosine of each frame
 with its group's identity shot), averaged over frames, with the paired difference to the
 independent renders and its 95% bootstrap interval.
@@ -43,19 +45,37 @@ def character_text(rng: random.Random) -> str:
     return ", ".join(tags + ([accessory] if accessory != "none" else []))
 
 
+# Variant name -> the Consistency options of its frames (None: independent renders).
+VARIANTS: dict[str, dict | None] = {
+    "independent": None,
+    "shared_character": {},
+    "shared_background": {"share_background": True},
+    "group_tokens": {"group_tokens": 0.5},
+    "up_blocks": {"blocks": "up"},
+    "strength_3": {"strength": 3.0},
+    "background_strength_3": {"share_background": True, "strength": 3.0},
+    "early_half": {"window": (0.0, 0.5)},
+    "background_group": {"share_background": True, "group_tokens": 0.5},
+    "up_strength_3": {"blocks": "up", "strength": 3.0},
+    "up_background": {"blocks": "up", "share_background": True},
+    "late_half": {"window": (0.5, 1.0)},
+    "strength_0.3": {"strength": 0.3},
+}
+
+
 def group_requests(
-    character: str, backgrounds: list[str], seeds: list[int], method: str, render: dict
+    character: str, backgrounds: list[str], seeds: list[int], options: dict | None, render: dict
 ) -> list[RenderRequest]:
     prompts = [f"{character}, {background} background" for background in backgrounds]
     requests = []
     for position, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
         consistency = None
-        if method != "independent":
+        if options is not None:
             consistency = Consistency(
                 character,
                 identity_prompt=None if position == 0 else prompts[0],
                 identity_seed=None if position == 0 else seeds[0],
-                share_background=method == "shared_background",
+                **options,
             )
         requests.append(RenderRequest(prompt=prompt, seed=seed, consistency=consistency, **render))
     return requests
@@ -77,6 +97,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--scheduler", default="dpmpp_2m")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = GenerationEngine(args.base, scheduler=args.scheduler)
@@ -85,7 +106,7 @@ def main() -> None:
     else:
         clip = load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
     render = {"steps": args.steps, "guidance_scale": args.guidance}
-    methods = ("independent", "shared_character", "shared_background")
+    methods = ["independent", *(v for v in args.variants.split(",") if v != "independent")]
     rng = random.Random(0)
     scores: dict[str, list[float]] = {method: [] for method in methods}
     for group in range(args.groups):
@@ -94,12 +115,14 @@ def main() -> None:
         seeds = [1000 * group + k for k in range(args.frames + 1)]
         for method in methods:
             images = engine.render_batch(
-                group_requests(character, backgrounds, seeds, method, render)
+                group_requests(character, backgrounds, seeds, VARIANTS[method], render)
             )
             embeddings = clip.embed_images(images)
             anchors = [True] + [False] * args.frames
             consistency = group_consistency(embeddings, ["g"] * len(images), anchors)
             scores[method] += [float(value) for value in consistency[1:]]
+        running = ", ".join(f"{m} {np.mean(v):.4f}" for m, v in scores.items())
+        print(f"after group {group + 1}: {running}", file=sys.stderr, flush=True)
     print(f"model: {engine.model_name}; CLIP: {'world' if args.clip else 'stand-in'}")
     print(f"{args.groups} groups x {args.frames} frames, {args.steps} steps")
     print(f"{'method':<20}{'consistency':>12}{'diff':>10}{'95% CI':>22}")

@@ -44,6 +44,8 @@ def body(ctx: StageContext) -> None:
         seed=params.seed,
         out_dir=layout.GENERATE_DIR,
         pose_dir=layout.POSE_DIR if params.eval.pose.enabled else None,
+        # The photos the control-type axis makes its maps from (eval.pose.control_types).
+        ingest_dir=layout.INGEST_DIR if params.eval.pose.enabled else None,
         work_dir=layout.GENERATE_WORK_DIR,
         executor=executor,
     )

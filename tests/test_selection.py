@@ -211,6 +211,7 @@ def test_both_pages_have_one_block_per_section() -> None:
         "champion_card",
         "dataset",
         "provenance",
+        "axes",  # suite methods and control types side by side (selection.axes)
     }
     # Markdown splits the wide ranking: the full table is its own section further down.
     assert set(markdown.blocks) == shared | {"all_metrics"}

@@ -201,6 +201,9 @@ class PoseConfig(Strict):
     min_visibility: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
+SuiteMethod = Literal["independent", "shared_attention", "ip_adapter"]
+
+
 class SuiteConfig(Strict):
     """A CharaConsist prompt suite (`background#character#action` lines, blank-line groups)."""
 
@@ -211,27 +214,43 @@ class SuiteConfig(Strict):
     # How a group's frames keep the character (generate.sweep_methods): `independent` (every
     # image alone), `shared_attention` (each group in one batch, the frames attending to the
     # identity shot's character tokens) or `ip_adapter` (the identity shot's image as the frames'
-    # IP-Adapter reference, at `ip_adapter_scale`).
-    method: Literal["independent", "shared_attention", "ip_adapter"] = "independent"
+    # IP-Adapter reference, at `ip_adapter_scale`). A list is a sweep axis: the suite is rendered
+    # once per method with the same prompts and seeds (paired), the index's `method` column
+    # telling them apart and the report comparing them.
+    method: SuiteMethod | list[SuiteMethod] = "independent"
     ip_adapter_scale: float = Field(default=0.6, ge=0.0, le=2.0)
     # Fixed-background mode: the frames share the identity shot's background tokens too.
     share_background: bool = False
     # The character mask: normalised cross-attention of the character span above this.
     mask_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Shared-attention options (generate.request.Consistency): StoryDiffusion's sampled group
+    # tokens (share of each earlier frame's character tokens), the weight of the shared tokens,
+    # the blocks that share (all or up) and the share of the steps that share.
+    group_tokens: float = Field(default=0.0, ge=0.0, le=1.0)
+    strength: float = Field(default=1.0, gt=0.0, le=10.0)
+    blocks: Literal["all", "up"] = "all"
+    window: list[float] = Field(default=[0.0, 1.0], min_length=2, max_length=2)
     # Write each image's character mask as an overlay under the sweep's masks/ folder.
     save_masks: bool = False
 
+    @field_validator("method")
+    @classmethod
+    def _methods_once(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("a method list names each method once (and at least one)")
+        return value
 
-class PoseEvalConfig(Strict):
-    """Pose conditions: OpenPose skeletons of the pose stage through a ControlNet."""
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: list[float]) -> list[float]:
+        if not 0.0 <= value[0] < value[1] <= 1.0:
+            raise ValueError(f"window {list(value)}: need 0 <= start < end <= 1")
+        return value
 
-    enabled: bool = False
-    # How many skeletons (people found by the pose stage, in image_id order) condition images.
-    skeletons: int = Field(default=1, ge=1)
-    # Which eval.prompts (by position) and eval.seeds entries are rendered with each skeleton.
-    prompt_indices: list[int] = Field(default=[0], min_length=1)
-    seeds: list[int] = Field(default=[0], min_length=1)
-    conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0)
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods the suite is rendered with (one, or the axis)."""
+        return tuple(self.method) if isinstance(self.method, list) else (self.method,)
 
 
 # Every ControlNet type the engine conditions on (generate.controls makes each map from a photo).
@@ -246,6 +265,33 @@ CONTROL_TYPES = (
     "segmentation",
 )
 ControlType = Literal[CONTROL_TYPES]  # type: ignore[valid-type]
+
+
+class PoseEvalConfig(Strict):
+    """Pose conditions: OpenPose skeletons of the pose stage through a ControlNet."""
+
+    enabled: bool = False
+    # How many skeletons (people found by the pose stage, in image_id order) condition images.
+    skeletons: int = Field(default=1, ge=1)
+    # Which eval.prompts (by position) and eval.seeds entries are rendered with each skeleton.
+    prompt_indices: list[int] = Field(default=[0], min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0)
+    # The control types axis: each skeleton's person also conditions through these ControlNets,
+    # their maps made from the person's ingested photo (generate.controls; openpose is the pose
+    # stage's skeleton), so the report compares control types with the same scorers.
+    control_types: list[ControlType] = Field(default=["openpose"], min_length=1)
+    # A local transformers depth-estimation model for the depth and normal maps (null: the
+    # stand-in, whose depth means nothing).
+    depth_model: str | None = None
+
+    @field_validator("control_types")
+    @classmethod
+    def _types_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("control_types names each type once")
+        return value
+
 
 # `{name}` in an eval prompt; the sweep fills in these names.
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")

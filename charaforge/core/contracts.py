@@ -19,7 +19,14 @@ SWEEP_INDEX_COLUMNS = (
     "seed",
 )
 # ... then these, which say how an image was conditioned (empty when it was not).
-SWEEP_CONDITION_COLUMNS = ("suite", "prompt_group", "identity_shot", "pose_image_id")
+SWEEP_CONDITION_COLUMNS = (
+    "suite",
+    "prompt_group",
+    "identity_shot",
+    "pose_image_id",
+    "control_type",  # the ControlNet type of a pose-conditioned image (the control-type axis)
+    "method",  # how a suite group kept its character: independent, shared_attention, ip_adapter
+)
 
 # The tag frequency table (tag/tag_frequency.csv and the dataset card).
 FREQUENCY_COLUMNS = ["tag", "count", "fraction"]

@@ -32,20 +32,23 @@ def prompt_groups(index: pd.DataFrame) -> list[str]:
 
 
 def suite_groups(index: pd.DataFrame) -> tuple[list[str | None], list[bool]]:
-    """Per row, its (candidate, step, scale, suite group) key or None, and whether it is the
-    group's identity shot (engine columns `suite`, `prompt_group`, `identity_shot`)."""
+    """Per row, its (candidate, step, scale, suite group, method) key or None, and whether it
+    is the group's identity shot (engine columns `suite`, `prompt_group`, `identity_shot`,
+    `method`: each method of a suite's method axis is a group of its own)."""
     if "prompt_group" not in index.columns or "identity_shot" not in index.columns:
         return [None] * len(index), [False] * len(index)
     suites = index["suite"] if "suite" in index.columns else pd.Series("", index=index.index)
+    methods = index["method"] if "method" in index.columns else pd.Series("", index=index.index)
     keys: list[str | None] = []
-    for candidate, step, scale, suite, group in zip(
+    for candidate, step, scale, suite, group, method in zip(
         index["candidate"], index["step"], index["lora_scale"], suites, index["prompt_group"],
-        strict=True,
+        methods, strict=True,
     ):  # fmt: skip
         if pd.isna(group):
             keys.append(None)
         else:
-            keys.append(f"{candidate}|{int(step)}|{float(scale):g}|{suite}|{int(group)}")
+            method = "" if pd.isna(method) else f"|{method}"
+            keys.append(f"{candidate}|{int(step)}|{float(scale):g}|{suite}|{int(group)}{method}")
     anchors = [bool(value) if not pd.isna(value) else False for value in index["identity_shot"]]
     return keys, anchors
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,8 +134,16 @@ class SharedAttention:
     latent_hw: tuple[int, int]
     share_background: bool = False
     mask_threshold: float = 0.5
+    group_tokens: float = 0.0
+    strength: float = 1.0
+    blocks: str = "all"
+    window: tuple[float, float] = (0.0, 1.0)
+    steps: int = 1
+    seed: int = 0
     current: int = -1
-    bank: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int = -1  # the sampling step now running (counted at the identity shot's calls)
+    # (layer, image) -> that image's normalised hidden states at the layer, this step.
+    bank: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     maps: list[list[torch.Tensor]] = field(default_factory=list)
     latest: list[torch.Tensor | None] = field(default_factory=list)
     attended: list[int] = field(default_factory=list)
@@ -153,6 +162,8 @@ class SharedAttention:
         """Called before image `index`'s UNet call: the image that just ran has complete maps."""
         self._finish_current()
         self.current = index
+        if index == 0:
+            self.step += 1
 
     def finish(self) -> None:
         self._finish_current()
@@ -171,23 +182,59 @@ class SharedAttention:
             for map_ in self.latest
         ]
 
+    def sharing_at(self, name: str) -> bool:
+        """Whether the layer `name` shares at the step now running (blocks and window)."""
+        if self.blocks == "up" and not name.startswith("up_blocks"):
+            return False
+        start, end = self.window
+        position = max(self.step, 0)
+        return start * self.steps <= position < end * self.steps
+
     def shared_for(self, tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """For the current frame at a layer of `tokens` tokens: the identity token indices to
         share (None: none) and which of the frame's queries may see them (None: all)."""
+        shared = self.source_tokens(0, tokens)
+        if shared is None:
+            return None, None
         if self.share_background:
-            return torch.arange(tokens), None
-        identity_map = self.latest[0]
-        if identity_map is None:
-            return None, None
-        shared = mask_at(identity_map, tokens, self.mask_threshold).nonzero().flatten()
-        if shared.numel() == 0:
-            return None, None
+            return shared, None
         own = self.latest[self.current]
         # Before the frame's own first map exists (its first step), every query may look.
         allowed = None if own is None else mask_at(own, tokens, self.mask_threshold)
         if allowed is not None and not bool(allowed.any()):
             return None, None
         return shared, allowed
+
+    def source_tokens(self, image: int, tokens: int) -> torch.Tensor | None:
+        """The token indices image `image` offers to share: all (fixed background) or its
+        character mask's; None when there are none."""
+        if self.share_background:
+            return torch.arange(tokens)
+        map_ = self.latest[image]
+        if map_ is None:
+            return None
+        shared = mask_at(map_, tokens, self.mask_threshold).nonzero().flatten()
+        return shared if shared.numel() else None
+
+    def group_samples(self, name: str, tokens: int) -> list[tuple[int, torch.Tensor]]:
+        """StoryDiffusion's sampled group tokens for the current frame at layer `name`: a
+        `group_tokens` share of each earlier frame's offered tokens, drawn by a generator seeded
+        from (seed, layer, frame, source, step), so a render is reproducible."""
+        if self.group_tokens <= 0.0:
+            return []
+        samples = []
+        for source in range(1, self.current):
+            offered = self.source_tokens(source, tokens)
+            if offered is None or (name, source) not in self.bank:
+                continue
+            count = round(self.group_tokens * offered.numel())
+            if count == 0:
+                continue
+            key = f"{self.seed}|{name}|{self.current}|{source}|{self.step}".encode()
+            generator = torch.Generator().manual_seed(zlib.crc32(key))
+            chosen = torch.randperm(offered.numel(), generator=generator)[:count]
+            samples.append((source, offered[chosen.sort().values]))
+        return samples
 
 
 class SharedSelfAttention:
@@ -207,10 +254,12 @@ class SharedSelfAttention:
     ) -> torch.Tensor:
         state = self.state
         plain = (hidden_states, encoder_hidden_states, attention_mask, temb)
+        if state.current == 0 or (state.group_tokens > 0 and state.current > 0):
+            # Only the identity's tokens are needed, unless later frames sample earlier ones.
+            state.bank[(self.name, state.current)] = hidden_states
         if state.current == 0:
-            state.bank[self.name] = hidden_states
             return self.original(attn, *plain, **kwargs)
-        identity = state.bank.get(self.name)
+        identity = state.bank.get((self.name, 0))
         usable = (
             identity is not None
             and hidden_states.dim() == 3
@@ -219,19 +268,32 @@ class SharedSelfAttention:
             and attn.spatial_norm is None
             and attn.group_norm is None
             and identity.shape == hidden_states.shape
+            and state.sharing_at(self.name)
         )
-        shared, allowed = state.shared_for(hidden_states.shape[1]) if usable else (None, None)
+        tokens = hidden_states.shape[1]
+        shared, allowed = state.shared_for(tokens) if usable else (None, None)
         if shared is None:
             return self.original(attn, *plain, **kwargs)
-        state.attended[state.current] += int(shared.numel()) * hidden_states.shape[0]
-        return _attend_with(attn, hidden_states, identity[:, shared], allowed)
+        extras = [identity[:, shared]]
+        extras += [
+            state.bank[(self.name, j)][:, picked]
+            for j, picked in state.group_samples(self.name, tokens)
+        ]
+        extra = torch.cat(extras, dim=1)
+        state.attended[state.current] += int(extra.shape[1]) * hidden_states.shape[0]
+        return _attend_with(attn, hidden_states, extra, allowed, state.strength)
 
 
 def _attend_with(
-    attn: Any, hidden_states: torch.Tensor, extra: torch.Tensor, allowed: torch.Tensor | None
+    attn: Any,
+    hidden_states: torch.Tensor,
+    extra: torch.Tensor,
+    allowed: torch.Tensor | None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """AttnProcessor2_0's computation with `extra` tokens appended to the keys and values;
-    `allowed` (per query) says which queries may attend to them."""
+    `allowed` (per query) says which queries may attend to them, `strength` weighs them (a
+    log(strength) bias on their logits: the softmax weight of each shared token times strength)."""
     rows, length, _ = hidden_states.shape
     residual = hidden_states
     context = torch.cat([hidden_states, extra], dim=1)
@@ -249,6 +311,13 @@ def _attend_with(
         own = torch.ones(length, length, dtype=torch.bool, device=query.device)
         outside = allowed.to(query.device)[:, None].expand(length, extra.shape[1])
         mask = torch.cat([own, outside], dim=1)[None, None]
+    if strength != 1.0:
+        # A float mask: 0 on the frame's own keys, log(strength) on the shared ones it may see.
+        bias = torch.zeros(length, length + extra.shape[1], dtype=query.dtype, device=query.device)
+        bias[:, length:] = math.log(strength)
+        if mask is not None:
+            bias = bias.masked_fill(~mask[0, 0], float("-inf"))
+        mask = bias[None, None]
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0)
     output = output.transpose(1, 2).reshape(rows, -1, attn.heads * head_dim).to(query.dtype)
     output = attn.to_out[1](attn.to_out[0](output))
@@ -295,6 +364,7 @@ def group_state(
     requests: Sequence[tuple[str, int, Consistency | None]],
     prompts: Sequence[str],
     latent_hw: tuple[int, int],
+    steps: int = 1,
 ) -> SharedAttention | None:
     """The state of a batch given as (prompt, seed, consistency) per request, `prompts` the
     final prompts (triggers added): None for a plain batch; the first request must be the
@@ -315,7 +385,10 @@ def group_state(
                 "prompt and seed)"
             )
         if part.settings() != parts[0].settings():
-            raise ValueError("a consistent batch shares share_background and mask_threshold")
+            raise ValueError(
+                "a consistent batch shares its consistency options (all but the "
+                "character and the identity)"
+            )
     return SharedAttention(
         token_indices=[
             character_token_indices(tokenizer, prompt, part.character)
@@ -324,6 +397,12 @@ def group_state(
         latent_hw=latent_hw,
         share_background=parts[0].share_background,
         mask_threshold=parts[0].mask_threshold,
+        group_tokens=parts[0].group_tokens,
+        strength=parts[0].strength,
+        blocks=parts[0].blocks,
+        window=(float(parts[0].window[0]), float(parts[0].window[1])),
+        steps=steps,
+        seed=int(requests[0][1]),
     )
 
 

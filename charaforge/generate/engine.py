@@ -300,6 +300,7 @@ class GenerationEngine:
             [(request.prompt, request.seed, request.consistency) for request in requests],
             [item["prompt"] for item in params],
             (first["height"] // scale, first["width"] // scale),
+            first["steps"],
         )
         if self.step_callback is not None:
             extra["callback_on_step_end"] = self._step_end(self.step_callback)

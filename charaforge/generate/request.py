@@ -52,12 +52,30 @@ class Consistency:
     identity_seed: int | None = None
     share_background: bool = False
     mask_threshold: float = 0.5
+    # StoryDiffusion's group tokens: besides the identity shot's, a frame attends to this share
+    # of each earlier frame's (character) tokens, sampled afresh per layer and step. 0: none.
+    group_tokens: float = 0.0
+    # The weight of the shared tokens in the frame's attention (a log(strength) logit bias).
+    strength: float = 1.0
+    # Where sharing applies: every transformer block, or the up (decoder) blocks only.
+    blocks: Literal["all", "up"] = "all"
+    # The share of the sampling steps (start, end) during which the frames share.
+    window: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         if not self.character.strip():
             raise ValueError("consistency.character must name the character text of the prompt")
         if not 0.0 <= self.mask_threshold <= 1.0:
             raise ValueError(f"consistency.mask_threshold must be in [0, 1]: {self.mask_threshold}")
+        if not 0.0 <= self.group_tokens <= 1.0:
+            raise ValueError(f"consistency.group_tokens must be in [0, 1]: {self.group_tokens}")
+        if not 0.0 < self.strength <= 10.0:
+            raise ValueError(f"consistency.strength must be in (0, 10]: {self.strength}")
+        if self.blocks not in ("all", "up"):
+            raise ValueError(f"consistency.blocks must be 'all' or 'up': {self.blocks!r}")
+        start, end = (float(value) for value in self.window)
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"consistency.window must be 0 <= start < end <= 1: {self.window}")
         if (self.identity_prompt is None) != (self.identity_seed is None):
             raise ValueError("a frame names both identity_prompt and identity_seed (or neither)")
 
@@ -65,9 +83,16 @@ class Consistency:
     def is_identity(self) -> bool:
         return self.identity_prompt is None
 
-    def settings(self) -> tuple[bool, float]:
+    def settings(self) -> tuple:
         """What every image of one group must agree on."""
-        return (self.share_background, float(self.mask_threshold))
+        return (
+            self.share_background,
+            float(self.mask_threshold),
+            float(self.group_tokens),
+            float(self.strength),
+            self.blocks,
+            tuple(float(value) for value in self.window),
+        )
 
     def record(self) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -75,6 +100,14 @@ class Consistency:
             "share_background": self.share_background,
             "mask_threshold": float(self.mask_threshold),
         }
+        # The later options only when set, so the sidecars of earlier renders stay valid.
+        defaults = {"group_tokens": 0.0, "strength": 1.0, "blocks": "all", "window": (0.0, 1.0)}
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if name == "window":
+                value = tuple(float(part) for part in value)
+            if value != default:
+                record[name] = list(value) if name == "window" else value
         if not self.is_identity:
             record["identity"] = {"prompt": self.identity_prompt, "seed": int(self.identity_seed)}
         return record

@@ -1,8 +1,11 @@
-"""The evaluation sweep: candidates x checkpoints x LoRA scales x prompts x seeds (x poses).
+"""The evaluation sweep: candidates x checkpoints x LoRA scales x prompts x seeds (x poses x
+control types, x suite methods).
 
 Prompts are `eval.prompts` plus the CharaConsist suites (`eval.suites`), numbered together by
 `prompt_index`. Pose conditions render chosen prompts once more through a ControlNet reading a
-skeleton of the pose stage. Scale 0 is the base model whatever the LoRA, so it is rendered once,
+skeleton of the pose stage (and, per `eval.pose.control_types`, through other ControlNets
+reading maps of the person's photo: generate.sweep_controls). A suite whose `method` is a list
+renders once per method. Scale 0 is the base model whatever the LoRA, so it is rendered once,
 as candidate `base` at step 0. Every candidate uses the same generator seed for a given (prompt,
 sample), so images differ only by the LoRA: the comparison is paired.
 
@@ -33,11 +36,12 @@ from charaforge.core import layout
 from charaforge.core.contracts import SWEEP_CONDITION_COLUMNS, SWEEP_INDEX_COLUMNS
 from charaforge.core.files import derive_seed, sha256_file, write_parquet, write_png
 from charaforge.core.layout import BASE_CANDIDATE, checkpoint_path
-from charaforge.errors import ConfigError, MissingInputError
+from charaforge.errors import MissingInputError
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import adapter_name
 from charaforge.generate.prompts import read_suite
 from charaforge.generate.request import Conditioning, Consistency, ImagePrompt, RenderRequest
+from charaforge.generate.sweep_controls import PoseCondition, condition_maps, pose_conditions
 from charaforge.generate.sweep_methods import render_cell
 
 log = logging.getLogger(__name__)
@@ -55,12 +59,7 @@ class SweepPrompt:
     group: int | None = None
     identity_shot: bool = False
     character: str | None = None  # a suite line's character field (trigger filled in)
-
-
-@dataclass(frozen=True)
-class PoseCondition:
-    image_id: str
-    skeleton: Path
+    methods: tuple[str, ...] = ("independent",)  # the suite's method axis
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,19 @@ class SweepJob:
     sample: int  # the entry of eval.seeds
     seed: int  # the generator seed actually used
     pose: PoseCondition | None = None
+    method: str = "independent"  # how a suite group keeps its character (sweep_methods)
 
     @property
     def prompt_index(self) -> int:
         return self.prompt.index
 
     def relative_path(self) -> str:
-        pose = f"_pose-{self.pose.image_id}" if self.pose else ""
+        pose = self.pose.suffix() if self.pose else ""
+        # A one-method suite keeps the file name it always had; an axis names the method.
+        method = f"_m-{self.method}" if len(self.prompt.methods) > 1 else ""
         return (
             f"images/{self.candidate}/step-{self.step:06d}/scale-{self.lora_scale:g}/"
-            f"p{self.prompt.index:02d}_s{self.sample}{pose}.png"
+            f"p{self.prompt.index:02d}_s{self.sample}{pose}{method}.png"
         )
 
     def cell(self) -> tuple:
@@ -134,31 +136,10 @@ def sweep_prompts(eval: EvalConfig, trigger: str, root: str | Path = ".") -> lis
                     group=item.group,
                     identity_shot=item.identity_shot,
                     character=item.character.replace("{trigger}", trigger),
+                    methods=suite.methods,
                 )
             )
     return prompts
-
-
-def pose_conditions(eval: EvalConfig, pose_dir: str | Path | None) -> list[PoseCondition]:
-    """The first `eval.pose.skeletons` people of the pose stage, in image_id order."""
-    if not eval.pose.enabled:
-        return []
-    if pose_dir is None:
-        raise ConfigError("eval.pose.enabled: the sweep was given no pose folder")
-    table = Path(pose_dir) / "keypoints.parquet"
-    if not table.is_file():
-        raise ConfigError(f"eval.pose.enabled: {table} not found (run the `pose` stage first)")
-    rows = pd.read_parquet(table, columns=["image_id", "has_person"])
-    people = sorted(rows.loc[rows["has_person"], "image_id"])
-    conditions = []
-    for image_id in people[: eval.pose.skeletons]:
-        skeleton = Path(pose_dir) / "skeletons" / f"{image_id}.png"
-        if not skeleton.is_file():
-            raise ConfigError(f"eval.pose: skeleton {skeleton} not found")
-        conditions.append(PoseCondition(image_id, skeleton))
-    if not conditions:
-        log.warning("eval.pose.enabled, but the pose stage found no person: no pose conditions")
-    return conditions
 
 
 def plan_jobs(
@@ -176,9 +157,19 @@ def plan_jobs(
     pose_prompts = [prompts[index] for index in eval.pose.prompt_indices] if poses else []
 
     def grid(candidate: str, step: int, scale: float) -> list[SweepJob]:
+        # Every method of a suite gets the same generator seed: the methods are paired.
         jobs = [
-            SweepJob(candidate, step, scale, prompt, sample, image_seed(seed, prompt.index, sample))
+            SweepJob(
+                candidate,
+                step,
+                scale,
+                prompt,
+                sample,
+                image_seed(seed, prompt.index, sample),
+                method=method,
+            )
             for prompt in prompts
+            for method in prompt.methods
             for sample in prompt.seeds
         ]
         jobs += [
@@ -249,6 +240,7 @@ def run_sweep(
     pose_dir: str | Path | None = None,
     root: str | Path = ".",
     on_image: Callable[[SweepJob], None] | None = None,
+    ingest_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
     executor: SweepExecutor | None = None,
     stand_in: bool | None = None,
@@ -264,7 +256,7 @@ def run_sweep(
     interrupted sweep resumes inside `dvc repro` too; removed once the sweep is complete.
     """
     out_dir = Path(out_dir)
-    jobs = sweep_work_items(train_dir, eval, trigger, seed, pose_dir, root)
+    jobs = sweep_work_items(train_dir, eval, trigger, seed, pose_dir, root, ingest_dir)
     keep_dir = str(work_dir) if work_dir is not None else None
     work = SweepWork(str(train_dir), eval, resolution, str(out_dir), keep_dir)
     if executor is None:
@@ -296,10 +288,12 @@ def sweep_work_items(
     seed: int,
     pose_dir: str | Path | None = None,
     root: str | Path = ".",
+    ingest_dir: str | Path | None = None,
 ) -> list[SweepJob]:
     """The sweep's work items in plan order, each keyed by its (candidate, step, scale,
-    prompt, seed, pose) and rendered to its own file (`SweepJob.relative_path`)."""
-    poses = pose_conditions(eval, pose_dir)
+    prompt, seed, pose, control type, method) and rendered to its own file
+    (`SweepJob.relative_path`)."""
+    poses = pose_conditions(eval, pose_dir, ingest_dir)
     return plan_jobs(read_candidates(train_dir), eval, trigger, seed, poses, root)
 
 
@@ -322,10 +316,7 @@ def render_jobs(
     """Render `jobs` (any share of the sweep, in its order) on `engine`; (rendered, skipped)."""
     eval, resolution, out_dir = work.eval, work.resolution, Path(work.out_dir)
     train_dir = Path(work.train_dir)
-    skeletons = {
-        pose: Image.open(pose.skeleton).convert("RGB")
-        for pose in dict.fromkeys(job.pose for job in jobs if job.pose is not None)
-    }
+    skeletons = condition_maps([job.pose for job in jobs if job.pose is not None], eval, out_dir)
     counts = [0, 0]  # rendered, reused
     kept_dir = Path(work.keep_dir) if work.keep_dir is not None else None
     loaded: str | None = None
@@ -352,7 +343,7 @@ def render_jobs(
             conditioning = Conditioning(
                 "control",
                 skeletons[first.pose],
-                control_type="openpose",
+                control_type=first.pose.control_type,
                 conditioning_scale=eval.pose.conditioning_scale,
                 source=first.pose.image_id,
             )
@@ -424,6 +415,8 @@ def _index(jobs: list[SweepJob], out_dir: Path) -> pd.DataFrame:
             "prompt_group": job.prompt.group,
             "identity_shot": job.prompt.identity_shot,
             "pose_image_id": job.pose.image_id if job.pose else None,
+            "control_type": job.pose.control_type if job.pose else None,
+            "method": job.method,
         }
         for job in jobs
     ]
@@ -437,6 +430,8 @@ def _index(jobs: list[SweepJob], out_dir: Path) -> pd.DataFrame:
             "prompt_group": "Int64",
             "identity_shot": "bool",
             "pose_image_id": "string",
+            "control_type": "string",
+            "method": "string",
         }
     )
 

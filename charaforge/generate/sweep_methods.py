@@ -6,10 +6,11 @@ attending to its character tokens; when only a frame is missing, the identity sh
 again with it (not rewritten) so the frame gets the same bytes. `ip_adapter`: the identity shot
 alone first, then the frames with the identity shot's image as their IP-Adapter reference (read
 back from disk, so a resumed sweep conditions on the very file it scores). A suite method is a
-sweep axis: the same suite file under two names with two methods is rendered both ways and the
-score stage's consistency column compares them.
+sweep axis: a suite whose `method` is a list renders every group once per method, with the same
+prompts and seeds (the job's `method`; the index's `method` column), and the score stage's
+consistency columns compare them pair by pair.
 
-Jobs are the sweep's `SweepJob`s (duck-typed here: `prompt`, `sample`, `seed`, `pose`,
+Jobs are the sweep's `SweepJob`s (duck-typed here: `prompt`, `sample`, `seed`, `pose`, `method`,
 `relative_path()`), so this module stays below generate.sweep.
 """
 
@@ -104,8 +105,7 @@ def _suite(job: Any, eval: EvalConfig) -> SuiteConfig | None:
 
 
 def _method(job: Any, eval: EvalConfig) -> str:
-    suite = _suite(job, eval)
-    return suite.method if suite is not None else "independent"
+    return job.method if _suite(job, eval) is not None else "independent"
 
 
 def _is_identity(job: Any) -> bool:
@@ -113,13 +113,13 @@ def _is_identity(job: Any) -> bool:
 
 
 def _group_key(job: Any) -> tuple:
-    return (job.prompt.suite, job.prompt.group, job.sample)
+    return (job.prompt.suite, job.prompt.group, job.sample, job.method)
 
 
 def _consistency(job: Any, jobs: list[Any], eval: EvalConfig) -> Consistency | None:
     """A shared-attention suite's part: the identity shot, or a frame naming it."""
     suite = _suite(job, eval)
-    if suite is None or suite.method != "shared_attention":
+    if suite is None or _method(job, eval) != "shared_attention":
         return None
     identity = None
     if not _is_identity(job):
@@ -132,6 +132,10 @@ def _consistency(job: Any, jobs: list[Any], eval: EvalConfig) -> Consistency | N
         identity_seed=identity.seed if identity else None,
         share_background=suite.share_background,
         mask_threshold=suite.mask_threshold,
+        group_tokens=suite.group_tokens,
+        strength=suite.strength,
+        blocks=suite.blocks,
+        window=(float(suite.window[0]), float(suite.window[1])),
     )
 
 

@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from charaforge.selection import wording
+from charaforge.selection.axes import AxisTable
 from charaforge.selection.plots import ContactSheet, png_data_uri
 from charaforge.selection.run_summary import DatasetSummary, SampleRow
 from charaforge.selection.usage import ChampionCard
@@ -38,6 +39,8 @@ class ReportExtras:
     samples: list[SampleRow] = field(default_factory=list)
     dataset: DatasetSummary | None = None
     provenance: list[tuple[str, str]] = field(default_factory=list)
+    # Condition axes (suite methods, control types) scored side by side (selection.axes).
+    axes: list[AxisTable] = field(default_factory=list)
 
 
 def compact_ranking(header: list[str], rows: list[list[str]]) -> dict[str, Any]:
@@ -106,6 +109,7 @@ def document_context(context: ReportContext, extras: ReportExtras | None = None)
         "exported": extras.exported,
         "dataset": extras.dataset,
         "provenance": extras.provenance,
+        "axes": extras.axes,
         "breakdown": {"header": breakdown_header, "rows": breakdown_rows},
         "scorers": wording.scorer_lines(context),
         "candidates": wording.candidate_lines(context),

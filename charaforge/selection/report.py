@@ -24,6 +24,7 @@ import pandas as pd
 from charaforge.config import ReportConfig
 from charaforge.core.files import atomic_path, write_csv, write_json, write_text
 from charaforge.errors import ConfigError, MissingInputError, require_stage_output
+from charaforge.selection.axes import axis_tables
 from charaforge.selection.champion import (
     Selection,
     baseline_composite,
@@ -310,6 +311,7 @@ def report_selection(
         loss_plot=loss_plot(train_dir, lora_candidates, bool(stand_in)),
         samples=training_samples(train_dir, lora_candidates, thumbnails, Path(root)),
         dataset=dataset_summary(dirs, Path(root), trigger),
+        axes=axis_tables(scores, shown, config.bootstrap_draws, config.confidence, seed),
         provenance=provenance(
             {
                 "dataset": Path(root) / dirs.dataset / "metadata.parquet",

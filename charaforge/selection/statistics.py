@@ -101,8 +101,10 @@ def bootstrap_composite_ci(
 
 
 def pair_columns(scores: pd.DataFrame) -> list[str]:
-    """What pairs two rows' images: the same prompt and seed (and pose, when the sweep has one)."""
-    return ["prompt_index", "seed"] + (["pose_image_id"] if "pose_image_id" in scores else [])
+    """What pairs two rows' images: the same prompt and seed (and pose, control type and suite
+    method, when the sweep has them)."""
+    optional = ("pose_image_id", "control_type", "method")
+    return ["prompt_index", "seed"] + [name for name in optional if name in scores]
 
 
 def row_mask(frame: pd.DataFrame, row: pd.Series) -> pd.Series:
