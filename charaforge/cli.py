@@ -541,8 +541,7 @@ def serve(
     """Serve the generation engine over HTTP (OpenAPI schema at /docs and /openapi.json)."""
     import os
 
-    from charaforge.serve.http import ServerSettings
-    from charaforge.serve.http import serve as run_server
+    from charaforge.serve.http import ServerSettings, serve as run_server
     from charaforge.serve.registry import LoraRegistry
 
     settings = ServerSettings(

@@ -45,9 +45,6 @@ LARGER_MODULES = {
     "charaforge/generate/engine.py": 520,
     # The hashing pool joined the Hamming search; the search is to move to its own module.
     "charaforge/prepare/dedupe.py": 520,
-    # The small sections grew with the eval/score options of this session; eval and score are
-    # to move into config/eval.py as train and world did.
-    "charaforge/config/__init__.py": 560,
     # The executor seam, the resume folder and the suite methods met here; the planning half
     # (plan_jobs, sweep_prompts) is to move out.
     "charaforge/generate/sweep.py": 520,

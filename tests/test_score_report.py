@@ -27,11 +27,13 @@ from charaforge.config import (
 )
 from charaforge.core.files import sha256_bytes, write_json, write_parquet
 from charaforge.errors import ConfigError
-from charaforge.evaluate import clip as clip_metrics
-from charaforge.evaluate import columns as score_columns
-from charaforge.evaluate import groups as sweep_groups
-from charaforge.evaluate import memorisation
-from charaforge.evaluate import tags as tag_metrics
+from charaforge.evaluate import (
+    clip as clip_metrics,
+    columns as score_columns,
+    groups as sweep_groups,
+    memorisation,
+    tags as tag_metrics,
+)
 from charaforge.evaluate.sweep import score_sweep
 from charaforge.models import clip
 from charaforge.pipeline.stage import run_stage
@@ -668,8 +670,7 @@ def _stage_repo(tmp_path: Path, params_dict: dict, repo_root: Path, tracking: bo
 def test_stages_run_on_the_conf_defaults(
     tmp_path: Path, params_dict: dict, repo_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stages import report as report_stage
-    from stages import score as score_stage
+    from stages import report as report_stage, score as score_stage
 
     root = _stage_repo(tmp_path, params_dict, repo_root, tracking=False)
     monkeypatch.chdir(root)
