@@ -104,3 +104,30 @@ def test_the_pool_gives_the_hashes_of_one_process(
     np.testing.assert_array_equal(
         dedupe.hash_files(paths, CONFIG, workers=1), dedupe.hash_files(paths, CONFIG, workers=2)
     )
+
+
+def test_jpegs_decode_small_through_libjpeg_turbo_with_exif_orientation(tmp_path: Path) -> None:
+    """simplejpeg's DCT-scaled luma is what hashes a JPEG, EXIF orientation applied; a JPEG it
+    cannot decode (CMYK) still hashes, through Pillow."""
+    rng = np.random.default_rng(3)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8), dtype=np.uint8))
+    picture = coarse.resize((1024, 768), Image.BICUBIC).convert("RGB")
+    upright = tmp_path / "upright.jpg"
+    picture.save(upright, quality=92)
+    # The same picture stored on its side, with EXIF orientation 6 ("rotate 90 clockwise").
+    sideways = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture.transpose(Image.Transpose.ROTATE_90).save(sideways, quality=92, exif=exif)
+    luma = dedupe._jpeg_luma(upright, 64)
+    assert luma is not None and luma.size == (128, 96) and luma.mode == "L"
+    assert dedupe._jpeg_luma(sideways, 64).size == (128, 96)
+    hashes = [dedupe.hash_file(path, "phash", 8).hex() for path in (upright, sideways)]
+    assert dedupe.hex_distance(*hashes) <= 4
+    with Image.open(sideways) as image:  # without the orientation the hash is far away
+        unturned = imagehash.phash(image)
+    assert dedupe.hex_distance(hashes[0], str(unturned)) > 10
+    cmyk = tmp_path / "cmyk.jpg"
+    picture.convert("CMYK").save(cmyk, quality=92)
+    assert dedupe._jpeg_luma(cmyk, 64) is None
+    assert dedupe.hex_distance(dedupe.hash_file(cmyk, "phash", 8).hex(), hashes[0]) <= 4

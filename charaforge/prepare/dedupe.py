@@ -7,8 +7,9 @@ B~C put A, B and C together even if A and C are further apart). Manifest rows th
 `image_id` (byte-identical after normalisation) are exact duplicates and always share a cluster.
 
 Speed, so that a million images is practical:
-- Hashing decodes no more pixels than the hash needs: a JPEG is decoded by libjpeg's DCT scaling
-  (PIL draft mode, up to 8x smaller, greyscale straight from the luma plane) and other formats are
+- Hashing decodes no more pixels than the hash needs: a JPEG is decoded by libjpeg-turbo's DCT
+  scaling (simplejpeg, up to 8x smaller, greyscale straight from the luma plane; Pillow's draft
+  mode where simplejpeg cannot decode the file) and other formats are
   box-reduced right after decoding, before imagehash's own resize. The work is spread over a
   process pool, results in input order.
 - The search is multi-index hashing (Norouzi et al.): the hash is cut into m blocks; by the
@@ -27,6 +28,7 @@ manifest row (docs/data-contracts.md: it adds `source_path` to say which row).
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import math
@@ -40,6 +42,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pandas as pd
+import simplejpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from scipy import ndimage
 from scipy.sparse import coo_matrix
@@ -83,6 +86,17 @@ POPCOUNT16 = (POPCOUNT[np.arange(1 << 16) >> 8] + POPCOUNT[np.arange(1 << 16) & 
 # and of one pair compared by brute force per 64-bit word.
 PROBE_OVERHEAD = 5000.0
 BRUTE_PAIR = 2.0
+# EXIF orientation (tag 274) -> the transpose that undoes it, as ImageOps.exif_transpose maps it.
+ORIENTATION_TAG = 0x0112
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # Fewer hashes than this are hashed in the calling process: a pool costs more than it saves.
 PARALLEL_MIN = 16
 
@@ -114,10 +128,40 @@ def image_hash(image: Image.Image, config: DedupeConfig) -> imagehash.ImageHash:
     return HASHERS[config.hash](image, hash_size=config.hash_size)
 
 
+def _jpeg_luma(path: str | Path, side: int) -> Image.Image | None:
+    """The luma plane of a JPEG, DCT-scaled by libjpeg-turbo (simplejpeg) to the smallest size
+    of at least `side` pixels on both sides (what Pillow's draft mode picks); EXIF orientation
+    applied. None when simplejpeg cannot decode it (CMYK, damaged): Pillow then takes over.
+
+    Why not Pillow's draft mode alone: simplejpeg hands libjpeg-turbo the file in memory and asks
+    for the grey output directly, which measured ~1.5x faster per image than draft + load (the
+    Huffman decoding both must do in full is the rest)."""
+    data = Path(path).read_bytes()
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        # Only colour spaces whose grey output is the luma plane (libjpeg-turbo would hand back
+        # the first ink channel of a CMYK or YCCK file).
+        if simplejpeg.decode_jpeg_header(data)[2] not in ("Gray", "YCbCr"):
+            return None
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=side, min_height=side)
+        with Image.open(io.BytesIO(data)) as header:  # lazy: reads the markers, not the pixels
+            orientation = header.getexif().get(ORIENTATION_TAG, 1)
+    except (ValueError, OSError):
+        return None
+    image = Image.fromarray(pixels[:, :, 0])
+    method = EXIF_TRANSPOSE.get(orientation)
+    return image.transpose(method) if method is not None else image
+
+
 def load_for_hash(path: str | Path, hash_name: str, hash_size: int) -> Image.Image:
     """Decode only as many pixels as the hash needs (see the module docstring); EXIF applied."""
     need = working_size(hash_name, hash_size)
     mode = "RGB" if hash_name == "colorhash" else "L"
+    luma = _jpeg_luma(path, 2 * need) if mode == "L" else None
+    if luma is not None:
+        factor = min(luma.size) // (2 * need)
+        return luma.reduce(factor) if factor >= 2 else luma
     with Image.open(path) as image:
         if image.format == "JPEG":
             # DCT scaling: the decoder skips the detail the hash would throw away. At least
