@@ -29,6 +29,7 @@ from pydantic import Field, ValidationError
 
 from charaforge.generate.records import write_image
 from charaforge.generate.request import Conditioning, RenderRequest
+from charaforge.serve import ray_batch
 from charaforge.serve.limits import Body, ServerSettings, open_image_bytes
 from charaforge.serve.render import PlanError, plan
 from charaforge.serve.worker import Job, RenderCancelled, Service
@@ -282,6 +283,8 @@ class BatchRunner:
         self.store.set_job(job_id, "running", only_if=("queued",))
         day = self.store.job(job_id)["day"]  # type: ignore[index]
         folder = self.root / day / job_id
+        if self.settings.batch_ray is not None:
+            self._run_rows_on_ray(job_id, folder)
         while not self.stopping.is_set():
             pending = self.store.pending_rows(job_id)
             if not pending or self.store.state(job_id) != "running":
@@ -299,7 +302,31 @@ class BatchRunner:
         if not self.store.pending_rows(job_id):
             self.store.set_job(job_id, "done", only_if=("running",))
 
-    def _render_row(self, job_id: str, folder: Path, idx: int, row: BatchRow) -> Path:
+    def _run_rows_on_ray(self, job_id: str, folder: Path) -> None:
+        """The job's pending rows on the Ray engine actors (ray_batch.py); rows that end up
+        pending again (an error with attempts left) go through the loop of `_run_job`."""
+
+        def done(idx: int, image: Image.Image) -> None:
+            path = folder / f"{idx:05d}.png"
+            write_image(path, image)  # sidecar, then PNG, each atomic
+            self.store.finish_row(job_id, idx, str(path))
+
+        def failed(idx: int, error: Exception, attempts: int) -> None:
+            final = attempts + 1 >= MAX_ATTEMPTS or isinstance(error, PlanError)
+            self.store.fail_row(job_id, idx, str(error).strip("'\""), final)
+
+        def keep_going() -> bool:
+            return not self.stopping.is_set() and self.store.state(job_id) == "running"
+
+        settings = self.settings
+        options = {"scheduler": settings.scheduler, "cpu_threads": settings.cpu_threads,
+                   "memory": settings.memory}  # fmt: skip
+        ray_batch.run_rows(
+            settings.batch_ray, settings.batch_ray_workers, settings.base_dir, options,  # type: ignore[arg-type]
+            self.store.pending_rows(job_id), self._plan_row, done, failed, keep_going,
+        )  # fmt: skip
+
+    def _plan_row(self, row: BatchRow) -> tuple[list[RenderRequest], dict]:
         conditioning = None
         if row.pose_image:
             conditioning = Conditioning("control", self._pose(row.pose_image))
@@ -312,7 +339,10 @@ class BatchRunner:
             steps=row.steps,
             conditioning=conditioning,
         )
-        requests, entries = plan(self.service, template, [row.seed], _lora_column(row.lora))
+        return plan(self.service, template, [row.seed], _lora_column(row.lora))
+
+    def _render_row(self, job_id: str, folder: Path, idx: int, row: BatchRow) -> Path:
+        requests, entries = self._plan_row(row)
         job = self.service.submit(requests, entries, label=f"batch:{job_id}", block=True)
         self.current = job
         try:
