@@ -1,6 +1,6 @@
-"""HTTP batch jobs on Ray: with `batch_ray` set, a job's rows are rendered by the kept Ray engine
-actors (a local 2-CPU Ray), 2 rows at once, with the bytes of the server's own device queue; a
-row naming an unknown LoRA is recorded as failed as on the local queue."""
+"""HTTP batch jobs on Ray: with `RayBatchRows` given to the app, a job's rows are rendered by
+the kept Ray engine actors (a local 2-CPU Ray), 2 rows at once, with the bytes of the server's
+own device queue; a row naming an unknown LoRA is recorded as failed as on the local queue."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from serve_fixtures import running
 
 from charaforge.config.resources import RayConfig
 from charaforge.distributed.cluster import connect
-from charaforge.distributed.engine_pool import release_pools
+from charaforge.distributed.pools import release_pools
+from charaforge.distributed.ray_batch import RayBatchRows
 from charaforge.serve.app import create_app
 from charaforge.serve.limits import ServerSettings
 
@@ -45,10 +46,9 @@ def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         devices=["cpu"],
         cpu_threads=1,
         outputs_dir=workspace / "outputs",
-        batch_ray=config,
-        batch_ray_workers=2,
     )
-    app = create_app(settings)
+    options = {"scheduler": "euler", "cpu_threads": 1, "memory": "device"}
+    app = create_app(settings, batch_rows=RayBatchRows(config, 2, workspace / "base", options))
     with running(app) as url:
         yield url, app
     app.state.batches.stop()
@@ -73,18 +73,18 @@ def _run_job(url: str) -> dict:
 def test_batch_rows_render_on_ray_actors_with_the_local_bytes(ray_server) -> None:
     import ray
 
-    from charaforge.distributed.engine_pool import _KEPT
+    from charaforge.distributed.pools import KEPT
 
     url, app = ray_server
     on_ray = _run_job(url)
     assert (on_ray["total"], on_ray["done"], on_ray["failed"]) == (4, 3, 1)
     assert on_ray["errors"][0]["row"] == 2 and "unknown LoRA 'nope'" in on_ray["errors"][0]["error"]
-    [pool] = _KEPT.values()
+    [pool] = KEPT.values()
     counts = ray.get([actor.rendered.remote() for actor in pool.actors])
     assert sorted(counts) == [1, 2]  # both actors rendered, each row once
     assert len(set(pool.pids)) == 2
 
-    app.state.batches.settings.batch_ray = None  # the same job on the server's own device queue
+    app.state.batches.remote_rows = None  # the same job on the server's own device queue
     local = _run_job(url)
     assert ray.get([actor.rendered.remote() for actor in pool.actors]) == counts
     ray_folder, local_folder = Path(on_ray["folder"]), Path(local["folder"])

@@ -24,6 +24,7 @@ from typing import Any
 
 from charaforge.config.resources import RayConfig
 from charaforge.distributed.cluster import connect
+from charaforge.distributed.pools import KEPT, release_pools
 from charaforge.generate import sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.sweep import SweepJob, SweepWork
@@ -107,9 +108,6 @@ class EnginePool:
         self.actors, self.pids = [], []
 
 
-_KEPT: dict[tuple, EnginePool] = {}
-
-
 def _key(config: RayConfig, base_dir: str, options: dict[str, Any], actor_class: type) -> tuple:
     return (
         config.model_dump_json(),
@@ -131,18 +129,11 @@ def kept_pool(
     import ray
 
     key = _key(config, str(base_dir), engine_options, actor_class)
-    pool = _KEPT.get(key)
+    pool = KEPT.get(key)  # an EnginePool
     current_job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
     if pool is not None and pool.job_id == current_job:
         return pool
     release_pools()
     pool = EnginePool(config, str(base_dir), dict(engine_options), actor_class)
-    _KEPT[key] = pool
+    KEPT[key] = pool
     return pool
-
-
-def release_pools() -> None:
-    """Stop every kept actor of this process (their CPUs and GPUs go back to Ray)."""
-    for pool in _KEPT.values():
-        pool.shutdown()
-    _KEPT.clear()

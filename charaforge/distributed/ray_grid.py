@@ -13,7 +13,7 @@ from typing import Any
 from charaforge.config import TrainConfig
 from charaforge.config.resources import RayConfig
 from charaforge.distributed.cluster import connect
-from charaforge.distributed.engine_pool import release_pools
+from charaforge.distributed.pools import release_pools
 from charaforge.models.base import read_base_info, set_cpu_threads
 from charaforge.train.grid import train_candidate, write_grid_outputs
 from charaforge.train.settings import RunContext

@@ -22,7 +22,8 @@ from typing import Any
 
 from charaforge.config.resources import RayConfig
 from charaforge.distributed.cluster import connect
-from charaforge.distributed.engine_pool import kept_pool, release_pools
+from charaforge.distributed.engine_pool import kept_pool
+from charaforge.distributed.pools import release_pools
 from charaforge.generate import sweep
 from charaforge.generate.sweep import SweepJob, SweepWork
 

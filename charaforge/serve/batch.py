@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from pydantic import Field, ValidationError
 
 from charaforge.generate.records import write_image
 from charaforge.generate.request import Conditioning, RenderRequest
-from charaforge.serve import ray_batch
 from charaforge.serve.limits import Body, ServerSettings, open_image_bytes
 from charaforge.serve.render import PlanError, plan
 from charaforge.serve.worker import Job, RenderCancelled, Service
@@ -215,12 +215,21 @@ class BatchStore:
             )
 
 
-class BatchRunner:
-    """One thread that works through the stored jobs, oldest first, via the device queue."""
+# Renders a job's pending rows elsewhere (distributed.ray_batch.RayBatchRows: Ray engine actors):
+# (rows, plan_row, on_done(idx, image), on_error(idx, error, attempts), keep_going()).
+RemoteRows = Callable[..., None]
 
-    def __init__(self, service: Service, settings: ServerSettings) -> None:
+
+class BatchRunner:
+    """One thread that works through the stored jobs, oldest first, via the device queue (or
+    `remote_rows`, when given)."""
+
+    def __init__(
+        self, service: Service, settings: ServerSettings, remote_rows: RemoteRows | None = None
+    ) -> None:
         self.service = service
         self.settings = settings
+        self.remote_rows = remote_rows
         self.root = outputs_root(settings)
         self.db_path = Path(settings.jobs_db or self.root / "jobs.sqlite")
         self.wake = threading.Event()
@@ -283,8 +292,8 @@ class BatchRunner:
         self.store.set_job(job_id, "running", only_if=("queued",))
         day = self.store.job(job_id)["day"]  # type: ignore[index]
         folder = self.root / day / job_id
-        if self.settings.batch_ray is not None:
-            self._run_rows_on_ray(job_id, folder)
+        if self.remote_rows is not None:
+            self._run_rows_remotely(job_id, folder)
         while not self.stopping.is_set():
             pending = self.store.pending_rows(job_id)
             if not pending or self.store.state(job_id) != "running":
@@ -302,9 +311,9 @@ class BatchRunner:
         if not self.store.pending_rows(job_id):
             self.store.set_job(job_id, "done", only_if=("running",))
 
-    def _run_rows_on_ray(self, job_id: str, folder: Path) -> None:
-        """The job's pending rows on the Ray engine actors (ray_batch.py); rows that end up
-        pending again (an error with attempts left) go through the loop of `_run_job`."""
+    def _run_rows_remotely(self, job_id: str, folder: Path) -> None:
+        """The job's pending rows through `remote_rows`; rows that end up pending again (an
+        error with attempts left) go through the loop of `_run_job`."""
 
         def done(idx: int, image: Image.Image) -> None:
             path = folder / f"{idx:05d}.png"
@@ -318,13 +327,8 @@ class BatchRunner:
         def keep_going() -> bool:
             return not self.stopping.is_set() and self.store.state(job_id) == "running"
 
-        settings = self.settings
-        options = {"scheduler": settings.scheduler, "cpu_threads": settings.cpu_threads,
-                   "memory": settings.memory}  # fmt: skip
-        ray_batch.run_rows(
-            settings.batch_ray, settings.batch_ray_workers, settings.base_dir, options,  # type: ignore[arg-type]
-            self.store.pending_rows(job_id), self._plan_row, done, failed, keep_going,
-        )  # fmt: skip
+        assert self.remote_rows is not None
+        self.remote_rows(self.store.pending_rows(job_id), self._plan_row, done, failed, keep_going)
 
     def _plan_row(self, row: BatchRow) -> tuple[list[RenderRequest], dict]:
         conditioning = None

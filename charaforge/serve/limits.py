@@ -21,7 +21,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from charaforge.config.resources import RayConfig
 from charaforge.core import layout
 
 # Module level: FastAPI resolves the (string) annotations of endpoints against module globals.
@@ -60,10 +59,6 @@ class ServerSettings:
     outputs_dir: Path | None = None  # batch and /api/v1 outputs (None: $AI_CACHE_ROOT or outputs/)
     jobs_db: Path | None = None  # the batch jobs' SQLite file (None: inside the outputs folder)
     ui: bool = False  # mount the Gradio web UI at /ui (`charaforge serve` does by default)
-    # Batch jobs on Ray engine actors (serve/ray_batch.py) instead of the device queue: the
-    # cluster (None: the local queue) and how many actors render a job's rows at once.
-    batch_ray: RayConfig | None = None
-    batch_ray_workers: int = 1
 
 
 def bearer_guard(settings: ServerSettings) -> Any:
