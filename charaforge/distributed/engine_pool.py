@@ -78,7 +78,7 @@ class EnginePool:
     def start(self, workers: int) -> None:
         """Launch actors until there are `workers` of them; returns at once."""
         ray = connect(self.config)
-        self.job_id = ray.get_runtime_context().get_job_id()
+        self.job_id = _session(ray)
         remote_class = ray.remote(
             num_cpus=1,
             num_gpus=self.config.gpus_per_task,
@@ -108,6 +108,13 @@ class EnginePool:
         self.actors, self.pids = [], []
 
 
+def _session(ray: Any) -> str:
+    """This driver's Ray session: a job id alone repeats after `ray.shutdown()` and a new
+    embedded `ray.init()` (both are job 01000000), the driver's node id does not."""
+    context = ray.get_runtime_context()
+    return f"{context.get_node_id()}/{context.get_job_id()}"
+
+
 def _key(config: RayConfig, base_dir: str, options: dict[str, Any], actor_class: type) -> tuple:
     return (
         config.model_dump_json(),
@@ -130,7 +137,7 @@ def kept_pool(
 
     key = _key(config, str(base_dir), engine_options, actor_class)
     pool = KEPT.get(key)  # an EnginePool
-    current_job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    current_job = _session(ray) if ray.is_initialized() else None
     if pool is not None and pool.job_id == current_job:
         return pool
     release_pools()
