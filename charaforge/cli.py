@@ -537,10 +537,15 @@ def serve(
     cpu_threads: Annotated[
         int | None, typer.Option(min=1, help="torch CPU threads per worker (default: torch's).")
     ] = None,
+    batch_ray_workers: Annotated[
+        int, typer.Option(min=0, help="Batch jobs on N Ray engine actors ($RAY_ADDRESS or local).")
+    ] = 0,
 ) -> None:
     """Serve the generation engine over HTTP (OpenAPI schema at /docs and /openapi.json)."""
     import os
 
+    from charaforge.config.resources import RayConfig
+    from charaforge.distributed.ray_batch import RayBatchRows
     from charaforge.serve.http import ServerSettings, serve as run_server
     from charaforge.serve.registry import LoraRegistry
 
@@ -569,7 +574,9 @@ def serve(
                 f"nothing to serve: no trained checkpoint under {train_dir} and no LoRA in "
                 f"{lora_dir} (run the pipeline first: `dvc repro`)"
             )
-        run_server(settings, host=host, port=port)
+        options = {"scheduler": settings.scheduler, "cpu_threads": cpu_threads, "memory": memory}
+        rows = RayBatchRows(RayConfig(), batch_ray_workers, base, options)
+        run_server(settings, host=host, port=port, batch_rows=rows if batch_ray_workers else None)
     except ConfigError as error:
         log.error("%s", error)
         raise typer.Exit(2) from None

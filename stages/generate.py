@@ -3,6 +3,7 @@
 from charaforge.config import EvalConfig
 from charaforge.core import layout
 from charaforge.distributed.accelerate_sweep import AccelerateSweepExecutor
+from charaforge.distributed.devices_sweep import DevicesSweepExecutor, check_device_ids
 from charaforge.distributed.ray_sweep import RaySweepExecutor
 from charaforge.generate import data_prompts, sweep
 from charaforge.generate.engine import GenerationEngine
@@ -21,20 +22,24 @@ def engine_options(eval: EvalConfig) -> dict:
 def body(ctx: StageContext) -> None:
     params = ctx.params
     ctx.tag_data_hash(f"{layout.TRAIN_DIR}/summary.json")
+    options = engine_options(params.eval)
+    devices = check_device_ids("eval.devices", params.eval.devices or [])
+    executor = None
+    if params.eval.executor == "ray":
+        executor = RaySweepExecutor(params.ray, params.eval.workers, layout.BASE_DIR, options)
+        executor.start()  # the actors load the base model while this process goes on
     # With Ray the engines live in the actors; this one labels the outputs (it loads the base).
-    engine = GenerationEngine(layout.BASE_DIR, **engine_options(params.eval))
+    engine = GenerationEngine(layout.BASE_DIR, **options, device=devices[0] if devices else None)
     ctx.run.set_tags({"stand_in": engine.base.stand_in})
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})
     # eval.from_data: the prompts built from the character's own dataset join the hand-written.
     eval_config = data_prompts.resolve_prompts(params.eval, layout.DATASET_DIR)
     ctx.run.log_params({"eval": {"resolved_prompts": " | ".join(eval_config.prompts)}})
-    executor = None
-    if params.eval.executor == "ray":
-        executor = RaySweepExecutor(
-            params.ray, params.eval.workers, layout.BASE_DIR, engine_options(params.eval)
-        )
-    elif params.eval.executor == "accelerate":
+    if params.eval.executor == "accelerate":
         executor = AccelerateSweepExecutor(engine)
+    elif len(devices) > 1:  # one engine per device, in this process
+        others = [GenerationEngine(layout.BASE_DIR, **options, device=d) for d in devices[1:]]
+        executor = DevicesSweepExecutor([engine, *others])
     result = sweep.run_sweep(
         engine,
         layout.TRAIN_DIR,

@@ -17,6 +17,7 @@ from test_models_train import tiny_train
 from charaforge.config import validate_params
 from charaforge.config.resources import RayConfig
 from charaforge.distributed.cluster import connect
+from charaforge.distributed.engine_pool import kept_pool
 from charaforge.distributed.ray_grid import train_grid
 from charaforge.distributed.ray_sweep import RaySweepExecutor
 from charaforge.generate import sweep
@@ -89,6 +90,15 @@ def test_grid_and_sweep_on_ray_give_the_sequential_bytes(
     assert len(set(executor.worker_pids)) == 2 and os.getpid() not in executor.worker_pids
     for part in ("train", "plots", "generate"):
         assert _hashes(runs["ray"] / part) == _hashes(runs["sequential"] / part), part
+    # The actors are kept: the next sweep of this process finds them warm (no start-up, the
+    # same processes); everything is on disk already, so nothing is rendered again.
+    pids = list(executor.worker_pids)
+    assert executor.startup_seconds > 0.0
+    again = sweep.run_sweep(None, "train", eval, "aoi_cf", 64, 5, "generate",
+                            executor=RaySweepExecutor(config, 2, str(base_dir), ENGINE_OPTIONS),
+                            stand_in=True)  # fmt: skip
+    assert (again.rendered, again.skipped) == (0, 54)
+    assert kept_pool(config, base_dir, ENGINE_OPTIONS).pids == pids
 
     # Killed: one actor's process SIGKILLed once the sweep is under way; same bytes.
     monkeypatch.chdir(runs["killed"])
@@ -108,15 +118,15 @@ def test_grid_and_sweep_on_ray_give_the_sequential_bytes(
 
     thread = threading.Thread(target=kill_one_worker, daemon=True)
     thread.start()
-    again = sweep.run_sweep(None, runs["ray"] / "train", eval, "aoi_cf", 64, 5, "generate",
-                            executor=killer, stand_in=True)  # fmt: skip
+    killed_run = sweep.run_sweep(None, runs["ray"] / "train", eval, "aoi_cf", 64, 5, "generate",
+                                 executor=killer, stand_in=True)  # fmt: skip
     thread.join(timeout=5)
     assert killed, "the worker was not killed during the sweep"
     generated = _hashes(runs["killed"] / "generate")
     expected = _hashes(runs["sequential"] / "generate")
     # index.parquet names the train folder only through image paths (out_dir), which agree.
     assert generated == expected
-    assert again.rendered <= 54
+    assert killed_run.rendered <= 54
 
 
 def test_ray_section_is_validated(params_dict: dict) -> None:

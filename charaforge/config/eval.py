@@ -169,9 +169,10 @@ class EvalConfig(Strict):
     # Who renders the sweep's work items: in this process (the default), Ray actors (one per
     # worker, `ray` section), or the processes of an `accelerate launch`. Same bytes either way.
     executor: Literal["local", "ray", "accelerate"] = "local"
-    # Engine workers (Ray actors) rendering in parallel; CUDA device ids for them (None: CPU or
-    # as Ray places them).
+    # Engine workers (Ray actors) rendering in parallel (Ray gives each ray.gpus_per_task GPUs).
     workers: int = Field(default=1, ge=1)
+    # executor local: CUDA device ids, one engine per device rendering its share of the sweep
+    # in this process (None: one engine on the default device).
     devices: list[int] | None = Field(default=None, min_length=1)
 
     @field_validator("suites")
@@ -210,6 +211,15 @@ class EvalConfig(Strict):
         bad = [index for index in self.pose.prompt_indices if not 0 <= index < count]
         if bad and self.pose.enabled:
             raise ValueError(f"pose.prompt_indices {bad}: eval has {count} prompts")
+        if self.devices is not None:
+            if len(set(self.devices)) != len(self.devices) or min(self.devices) < 0:
+                raise ValueError(f"devices: {self.devices}: give distinct GPU ids >= 0")
+            if self.executor != "local":
+                raise ValueError(
+                    f"devices: for executor local; with executor {self.executor} the devices "
+                    "come from " + ("ray.gpus_per_task" if self.executor == "ray" else
+                                    "accelerate launch --gpu_ids")
+                )  # fmt: skip
         return self
 
 

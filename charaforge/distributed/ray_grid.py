@@ -13,6 +13,7 @@ from typing import Any
 from charaforge.config import TrainConfig
 from charaforge.config.resources import RayConfig
 from charaforge.distributed.cluster import connect
+from charaforge.distributed.pools import release_pools
 from charaforge.models.base import read_base_info, set_cpu_threads
 from charaforge.train.grid import train_candidate, write_grid_outputs
 from charaforge.train.settings import RunContext
@@ -40,6 +41,7 @@ def train_grid(
     """Every candidate as one Ray task, in parallel; the grid's outputs written here, in
     candidate order, as `train_all` writes them."""
     ray = connect(config)
+    release_pools()  # kept engine actors would hold the CPUs and GPUs the tasks need
     task = ray.remote(num_cpus=1, num_gpus=config.gpus_per_task, max_retries=config.max_retries)(
         _train_one
     )

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from charaforge.generate.records import png_bytes
 from charaforge.generate.request import PRESETS, SCHEDULERS, RenderRequest
 from charaforge.serve import a1111, api_v1, ui
-from charaforge.serve.batch import BatchRunner
+from charaforge.serve.batch import BatchRunner, RemoteRows
 from charaforge.serve.limits import Body, ServerSettings, bearer_guard, install_error_handlers
 from charaforge.serve.registry import NAME_PATTERN, LoraNotFound
 from charaforge.serve.render import http_plan, json_parameters, run
@@ -106,7 +106,11 @@ class LoraInfo(Body):
     description: str = Field(description="Where it comes from.")
 
 
-def create_app(settings: ServerSettings, service: Service | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings, service: Service | None = None, batch_rows: RemoteRows | None = None
+) -> FastAPI:
+    """The app; `batch_rows` renders batch jobs' rows elsewhere (Ray actors) instead of the
+    device queue."""
     service = service or Service(settings)
     app = FastAPI(
         title="CharaForge",
@@ -205,7 +209,7 @@ def create_app(settings: ServerSettings, service: Service | None = None) -> Fast
         return {"name": name, "loaded": False}
 
     app.include_router(a1111.router(service, settings, guard))
-    batches = BatchRunner(service, settings)
+    batches = BatchRunner(service, settings, batch_rows)
     app.state.batches = batches
     app.include_router(api_v1.router(service, settings, guard, batches))
     if settings.ui:

@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +215,21 @@ class BatchStore:
             )
 
 
-class BatchRunner:
-    """One thread that works through the stored jobs, oldest first, via the device queue."""
+# Renders a job's pending rows elsewhere (distributed.ray_batch.RayBatchRows: Ray engine actors):
+# (rows, plan_row, on_done(idx, image), on_error(idx, error, attempts), keep_going()).
+RemoteRows = Callable[..., None]
 
-    def __init__(self, service: Service, settings: ServerSettings) -> None:
+
+class BatchRunner:
+    """One thread that works through the stored jobs, oldest first, via the device queue (or
+    `remote_rows`, when given)."""
+
+    def __init__(
+        self, service: Service, settings: ServerSettings, remote_rows: RemoteRows | None = None
+    ) -> None:
         self.service = service
         self.settings = settings
+        self.remote_rows = remote_rows
         self.root = outputs_root(settings)
         self.db_path = Path(settings.jobs_db or self.root / "jobs.sqlite")
         self.wake = threading.Event()
@@ -282,6 +292,8 @@ class BatchRunner:
         self.store.set_job(job_id, "running", only_if=("queued",))
         day = self.store.job(job_id)["day"]  # type: ignore[index]
         folder = self.root / day / job_id
+        if self.remote_rows is not None:
+            self._run_rows_remotely(job_id, folder)
         while not self.stopping.is_set():
             pending = self.store.pending_rows(job_id)
             if not pending or self.store.state(job_id) != "running":
@@ -299,7 +311,26 @@ class BatchRunner:
         if not self.store.pending_rows(job_id):
             self.store.set_job(job_id, "done", only_if=("running",))
 
-    def _render_row(self, job_id: str, folder: Path, idx: int, row: BatchRow) -> Path:
+    def _run_rows_remotely(self, job_id: str, folder: Path) -> None:
+        """The job's pending rows through `remote_rows`; rows that end up pending again (an
+        error with attempts left) go through the loop of `_run_job`."""
+
+        def done(idx: int, image: Image.Image) -> None:
+            path = folder / f"{idx:05d}.png"
+            write_image(path, image)  # sidecar, then PNG, each atomic
+            self.store.finish_row(job_id, idx, str(path))
+
+        def failed(idx: int, error: Exception, attempts: int) -> None:
+            final = attempts + 1 >= MAX_ATTEMPTS or isinstance(error, PlanError)
+            self.store.fail_row(job_id, idx, str(error).strip("'\""), final)
+
+        def keep_going() -> bool:
+            return not self.stopping.is_set() and self.store.state(job_id) == "running"
+
+        assert self.remote_rows is not None
+        self.remote_rows(self.store.pending_rows(job_id), self._plan_row, done, failed, keep_going)
+
+    def _plan_row(self, row: BatchRow) -> tuple[list[RenderRequest], dict]:
         conditioning = None
         if row.pose_image:
             conditioning = Conditioning("control", self._pose(row.pose_image))
@@ -312,7 +343,10 @@ class BatchRunner:
             steps=row.steps,
             conditioning=conditioning,
         )
-        requests, entries = plan(self.service, template, [row.seed], _lora_column(row.lora))
+        return plan(self.service, template, [row.seed], _lora_column(row.lora))
+
+    def _render_row(self, job_id: str, folder: Path, idx: int, row: BatchRow) -> Path:
+        requests, entries = self._plan_row(row)
         job = self.service.submit(requests, entries, label=f"batch:{job_id}", block=True)
         self.current = job
         try:

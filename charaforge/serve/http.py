@@ -8,6 +8,7 @@ this module keeps the names callers import and runs the server.
 from __future__ import annotations
 
 from charaforge.serve.app import DEFAULT_HOST, DEFAULT_PORT, Txt2ImgRequest, create_app
+from charaforge.serve.batch import RemoteRows
 from charaforge.serve.limits import ServerSettings
 from charaforge.serve.worker import Service, Worker
 
@@ -23,11 +24,16 @@ __all__ = [
 ]
 
 
-def serve(settings: ServerSettings, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Run the server until interrupted."""
+def serve(
+    settings: ServerSettings,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    batch_rows: RemoteRows | None = None,
+) -> None:
+    """Run the server until interrupted (`batch_rows`: see create_app)."""
     import uvicorn
 
-    app = create_app(settings)
+    app = create_app(settings, batch_rows=batch_rows)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

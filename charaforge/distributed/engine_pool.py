@@ -1,0 +1,146 @@
+"""Kept engine actors on Ray: started once per driver process, reused by every sweep and batch
+job after them.
+
+Starting an engine actor is the expensive part of a Ray sweep: a fresh Python process imports
+torch and diffusers and loads the base model (13.8 of the 24.0 s of a 54-image stand-in sweep,
+measured by benchmarks/bench_distributed.py before this pool existed). A kept pool pays that
+once: `start` launches the actors without waiting (the driver goes on loading its own things in
+the meantime), `ready` waits for them, and later sweeps find them warm. Each actor asks Ray for
+one CPU (and `ray.gpus_per_task` GPUs) for as long as it lives, so whatever else needs those
+resources in the same driver (the candidate grid's training tasks) calls `release_pools` first.
+
+Actors leave their engine as they found it (a sweep share unloads its LoRAs at the end; batch
+rows keep at most a few on-demand LoRAs), so a warm actor renders the bytes of a fresh one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from charaforge.config.resources import RayConfig
+from charaforge.distributed.cluster import connect
+from charaforge.distributed.pools import KEPT, release_pools
+from charaforge.generate import sweep
+from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.sweep import SweepJob, SweepWork
+
+log = logging.getLogger(__name__)
+
+
+class EngineActor:
+    """One engine per actor process: the base model loaded once, LoRAs loaded per cell."""
+
+    def __init__(self, cwd: str, base_dir: str, engine_options: dict[str, Any]) -> None:
+        import psutil  # a Ray dependency
+
+        # Where an actor's start-up goes (benchmarks/bench_distributed.py prints it): the
+        # process's start, its imports (torch, diffusers: this module's), the engine's load.
+        created = psutil.Process().create_time()
+        imported = time.time()
+        os.chdir(cwd)
+        self.engine = GenerationEngine(base_dir, **engine_options)
+        self.started = {"process": created, "imported": imported, "loaded": time.time()}
+        self.images = 0  # rendered by this actor since it started (observable by tests)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def start_times(self) -> dict[str, float]:
+        """Wall-clock times (time.time()) of the process's start, imports done, engine loaded."""
+        return self.started
+
+    def rendered(self) -> int:
+        return self.images
+
+    def render_sweep(self, jobs: list[SweepJob], work: SweepWork) -> tuple[int, int]:
+        counts = sweep.render_jobs(self.engine, jobs, work)
+        self.images += counts[0]
+        return counts
+
+
+@dataclass
+class EnginePool:
+    """Engine actors of one configuration, grown on demand and kept until `shutdown`."""
+
+    config: RayConfig
+    base_dir: str
+    engine_options: dict[str, Any]
+    actor_class: type = EngineActor
+    actors: list[Any] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)  # of the actors, once `ready` has seen them
+    job_id: str = ""  # the Ray driver job the actors belong to (a new `ray.init` loses them)
+
+    def start(self, workers: int) -> None:
+        """Launch actors until there are `workers` of them; returns at once."""
+        ray = connect(self.config)
+        self.job_id = _session(ray)
+        remote_class = ray.remote(
+            num_cpus=1,
+            num_gpus=self.config.gpus_per_task,
+            max_restarts=self.config.max_retries,
+            max_task_retries=self.config.max_retries,
+        )(self.actor_class)
+        while len(self.actors) < workers:
+            self.actors.append(remote_class.remote(os.getcwd(), self.base_dir, self.engine_options))
+
+    def ready(self, workers: int) -> tuple[list[Any], float]:
+        """The first `workers` actors, started if need be and waited for; and the seconds this
+        call spent waiting for actors to start (0.0 when all were warm)."""
+        ray = connect(self.config)
+        self.start(workers)
+        if len(self.pids) >= workers:
+            return self.actors[:workers], 0.0
+        waited_from = time.perf_counter()
+        self.pids = ray.get([actor.pid.remote() for actor in self.actors])
+        return self.actors[:workers], time.perf_counter() - waited_from
+
+    def shutdown(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+        self.actors, self.pids = [], []
+
+
+def _session(ray: Any) -> str:
+    """This driver's Ray session: a job id alone repeats after `ray.shutdown()` and a new
+    embedded `ray.init()` (both are job 01000000), the driver's node id does not."""
+    context = ray.get_runtime_context()
+    return f"{context.get_node_id()}/{context.get_job_id()}"
+
+
+def _key(config: RayConfig, base_dir: str, options: dict[str, Any], actor_class: type) -> tuple:
+    return (
+        config.model_dump_json(),
+        str(Path(base_dir).resolve()),
+        repr(sorted(options.items())),
+        f"{actor_class.__module__}.{actor_class.__qualname__}",
+        os.getcwd(),
+    )
+
+
+def kept_pool(
+    config: RayConfig,
+    base_dir: str | Path,
+    engine_options: dict[str, Any],
+    actor_class: type = EngineActor,
+) -> EnginePool:
+    """This process's pool for that configuration: the kept one, or a new one (the pools of
+    other configurations are shut down first: their actors hold the CPUs and GPUs)."""
+    import ray
+
+    key = _key(config, str(base_dir), engine_options, actor_class)
+    pool = KEPT.get(key)  # an EnginePool
+    current_job = _session(ray) if ray.is_initialized() else None
+    if pool is not None and pool.job_id == current_job:
+        return pool
+    release_pools()
+    pool = EnginePool(config, str(base_dir), dict(engine_options), actor_class)
+    KEPT[key] = pool
+    return pool

@@ -1,0 +1,72 @@
+"""`eval.devices`: one engine per device in this process, each rendering its share of the
+sweep in its own thread, gives the in-process bytes (two CPU engines stand in for two GPUs
+here); GPU ids the machine lacks, or devices with another executor, fail with one line."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from test_models_train import tiny_train
+
+from charaforge.config import validate_params
+from charaforge.distributed.devices_sweep import DevicesSweepExecutor, check_device_ids
+from charaforge.errors import ConfigError
+from charaforge.generate import sweep
+from charaforge.generate.engine import GenerationEngine
+from charaforge.train import train_all
+
+OPTIONS = {"scheduler": "euler", "controlnets": {}, "cpu_threads": 1}
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _eval(params_dict: dict, **changes):
+    params_dict["eval"].update(
+        prompts=["{trigger}, red hair", "{trigger}, blue hair"],  # hand-written: no dataset here
+        from_data={**params_dict["eval"]["from_data"], "enabled": False},
+        suites={},
+        pose={**params_dict["eval"]["pose"], "enabled": False},
+        **changes,
+    )
+    return validate_params(params_dict).eval
+
+
+@pytest.mark.slow
+def test_sweep_on_two_engines_gives_the_in_process_bytes(
+    base_dir: Path, dataset_dir: Path, tmp_path: Path, params_dict: dict, monkeypatch
+) -> None:
+    evaluation = _eval(params_dict)
+    monkeypatch.chdir(tmp_path)
+    train = tiny_train(max_steps=2, checkpoint_every=2, cpu_threads=1)
+    train_all(base_dir, dataset_dir, train, 64, 5, "train", "plots", state_dir="state")
+    engine = GenerationEngine(base_dir, **OPTIONS)
+    expected = sweep.run_sweep(engine, "train", evaluation, "aoi_cf", 64, 5, "one")
+    executor = DevicesSweepExecutor([engine, GenerationEngine(base_dir, **OPTIONS)])
+    result = sweep.run_sweep(engine, "train", evaluation, "aoi_cf", 64, 5, "two",
+                             executor=executor)  # fmt: skip
+    assert result.rendered == expected.rendered > 0
+    assert len(executor.threads_used) == 2  # both engines rendered, each in its own thread
+    two, one = _hashes(tmp_path / "two"), _hashes(tmp_path / "one")
+    del two["index.parquet"], one["index.parquet"]  # they name their folders ("one", "two")
+    assert two == one
+    columns = [c for c in expected.index.columns if c != "image_path"]
+    assert result.index[columns].equals(expected.index[columns])
+
+
+def test_devices_are_checked(params_dict: dict) -> None:
+    assert check_device_ids("eval.devices", [0, 1], available=2) == ["cuda:0", "cuda:1"]
+    with pytest.raises(ConfigError, match=r"eval\.devices: GPU\(s\) \[2\] asked for, but this "
+                                          r"machine has 2 GPU\(s\)"):  # fmt: skip
+        check_device_ids("eval.devices", [0, 2], available=2)
+    with pytest.raises(ConfigError, match=r"eval.*devices: \[1, 1\]: give distinct GPU ids"):
+        _eval(dict(params_dict), devices=[1, 1])
+    with pytest.raises(ConfigError, match=r"eval.*devices: for executor local.*gpus_per_task"):
+        _eval(params_dict, devices=[0], executor="ray")
