@@ -26,7 +26,7 @@ from charaforge.core.files import write_bytes
 from charaforge.errors import ConfigError
 from charaforge.generate.prompts import parse_suite
 from charaforge.models.base import write_base
-from charaforge.pipeline.stage import remove_stale_temps
+from charaforge.pipeline.stage import remove_stale_temps, run_stage
 
 
 def _stage(workdir: Path, stage: str, params: dict) -> subprocess.CompletedProcess:
@@ -148,3 +148,17 @@ def test_next_start_removes_what_a_killed_write_left(
     assert not any(folder.exists() for folder in left)
     assert other_stage.is_dir() and all(folder.is_dir() for folder in look_alikes)
     assert Path("data/ingest/manifest.parquet").read_bytes() == b"the last good output"
+
+
+def test_a_stage_starts_by_removing_its_killed_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("dvc.yaml").write_text("stages:\n  ingest:\n    cmd: x\n    outs:\n      - data/ingest\n")
+    params = stand_in_params_dict()
+    params["tracking"]["enabled"] = False
+    Path("params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    left = _killed_write(Path("data/ingest"))
+    seen: list[bool] = []
+    run_stage("ingest", lambda ctx: seen.append(left.exists()))
+    assert seen == [False]  # gone before the stage's body ran
