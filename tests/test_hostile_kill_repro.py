@@ -1,6 +1,6 @@
 """Kills through `dvc repro`, the documented path: SIGKILL of the whole `dvc` process group
 mid-ingest, mid-sweep and mid-score, and of the `dvc` parent alone mid-training (its stage process
-lives on), in one workspace. The next `dvc repro` finishes with the outputs (dvc.lock hashes) of an
+lives on, then is SIGKILLed in turn), in one workspace. The next `dvc repro` finishes with the outputs (dvc.lock hashes) of an
 uninterrupted run in a second copy; a second run beside the orphaned stage refuses in one line; no
 MLflow run is left RUNNING and no temporary folder of a killed atomic write is left.
 """
@@ -104,6 +104,10 @@ def test_kills_at_several_points_then_repro_gives_the_uninterrupted_bytes(
     training.kill()
     training.wait()
     assert _group_alive(training.pid), "the stage process outlives its dvc parent"
+    # Paused, so that it is surely still alive (and holds its lock) when the second run's stage
+    # gets there: on a loaded machine the orphan could otherwise finish first. (DVC deletes
+    # data/train before that stage starts; the state folder is what the lock protects.)
+    os.killpg(training.pid, signal.SIGSTOP)
     beside = subprocess.run(
         [DVC, "repro", "--single-item", "train"], cwd=workdir, env=_env(), capture_output=True,
         text=True, timeout=600,
