@@ -1,8 +1,9 @@
 """Kills through `dvc repro`, the documented path: SIGKILL of the whole `dvc` process group
 mid-ingest, mid-sweep and mid-score, and of the `dvc` parent alone mid-training (its stage process
-lives on, then is SIGKILLed in turn), in one workspace. The next `dvc repro` finishes with the outputs (dvc.lock hashes) of an
-uninterrupted run in a second copy; a second run beside the orphaned stage refuses in one line; no
-MLflow run is left RUNNING and no temporary folder of a killed atomic write is left.
+lives on, then is SIGKILLed in turn), in one workspace. The next `dvc repro` finishes with the
+outputs (dvc.lock hashes) of an uninterrupted run in a second copy; a second run beside the
+orphaned stage refuses in one line; no MLflow run is left RUNNING and no temporary folder of a
+killed atomic write is left.
 """
 
 from __future__ import annotations
