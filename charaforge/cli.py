@@ -652,6 +652,7 @@ def check(
     stage's outputs before the stage can refuse a bad value."""
     import tempfile
 
+    from charaforge.generate.prompts import check_suites
     from charaforge.pipeline.compose import compose_params
     from charaforge.prepare.ingest import check_source
     from charaforge.train.preflight import check_from_configs
@@ -663,6 +664,7 @@ def check(
             )
         if checked.data.source != layout.DEMO_DIR:  # the demo stage makes its own source
             check_source(root / checked.data.source)
+        check_suites(checked.eval, root)
         if checked.train.mixed_precision == "fp16":
             import torch
 

@@ -5,7 +5,7 @@ from charaforge.core import layout
 from charaforge.distributed.accelerate_sweep import AccelerateSweepExecutor
 from charaforge.distributed.devices_sweep import DevicesSweepExecutor, check_device_ids
 from charaforge.distributed.ray_sweep import RaySweepExecutor
-from charaforge.generate import data_prompts, sweep
+from charaforge.generate import data_prompts, prompts, sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.pipeline.stage import StageContext, run_stage
 
@@ -67,4 +67,10 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("generate", body, sections=("model", "eval"))
+    # The suite files are checked (placeholders included) before the engine loads the model.
+    run_stage(
+        "generate",
+        body,
+        sections=("model", "eval"),
+        before=lambda params: prompts.check_suites(params.eval),
+    )

@@ -7,6 +7,7 @@ folder DVC does not clear) and ends with the same bytes as an uninterrupted one.
 import tempfile
 from pathlib import Path
 
+from charaforge.config import Params
 from charaforge.core import layout
 from charaforge.core.layout import LORA_WEIGHTS
 from charaforge.distributed.ray_grid import train_grid
@@ -15,6 +16,7 @@ from charaforge.models.lora_files import kohya_file_name, stamp_metadata
 from charaforge.pipeline.stage import StageContext, run_stage
 from charaforge.pipeline.tracking import ChildRun, git_commit, open_child_run, repository_root
 from charaforge.train import RunContext, launch, train_all
+from charaforge.train.preflight import check_base
 
 
 def body(ctx: StageContext) -> None:
@@ -85,10 +87,12 @@ def body(ctx: StageContext) -> None:
     ctx.run.log_artifact(f"{layout.TRAIN_DIR}/summary.json")
 
 
+def before(params: Params) -> None:
+    # The model checks answer from data/base's config files first (about a second), not after
+    # the 10-25 s a real model takes to load; then, with train.processes > 1, the relaunch.
+    check_base(layout.BASE_DIR, params.train, params.model.resolution)
+    launch.relaunch_if_needed(params.train, "stages.train")
+
+
 if __name__ == "__main__":
-    run_stage(
-        "train",
-        body,
-        sections=("model", "train"),
-        before=lambda params: launch.relaunch_if_needed(params.train, "stages.train"),
-    )
+    run_stage("train", body, sections=("model", "train"), before=before)

@@ -3,7 +3,13 @@ scores.parquet do not depend on the machine's core count."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+from test_score_report import _make_dataset, _make_generate, _make_train_and_base, _score
+
 from charaforge.config import FaceConfig, ScoreConfig
+from charaforge.models.base import set_cpu_threads
 from charaforge.models.face import _load_recognizer
 
 
@@ -16,3 +22,19 @@ def test_arcface_session_runs_on_one_thread() -> None:
 
 def test_score_has_a_thread_setting_defaulting_to_one() -> None:
     assert ScoreConfig.model_fields["cpu_threads"].default == 1
+
+
+def test_scores_parquet_bytes_do_not_depend_on_the_thread_count(tmp_path: Path) -> None:
+    # The same sweep scored with 1 and with 2 torch threads (CPU reductions block differently).
+    _make_dataset(tmp_path)
+    _make_generate(tmp_path)
+    _make_train_and_base(tmp_path)
+    outputs = []
+    for threads in (1, 2):
+        set_cpu_threads(threads)
+        assert torch.get_num_threads() == threads
+        outputs.append(_score(tmp_path, tmp_path / f"threads-{threads}"))
+    for name in ("scores.parquet", "scorers.json"):
+        one, two = (tmp_path / f"threads-{n}" / name for n in (1, 2))
+        assert one.read_bytes() == two.read_bytes(), name
+    assert outputs[0]["clip_i"].notna().all()  # real numbers were compared, not empty columns

@@ -5,7 +5,9 @@ candidates' checkpoints and the champion are served with no LoRA folder at all."
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +240,41 @@ def test_hostile_bodies_get_a_short_422_never_500(server: tuple[str, object], ra
     assert response.status_code == (400 if "\xff" in raw else 422), response.text[:500]
     assert len(response.content) < 4000  # never the input echoed back whole
     response.json()  # always valid JSON
+
+
+def test_200_concurrent_hostile_and_valid_requests_get_no_500(
+    server: tuple[str, object],
+) -> None:
+    # The issue's load test: NaN, Infinity, lone surrogates, broken JSON, 20 MB prompts, bodies
+    # over the cost budget and a few valid renders, 200 at once from 32 threads.
+    url, _ = server
+    huge = '{"prompt": "' + "x" * (20 * 1024 * 1024) + '"}'
+    kinds = [
+        '{"prompt": "a", "cfg_scale": NaN}',
+        '{"prompt": "a", "steps": Infinity}',
+        '{"prompt": "a \\ud800 b"}',
+        '{"prompt": "a", "steps": 2',
+        json.dumps({**SCRIPT_BODY, "steps": 8, "width": 128, "height": 128, "batch_size": 4}),
+        json.dumps({**SCRIPT_BODY, "n_iter": 1}),
+    ]
+    bodies = [huge if index % 40 == 0 else kinds[index % len(kinds)] for index in range(200)]
+
+    def post(raw: str) -> tuple[int, int]:
+        response = requests.post(
+            f"{url}/sdapi/v1/txt2img",
+            data=raw.encode("utf-8", "surrogatepass"),
+            headers={"Content-Type": "application/json"},
+            timeout=600,
+        )
+        return response.status_code, len(response.content)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(post, bodies))
+    codes = Counter(code for code, _ in results)
+    assert all(code < 500 for code in codes), codes
+    assert all(size < 4000 for code, size in results if code != 200), codes
+    assert codes[422] >= 150 and codes[200] + codes[429] == 200 - codes[422], codes
+    assert requests.get(f"{url}/health", timeout=30).ok
 
 
 def test_a_render_over_the_time_limit_is_stopped_and_the_worker_goes_on(

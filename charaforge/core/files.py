@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -42,6 +43,26 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
+def temp_folder_prefix(destination: str | Path) -> str:
+    """The name start of `atomic_path`'s temporary folder for `destination` (mkdtemp adds 8
+    random characters)."""
+    return f".{Path(destination).name}."
+
+
+def stale_temp_folders(destination: str | Path) -> list[Path]:
+    """`atomic_path` folders beside `destination` that a killed writer left (SIGKILL skips the
+    clean-up); only the caller knows that no live writer still uses them."""
+    destination = Path(destination)
+    if not destination.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(temp_folder_prefix(destination)) + r"[a-z0-9_]{8}")
+    return sorted(
+        child
+        for child in destination.parent.iterdir()
+        if pattern.fullmatch(child.name) and child.is_dir() and not child.is_symlink()
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `destination`; move it into place only on success.
@@ -52,7 +73,9 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temp_root = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    temp_root = Path(
+        tempfile.mkdtemp(prefix=temp_folder_prefix(destination), dir=destination.parent)
+    )
     temp_path = temp_root / destination.name
     try:
         try:

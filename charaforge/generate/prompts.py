@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from charaforge.config import PLACEHOLDER, PROMPT_PLACEHOLDERS, EvalConfig
 from charaforge.errors import ConfigError
 
 
@@ -51,6 +52,14 @@ def parse_suite(text: str, suite: str, source: str = "<text>") -> list[SuiteProm
                 f"{source}:{number}: expected `background#character#action` with a character, "
                 f"got {line!r}"
             )
+        # As for eval.prompts: only `{trigger}` is filled in, so a typo such as `{trigerr}`
+        # would be rendered literally into every frame of the suite.
+        unknown = sorted(set(PLACEHOLDER.findall(line)) - PROMPT_PLACEHOLDERS)
+        if unknown:
+            names = ", ".join("{" + name + "}" for name in unknown)
+            raise ConfigError(
+                f"{source}:{number}: unknown placeholder {names}; the known one is {{trigger}}"
+            )
         prompts.append(SuitePrompt(suite, group, position, *fields))
         position += 1
     if not prompts:
@@ -63,3 +72,10 @@ def read_suite(path: str | Path, suite: str) -> list[SuitePrompt]:
     if not path.is_file():
         raise ConfigError(f"eval.suites.{suite}: {path} not found")
     return parse_suite(path.read_text(encoding="utf-8"), suite, str(path))
+
+
+def check_suites(eval: EvalConfig, root: str | Path = ".") -> None:
+    """Read and check every suite file of `eval` (a missing file, a malformed line, an unknown
+    placeholder), so that the sweep refuses them before loading any model."""
+    for name, suite in sorted(eval.suites.items()):
+        read_suite(Path(root) / suite.file, name)

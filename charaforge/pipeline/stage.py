@@ -18,7 +18,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 from charaforge.config import Params, config_hash, load_params
-from charaforge.core.files import sha256_file
+from charaforge.core.files import sha256_file, stale_temp_folders
 from charaforge.core.logs import configure_logging  # one set-up for stages and the CLI
 from charaforge.errors import DISK_ERRNOS, CharaForgeError, disk_message
 from charaforge.pipeline.tracking import StageRun, Terminated, stage_run, stage_run_name
@@ -81,6 +81,8 @@ def run_stage(
             else contextlib.nullcontext(),
             stage_run(params.tracking, name, tags=tags, run_name=run_name) as run,
         ):
+            if os.environ.get("RANK", "0") == "0":  # under the lock: no live run of this stage
+                remove_stale_temps(name)
             run.log_params(logged)
             body(StageContext(name=name, params=params, run=run))
     except CharaForgeError as error:
@@ -104,17 +106,43 @@ def run_stage(
 def remove_outputs(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:
     """Delete the stage's cached outputs after a disk error, so no partial folder is left where
     DVC would take it for an output; a stage re-run writes them from scratch anyway."""
+    removed = []
+    for path in _declared_paths(stage, dvc_file, sections=("outs",)):
+        if not path.exists():
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(path.as_posix())
+    return removed
+
+
+def _declared_paths(
+    stage: str, dvc_file: str | Path, sections: Sequence[str] = ("outs", "metrics", "plots")
+) -> list[Path]:
+    """The stage's paths in these dvc.yaml sections (templated `${...}` paths left out)."""
     try:
         spec = yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8"))["stages"][stage]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return []
+    paths = []
+    for section in sections:
+        for out in spec.get(section, []) or []:
+            path = str(next(iter(out)) if isinstance(out, dict) else out)
+            if "${" not in path:
+                paths.append(Path(path))
+    return paths
+
+
+def remove_stale_temps(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:
+    """Delete the temporary folders a SIGKILLed run of this stage left beside its outputs
+    (`data/.ingest.k3j9x2ab/`: an atomic write that never got to its clean-up). Called under the
+    stage's workspace lock, so no live run of the stage is writing them."""
     removed = []
-    for out in spec.get("outs", []):
-        path = Path(next(iter(out)) if isinstance(out, dict) else out)
-        if "${" in str(path) or not path.exists():
-            continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-        removed.append(path.as_posix())
+    for path in _declared_paths(stage, dvc_file):
+        for folder in stale_temp_folders(path):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.as_posix())
+    if removed:
+        log.warning("%s: removed what a killed run left: %s", stage, ", ".join(removed))
     return removed
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from charaforge.config import TrainConfig
 from charaforge.errors import ConfigError
+from charaforge.models.base import pipeline_location
 from charaforge.train.checks import check_candidates
 
 
@@ -58,3 +59,10 @@ def skeleton_pipeline(folder: str | Path) -> Any:
 def check_from_configs(folder: str | Path, train: TrainConfig, resolution: int) -> None:
     """Raise ConfigError (naming the key) if `train` cannot train the model in `folder`."""
     check_candidates(skeleton_pipeline(folder), train, resolution)
+
+
+def check_base(base_dir: str | Path, train: TrainConfig, resolution: int) -> None:
+    """The train stage's model checks on the base stage's model (`data/base`), from its config
+    files: a bad target, fp16 on CPU or a resolution the UNet cannot take fails here, before the
+    stage loads any weights or opens its MLflow run."""
+    check_from_configs(pipeline_location(base_dir), train, resolution)
