@@ -4,8 +4,8 @@ directly, measured in the same run on the same engine.
 The three paths render the same images (batch 4, the same seeds): `direct` calls
 `GenerationEngine.render_batch`; `http` posts `/txt2img` with `batch_size` 4 to a real uvicorn
 on loopback (JSON, base64 PNGs); `batch` submits a job of 4 * rounds rows to `/api/v1/batch` and
-waits for it (SQLite, PNG + JSON written per image; one row per engine call, so it also pays for
-batch size 1). Stand-in models (random weights); the numbers are ratios on this machine, not
+waits for it (SQLite, PNG + JSON written per image; rows that share their settings render up
+to `max_batch` = 4 per engine call, one commit per call). Stand-in models (random weights); the numbers are ratios on this machine, not
 absolute speeds of real models. Target: HTTP overhead under 10% at batch 4.
 
     .venv/bin/python benchmarks/bench_serve.py [--steps 8] [--size 128] [--rounds 4]
