@@ -18,6 +18,7 @@ from typing import Any
 from charaforge.generate.request import PRESETS, SCHEDULERS, RenderRequest
 from charaforge.serve.batch import BatchRunner, parse_job_file
 from charaforge.serve.ui_tabs import (
+    LOSSLESS,
     NO_LORA,
     controlnet_tab,
     img2img_tab,
@@ -127,7 +128,7 @@ def build_ui(service: Service, batches: BatchRunner) -> Any:
                 height = gr.Number(service.engine.base.resolution, label="Height", precision=0)
                 batch = gr.Number(1, label="Batch", precision=0, minimum=1)
             run = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(label="Images", elem_id="gallery")
+            gallery = gr.Gallery(format=LOSSLESS, label="Images", elem_id="gallery")
             parameters = gr.Code(label="Parameters", language="json", elem_id="parameters")
             trigger.click(insert_trigger, [prompt, lora], prompt)
             run.click(

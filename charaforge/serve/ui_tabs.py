@@ -26,6 +26,7 @@ from charaforge.serve.reports import NoReport, read_report, training_curves
 from charaforge.serve.worker import QueueFull, RenderCancelled, Service
 
 NO_LORA = "(none)"
+LOSSLESS = "png"  # image format of every UI image: webp, Gradio's default, changes pixels
 RANKING_COLUMNS = ("rank", "candidate", "step", "lora_scale", "composite", "ci_low", "ci_high")
 
 
@@ -168,17 +169,22 @@ def img2img_tab(gr: Any, service: Service) -> None:
             " (image-to-image). A mask upload (white = repaint) replaces the painting."
         )
         editor = gr.ImageEditor(
+            format=LOSSLESS,
             label="Image (paint the mask)",
             type="pil",
             sources=["upload"],
             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
             elem_id="edit-image",
         )
-        mask_upload = gr.Image(label="Mask (optional)", type="pil", elem_id="edit-mask")
+        mask_upload = gr.Image(
+            format=LOSSLESS, label="Mask (optional)", type="pil", elem_id="edit-mask"
+        )
         strength = gr.Slider(0.05, 1.0, value=0.75, step=0.05, label="Strength")
         common = _common(gr, "edit", service.engine.base.resolution)
         run = gr.Button("Render", variant="primary", elem_id="edit-run")
-        gallery = gr.Gallery(label="Result (and the mask used)", elem_id="edit-gallery")
+        gallery = gr.Gallery(
+            format=LOSSLESS, label="Result (and the mask used)", elem_id="edit-gallery"
+        )
         parameters = gr.Code(label="Parameters", language="json", elem_id="edit-parameters")
         run.click(render, [editor, mask_upload, strength, *common], [gallery, parameters])
 
@@ -214,7 +220,9 @@ def controlnet_tab(gr: Any, service: Service) -> None:
         return [images[0], conditioning.image], images[0].info.get("charaforge", "")
 
     with gr.Tab("ControlNet"):
-        upload = gr.Image(label="Control map or photo", type="pil", elem_id="control-image")
+        upload = gr.Image(
+            format=LOSSLESS, label="Control map or photo", type="pil", elem_id="control-image"
+        )
         with gr.Row():
             control_type = gr.Dropdown(
                 list(CONTROL_TYPES), value="openpose", label="Control type", elem_id="control-type"
@@ -228,7 +236,9 @@ def controlnet_tab(gr: Any, service: Service) -> None:
             scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Conditioning scale")
         common = _common(gr, "control", service.engine.base.resolution)
         run = gr.Button("Render", variant="primary", elem_id="control-run")
-        gallery = gr.Gallery(label="Result and the control map", elem_id="control-gallery")
+        gallery = gr.Gallery(
+            format=LOSSLESS, label="Result and the control map", elem_id="control-gallery"
+        )
         parameters = gr.Code(label="Parameters", language="json", elem_id="control-parameters")
         run.click(render, [upload, control_type, source, scale, *common], [gallery, parameters])
 
@@ -293,7 +303,7 @@ def suites_tab(gr: Any, service: Service, lora_choices: Callable[[], list[str]])
                 service.engine.base.resolution, label="Size", precision=0, elem_id="suite-size"
             )
         run = gr.Button("Render suite", variant="primary", elem_id="suite-run")
-        gallery = gr.Gallery(label="Groups", columns=4, elem_id="suite-gallery")
+        gallery = gr.Gallery(format=LOSSLESS, label="Groups", columns=4, elem_id="suite-gallery")
         parameters = gr.Code(label="Parameters", language="json", elem_id="suite-parameters")
         run.click(
             render,
@@ -322,7 +332,9 @@ def selection_tab(gr: Any, service: Service) -> None:
         ranking = gr.Dataframe(
             table, headers=list(RANKING_COLUMNS), label="Ranking", elem_id="selection-ranking"
         )
-        grids = gr.Gallery(plots, label="Plots and grids", elem_id="selection-plots")
+        grids = gr.Gallery(
+            format=LOSSLESS, value=plots, label="Plots and grids", elem_id="selection-plots"
+        )
         gr.Button("Reload", elem_id="selection-reload").click(
             load, None, [champion, ranking, grids]
         )
