@@ -34,7 +34,7 @@ from pydantic import Field, ValidationError
 from charaforge.core.files import sha256_bytes
 from charaforge.generate.records import write_image
 from charaforge.generate.request import PRESETS, Conditioning, RenderRequest
-from charaforge.serve.limits import Body, ServerSettings, open_image_bytes
+from charaforge.serve.limits import Body, ServerSettings, decode_image, open_image_bytes
 from charaforge.serve.registry import RegisteredLora
 from charaforge.serve.render import PlanError, plan
 from charaforge.serve.worker import Job, RenderCancelled, Service
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 MAX_ROWS = 10_000
+# How base64 PNG, JPEG and WebP data begin (their magic bytes encoded): such a pose_image is
+# image data, not a path.
+BASE64_IMAGE_STARTS = ("iVBORw0KGgo", "/9j/", "UklGR")
 COLUMNS = ("prompt", "negative", "pose_image", "lora", "seed", "width", "height", "steps")
 
 
@@ -59,7 +62,11 @@ class BatchRow(Body):
 
     prompt: str = Field(min_length=1, max_length=2000, description="Prompt; `<lora:...>` tags.")
     negative: str = Field(default="", max_length=2000, description="Negative prompt.")
-    pose_image: str = Field(default="", description="An OpenPose skeleton image (a path).")
+    pose_image: str = Field(
+        default="",
+        max_length=24 * 1024 * 1024,
+        description="An OpenPose skeleton image: a path in the working folder, or base64.",
+    )
     lora: str = Field(default="", description="`NAME` or `NAME:SCALE` (';' between several).")
     seed: int = Field(default=0, ge=0, lt=2**63, description="The row's seed.")
     width: int | None = Field(default=None, ge=8, description="Width (model default).")
@@ -424,7 +431,13 @@ class BatchRunner:
         self.store.finish_rows(job_id, paths)
 
     def _pose(self, reference: str) -> Image.Image:
-        """A pose image from inside the working folder or $AI_CACHE_ROOT only."""
+        """A pose image: base64 (a `data:image/...;base64,` URL or plain base64, as JSON jobs
+        send them), or a file inside the working folder or $AI_CACHE_ROOT only."""
+        if reference.startswith("data:") or reference.startswith(BASE64_IMAGE_STARTS):
+            try:
+                return decode_image(reference, self.settings, "pose_image").convert("RGB")
+            except ValueError as error:
+                raise PlanError(str(error)) from None
         roots = [Path.cwd().resolve()]
         if os.environ.get("AI_CACHE_ROOT"):
             roots.append(Path(os.environ["AI_CACHE_ROOT"]).resolve())
