@@ -326,18 +326,17 @@ def selection_tab(gr: Any, service: Service) -> None:
         table = [[row.get(column) for column in RANKING_COLUMNS] for row in report.ranking]
         return summary, table, [str(path) for path in report.plots]
 
-    summary, table, plots = load()
-    with gr.Tab("Selection"):
-        champion = gr.Textbox(summary, label="Champion", elem_id="selection-champion")
+    # Read when the tab is opened (and on Reload), not when the server starts.
+    with gr.Tab("Selection") as tab:
+        champion = gr.Textbox(label="Champion", elem_id="selection-champion")
         ranking = gr.Dataframe(
-            table, headers=list(RANKING_COLUMNS), label="Ranking", elem_id="selection-ranking"
+            headers=list(RANKING_COLUMNS), label="Ranking", elem_id="selection-ranking"
         )
-        grids = gr.Gallery(
-            format=LOSSLESS, value=plots, label="Plots and grids", elem_id="selection-plots"
-        )
+        grids = gr.Gallery(format=LOSSLESS, label="Plots and grids", elem_id="selection-plots")
         gr.Button("Reload", elem_id="selection-reload").click(
             load, None, [champion, ranking, grids]
         )
+        tab.select(load, None, [champion, ranking, grids])
 
 
 def training_tab(gr: Any, service: Service) -> None:
@@ -354,16 +353,16 @@ def training_tab(gr: Any, service: Service) -> None:
         ]
         return frame, table
 
-    frame, table = load()
-    with gr.Tab("Training"):
+    # Read from MLflow when the tab is opened (and on Reload), not when the server starts.
+    with gr.Tab("Training") as tab:
         gr.Markdown("Loss and validation loss of the candidates' runs in MLflow.")
         plot = gr.LinePlot(
-            frame, x="step", y="value", color="series", label="Curves", elem_id="training-plot"
+            x="step", y="value", color="series", label="Curves", elem_id="training-plot"
         )
         last = gr.Dataframe(
-            table,
             headers=["candidate", "metric", "last step", "value"],
             label="Last values",
             elem_id="training-table",
         )
         gr.Button("Reload", elem_id="training-reload").click(load, None, [plot, last])
+        tab.select(load, None, [plot, last])
