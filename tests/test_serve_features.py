@@ -29,6 +29,7 @@ from charaforge.generate.records import png_bytes
 from charaforge.generate.request import Conditioning, RenderRequest
 from charaforge.serve.app import create_app
 from charaforge.serve.limits import ServerSettings
+from charaforge.serve.ui_tabs import editor_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,3 +233,21 @@ def test_batch_rows_take_base64_poses_and_render_together(server, engine) -> Non
             [RenderRequest(prompt=PROMPT, seed=seed, steps=2, conditioning=conditioning)]
         )[0]
         assert Path(status["images"][seed]).read_bytes() == png_bytes(expected)
+
+
+def test_the_mask_painted_on_the_image_editor() -> None:
+    """Gradio's ImageEditor value: the background and transparent layers with the brush strokes;
+    the inpainting mask is white wherever any layer has paint, and None when nothing is painted."""
+    background = _photo()
+    stroke = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(stroke).rectangle([4, 4, 19, 11], fill=(255, 255, 255, 255))
+    other = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    other.putpixel((60, 60), (255, 255, 255, 40))
+    mask = editor_mask({"background": background, "layers": [stroke, other], "composite": None})
+    expected = np.zeros((64, 64), bool)
+    expected[4:12, 4:20] = True
+    expected[60, 60] = True
+    assert (np.asarray(mask) == np.where(expected, 255, 0)).all()
+    empty = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    assert editor_mask({"background": background, "layers": [empty]}) is None
+    assert editor_mask(None) is None
