@@ -565,6 +565,9 @@ def serve(
         max_steps=max_steps,
         max_batch=max_batch,
         cpu_threads=cpu_threads,
+        # The pipeline's MLflow store (pipeline.tracking's default), for the Training tab.
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")
+        or (f"sqlite:///{Path('mlflow.db').resolve()}" if Path("mlflow.db").is_file() else None),
     )
     if host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
         log.warning("listening on %s without a bearer token (set $%s)", host, token_env)

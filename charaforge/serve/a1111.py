@@ -18,8 +18,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import ConfigDict, Field
 
+from charaforge.config import CONTROL_TYPES
 from charaforge.generate.records import png_bytes
-from charaforge.generate.request import SCHEDULERS, Conditioning, RenderRequest
+from charaforge.generate.request import SCHEDULERS, Conditioning, ControlUnit, RenderRequest
+from charaforge.serve.features import control_map
 from charaforge.serve.limits import Body, ServerSettings, decode_image
 from charaforge.serve.render import http_plan, json_parameters, run
 from charaforge.serve.worker import Service
@@ -68,6 +70,13 @@ class A1111Txt2Img(Body):
         default={}, description="`CLIP_stop_at_last_layers` (clip skip), `sd_model_checkpoint`."
     )
     override_settings_restore_afterwards: bool = Field(default=True, description="Always true.")
+    alwayson_scripts: dict[str, Any] = Field(
+        default={},
+        description='`controlnet`: `{"args": [unit, ...]}` as the sd-webui-controlnet extension'
+        " takes them (`image`/`input_image` base64, `module` (`none`: the image is the map),"
+        " `model`, `weight`, `guidance_start`, `guidance_end`, `enabled`); other scripts are"
+        " listed in `info.ignored_fields`.",
+    )
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -124,6 +133,73 @@ def _template(body: A1111Txt2Img, size: tuple[int, int] | None) -> tuple[RenderR
     return template, seed
 
 
+def _control_type(unit: dict[str, Any]) -> str:
+    """The ControlNet type a unit names: by its model (`control_v11p_sd15_canny`), else by its
+    preprocessor module (`canny`, `openpose_full`, `depth_midas`...)."""
+    for text in (str(unit.get("model") or ""), str(unit.get("module") or "")):
+        for control_type in sorted(CONTROL_TYPES, key=len, reverse=True):
+            if control_type in text.lower():
+                return control_type
+    raise ValueError(
+        f"controlnet unit: model {str(unit.get('model'))[:60]!r} names no type of "
+        f"{list(CONTROL_TYPES)}"
+    )
+
+
+def controlnet_units_ignored(scripts: dict[str, Any]) -> list[str]:
+    return [f"alwayson_scripts.{name}"[:60] for name in scripts if name.lower() != "controlnet"]
+
+
+def controlnet_units(
+    scripts: dict[str, Any], settings: ServerSettings
+) -> tuple[Conditioning | None, list[str]]:
+    """The extension's ControlNet units as one Conditioning (several: MultiControlNet), and the
+    names of the scripts not used. ValueError (422) for a unit that cannot be read."""
+    ignored = controlnet_units_ignored(scripts)
+    script = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
+    if script is None:
+        return None, ignored
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise ValueError('alwayson_scripts.controlnet: needs {"args": [unit, ...]}')
+    units: list[ControlUnit] = []
+    for number, unit in enumerate(args):
+        if not isinstance(unit, dict):
+            raise ValueError(f"alwayson_scripts.controlnet.args[{number}]: an object")
+        if unit.get("enabled", True) is False:
+            continue
+        data = unit.get("image") or unit.get("input_image")
+        if isinstance(data, dict):  # newer extension versions: {"image": ..., "mask": ...}
+            data = data.get("image")
+        if not isinstance(data, str):
+            raise ValueError(f"alwayson_scripts.controlnet.args[{number}]: no image")
+        control_type = _control_type(unit)
+        image = decode_image(data, settings, f"controlnet.args[{number}].image").convert("RGB")
+        module = str(unit.get("module") or "none").lower()
+        units.append(
+            ControlUnit(
+                control_type,
+                control_map(image, control_type, extract=module != "none"),
+                float(unit.get("weight", 1.0)),
+                float(unit.get("guidance_start", 0.0)),
+                float(unit.get("guidance_end", 1.0)),
+            )
+        )
+    if not units:
+        return None, ignored
+    first, *more = units
+    conditioning = Conditioning(
+        "control",
+        first.image,
+        control_type=first.control_type,
+        conditioning_scale=first.conditioning_scale,
+        guidance_start=first.guidance_start,
+        guidance_end=first.guidance_end,
+        controls=tuple(more),
+    )
+    return conditioning, ignored
+
+
 def _info(body: A1111Txt2Img, images: list, engine: Any, strength: float | None) -> str:
     params = [json_parameters(image) for image in images]
     first = params[0]
@@ -152,7 +228,9 @@ def _info(body: A1111Txt2Img, images: list, engine: Any, strength: float | None)
             "loras": first["loras"],
             "infotexts": [image.info["parameters"] for image in images],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "ignored_fields": sorted(body.model_extra or {}),
+            "ignored_fields": sorted(
+                [*(body.model_extra or {}), *controlnet_units_ignored(body.alwayson_scripts)]
+            ),
         }
     )
 
@@ -161,15 +239,22 @@ def router(service: Service, settings: ServerSettings, guard: Any) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible"], dependencies=[guard])
 
     async def render(body: A1111Txt2Img, conditioning: Conditioning | None) -> A1111Response:
+        try:
+            control, _ = controlnet_units(body.alwayson_scripts, settings)
+        except ValueError as error:
+            raise HTTPException(422, str(error)[:400]) from None
+        if control is not None and conditioning is not None:
+            raise HTTPException(422, "alwayson_scripts.controlnet: not with img2img here")
         size = conditioning.image.size if conditioning is not None else None
+        conditioning = conditioning or control
         template, seed = _template(body, size)
         template = RenderRequest(**{**template.__dict__, "conditioning": conditioning})
         count = body.batch_size * body.n_iter
         requests, entries = http_plan(service, template, [seed + i for i in range(count)])
-        label = "img2img" if conditioning is not None else "txt2img"
+        label = "img2img" if size is not None else "txt2img"
         images = await run(service, requests, entries, label=label)
         echoed = body.model_dump(exclude={"init_images", "mask"})
-        strength = conditioning.strength if conditioning is not None else None
+        strength = conditioning.strength if size is not None else None
         encoded = [base64.b64encode(png_bytes(image)).decode() for image in images]
         if isinstance(body, A1111Img2Img) and body.include_init_images:
             encoded += body.init_images[:1]

@@ -1,5 +1,8 @@
 """Seed 001's HTTP API under /api/v1: health, txt2img (saved image + metadata paths, elapsed
-time), controlnet/pose, lora/list|load|unload and batch/submit|status|cancel.
+time), controlnet/pose, controlnet (any map type: canny, depth...; or extracted from a photo),
+edit (background replacement), suite (shared-attention character groups),
+lora/list|load|unload, batch/submit|status|cancel and eval/report (the latest selection report:
+the champion, the ranking, one LoRA's scored rows).
 
 Images are written under the outputs folder (charaforge.serve.batch.outputs_root), named by
 their content, so the same request never writes a second copy.
@@ -11,16 +14,20 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from PIL import Image
 from pydantic import Field, model_validator
 from starlette.datastructures import UploadFile
 
+from charaforge.config import CONTROL_TYPES
 from charaforge.core.files import sha256_bytes
 from charaforge.generate.records import png_bytes, write_image
 from charaforge.generate.request import SCHEDULERS, Conditioning, RenderRequest
 from charaforge.serve.batch import BatchRunner, parse_job_file
+from charaforge.serve.features import control_conditioning, plan_edit, plan_suite
 from charaforge.serve.limits import Body, ServerSettings, decode_image
 from charaforge.serve.registry import LoraNotFound
-from charaforge.serve.render import http_plan, run
+from charaforge.serve.render import PlanError, http_plan, run
+from charaforge.serve.reports import NoReport, read_report
 from charaforge.serve.worker import Service
 
 
@@ -54,14 +61,63 @@ class V1Pose(V1Txt2Img):
     strength: float = Field(default=1.0, ge=0, le=2, description="ControlNet conditioning scale.")
 
 
+class V1Control(V1Txt2Img):
+    image: str = Field(min_length=1, description="A control map or a photo, base64.")
+    control_type: str = Field(default="canny", description=f"One of {list(CONTROL_TYPES)}.")
+    extract: bool = Field(
+        default=True, description="The image is a photo: extract its map (canny, MediaPipe pose)."
+    )
+    strength: float = Field(default=1.0, ge=0, le=2, description="ControlNet conditioning scale.")
+
+    @model_validator(mode="after")
+    def _known_type(self) -> V1Control:
+        if self.control_type not in CONTROL_TYPES:
+            raise ValueError(f"control_type: one of {list(CONTROL_TYPES)}")
+        return self
+
+
+class V1Edit(V1Txt2Img):
+    image: str = Field(min_length=1, description="The picture whose background to replace, base64.")
+    mask: str | None = Field(
+        default=None, description="base64 subject mask, white = keep (none: segment a person)."
+    )
+    strength: float = Field(default=1.0, gt=0, le=1, description="Inpainting strength.")
+    shadow: bool = Field(default=False, description="A soft ground shadow under the subject.")
+
+
+class V1Suite(V1Txt2Img):
+    prompt: str = Field(
+        min_length=1,
+        max_length=20000,
+        description="`background#character#action` lines, a blank line between groups.",
+    )
+    share_background: bool = Field(
+        default=False, description="Fixed background: frames share every identity token."
+    )
+    trigger: str = Field(default="", max_length=80, description="Replaces `{trigger}`.")
+
+
 class V1Saved(Body):
     image_path: str = Field(description="The PNG written (A1111 `parameters` inside).")
     metadata_path: str = Field(description="Its JSON sidecar with every parameter.")
     elapsed_ms: int = Field(description="Milliseconds from request to written files.")
 
 
+class V1SuiteSaved(Body):
+    groups: list[list[V1Saved]] = Field(description="Per group: the identity shot, then frames.")
+
+
 class V1Lora(Body):
     lora_id: str = Field(min_length=1, max_length=80, description="A LoRA name or alias.")
+
+
+class V1EvalReport(Body):
+    lora_id: str | None = Field(
+        default=None,
+        max_length=80,
+        description="A LoRA (`<candidate>@<step>`, `<candidate>` or an alias such as `champion`)"
+        " whose scored rows to return; none: the whole ranking.",
+    )
 
 
 def router(
@@ -70,9 +126,8 @@ def router(
     api = APIRouter(prefix="/api/v1", tags=["seed API"])
     guarded = [guard]
 
-    async def render_and_save(body: V1Txt2Img, conditioning: Conditioning | None) -> V1Saved:
-        started = time.monotonic()
-        template = RenderRequest(
+    def template_of(body: V1Txt2Img, conditioning: Conditioning | None) -> RenderRequest:
+        return RenderRequest(
             prompt=body.prompt,
             seed=body.seed,
             negative_prompt=body.negative,
@@ -83,8 +138,8 @@ def router(
             scheduler=body.scheduler,
             conditioning=conditioning,
         )
-        requests, entries = http_plan(service, template, [body.seed], body.loras())
-        image = (await run(service, requests, entries))[0]
+
+    def save(image: Image.Image, started: float) -> V1Saved:
         data = png_bytes(image)
         day = time.strftime("%Y-%m-%d")
         path = batches.root / day / "single" / f"{sha256_bytes(data)[:16]}.png"
@@ -94,6 +149,18 @@ def router(
             metadata_path=str(path.with_suffix(".json").resolve()),
             elapsed_ms=round((time.monotonic() - started) * 1000),
         )
+
+    async def render_and_save(body: V1Txt2Img, conditioning: Conditioning | None) -> V1Saved:
+        started = time.monotonic()
+        template = template_of(body, conditioning)
+        requests, entries = http_plan(service, template, [body.seed], body.loras())
+        return save((await run(service, requests, entries))[0], started)
+
+    def image_of(data: str, what: str) -> Image.Image:
+        try:
+            return decode_image(data, settings, what)
+        except ValueError as error:
+            raise HTTPException(422, str(error)) from None
 
     @api.get("/health")
     def health() -> dict[str, Any]:
@@ -108,12 +175,65 @@ def router(
     @api.post("/controlnet/pose", response_model=V1Saved, dependencies=guarded)
     async def controlnet_pose(body: V1Pose) -> V1Saved:
         """One image conditioned on an OpenPose skeleton (base64)."""
-        try:
-            pose = decode_image(body.pose_image, settings, "pose_image").convert("RGB")
-        except ValueError as error:
-            raise HTTPException(422, str(error)) from None
+        pose = image_of(body.pose_image, "pose_image").convert("RGB")
         conditioning = Conditioning("control", pose, conditioning_scale=body.strength)
         return await render_and_save(body, conditioning)
+
+    @api.post("/controlnet", response_model=V1Saved, dependencies=guarded)
+    async def controlnet(body: V1Control) -> V1Saved:
+        """One image conditioned on a ControlNet map of any type (canny, depth, openpose...):
+        the map as sent, or extracted from a photo with the project's preprocessors."""
+        image = image_of(body.image, "image").convert("RGB")
+        try:
+            conditioning = control_conditioning(
+                image, body.control_type, body.extract, scale=body.strength
+            )
+        except (ValueError, OSError) as error:
+            raise HTTPException(422, str(error)[:400]) from None
+        return await render_and_save(body, conditioning)
+
+    @api.post("/edit", response_model=V1Saved, dependencies=guarded)
+    async def edit(body: V1Edit) -> V1Saved:
+        """Background replacement (`charaforge edit`): keep the subject, paint a new background
+        from the prompt around it."""
+        started = time.monotonic()
+        image = image_of(body.image, "image").convert("RGB")
+        mask = image_of(body.mask, "mask").convert("L") if body.mask is not None else None
+        try:
+            requests, entries, work = plan_edit(
+                service,
+                template_of(body, None),
+                image,
+                mask,
+                body.loras(),
+                strength=body.strength,
+                shadow=body.shadow,
+            )
+        except PlanError as error:
+            raise HTTPException(422, str(error)) from None
+        return save((await run(service, requests, entries, label="edit", work=work))[0], started)
+
+    @api.post("/suite", response_model=V1SuiteSaved, dependencies=guarded)
+    async def suite(body: V1Suite) -> V1SuiteSaved:
+        """A character suite: each group rendered in one call with shared attention (the frames
+        attend to the group's identity shot), every image seeded `seed`."""
+        started = time.monotonic()
+        try:
+            groups = plan_suite(
+                service,
+                body.prompt,
+                template_of(body, None),
+                body.loras(),
+                body.share_background,
+                trigger=body.trigger,
+            )
+        except PlanError as error:
+            raise HTTPException(422, str(error)[:400]) from None
+        saved = []
+        for group in groups:
+            images = await run(service, group.requests, group.entries, label="suite")
+            saved.append([save(image, started) for image in images])
+        return V1SuiteSaved(groups=saved)
 
     @api.get("/lora/list", dependencies=guarded)
     def lora_list() -> list[dict[str, Any]]:
@@ -188,5 +308,38 @@ def router(
         if batches.job(job_id[:64]) is None:
             raise HTTPException(404, "no such batch job")
         return {"job_id": job_id, "cancelled": batches.cancel(job_id)}
+
+    def report_body(lora_id: str | None) -> dict[str, Any]:
+        try:
+            report = read_report(settings.reports_dir)
+        except NoReport as error:
+            raise HTTPException(404, str(error)) from None
+        body: dict[str, Any] = {
+            "champion": report.champion,
+            "metrics": report.metrics,
+            "plots": [path.name for path in report.plots],
+        }
+        if lora_id is None:
+            body["ranking"] = report.ranking
+            return body
+        service.registry.reload()
+        name = service.registry.canonical(lora_id)
+        candidate, _, step = name.partition("@")
+        rows = report.rows_for(candidate, int(step) if step.isdigit() else None)
+        if not rows:
+            raise HTTPException(404, f"LoRA {lora_id[:80]!r} has no scored rows in the report")
+        body.update(lora_id=name, rows=rows)
+        return body
+
+    @api.get("/eval/report", dependencies=guarded)
+    def eval_report() -> dict[str, Any]:
+        """The latest selection report: champion, its metrics, the ranking and the plot names."""
+        return report_body(None)
+
+    @api.post("/eval/report", dependencies=guarded)
+    def eval_report_lora(body: V1EvalReport) -> dict[str, Any]:
+        """One LoRA's scores from the latest report (every lora_scale it was rendered at, with
+        each metric, composite, confidence interval and rank), or the whole ranking."""
+        return report_body(body.lora_id)
 
     return api

@@ -1,9 +1,11 @@
 """Batch jobs (seed 001's `/api/v1/batch/*`): a CSV or JSON job file, persisted in SQLite.
 
-A job is its rows (`prompt,negative,pose_image,lora,seed,width,height,steps`), each rendered
-through the shared device queue and written as `<index>.png` + `<index>.json` under
-`<outputs>/<date>/<job_id>/`. Every row's state is in SQLite (stdlib sqlite3), committed only
-after its files are written atomically: a server killed mid-job resumes after a restart with the
+A job is its rows (`prompt,negative,pose_image,lora,seed,width,height,steps`), rendered
+through the shared device queue (consecutive rows that differ only in prompt and seed in one
+engine call of up to `max_batch` images: the engine gives each the bytes it gives it alone) and
+written as `<index>.png` + `<index>.json` under `<outputs>/<date>/<job_id>/`. Every row's state
+is in SQLite (stdlib sqlite3), committed (once per engine call) only after its files are written
+atomically: a server killed mid-job resumes after a restart with the
 rows not yet done (a row killed between its write and its commit is rendered again into the same
 file name with the same bytes, so nothing is duplicated or missing). A failing row is retried
 MAX_ATTEMPTS times, then recorded as failed, and the job goes on. Rows are seeded, so the same
@@ -13,6 +15,7 @@ job file gives the same bytes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -22,15 +25,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from pydantic import Field, ValidationError
 
+from charaforge.core.files import sha256_bytes
 from charaforge.generate.records import write_image
-from charaforge.generate.request import Conditioning, RenderRequest
-from charaforge.serve.limits import Body, ServerSettings, open_image_bytes
+from charaforge.generate.request import PRESETS, Conditioning, RenderRequest
+from charaforge.serve.limits import Body, ServerSettings, decode_image, open_image_bytes
+from charaforge.serve.registry import RegisteredLora
 from charaforge.serve.render import PlanError, plan
 from charaforge.serve.worker import Job, RenderCancelled, Service
 
@@ -38,6 +44,9 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 MAX_ROWS = 10_000
+# How base64 PNG, JPEG and WebP data begin (their magic bytes encoded): such a pose_image is
+# image data, not a path.
+BASE64_IMAGE_STARTS = ("iVBORw0KGgo", "/9j/", "UklGR")
 COLUMNS = ("prompt", "negative", "pose_image", "lora", "seed", "width", "height", "steps")
 
 
@@ -54,7 +63,11 @@ class BatchRow(Body):
 
     prompt: str = Field(min_length=1, max_length=2000, description="Prompt; `<lora:...>` tags.")
     negative: str = Field(default="", max_length=2000, description="Negative prompt.")
-    pose_image: str = Field(default="", description="An OpenPose skeleton image (a path).")
+    pose_image: str = Field(
+        default="",
+        max_length=24 * 1024 * 1024,
+        description="An OpenPose skeleton image: a path in the working folder, or base64.",
+    )
     lora: str = Field(default="", description="`NAME` or `NAME:SCALE` (';' between several).")
     seed: int = Field(default=0, ge=0, lt=2**63, description="The row's seed.")
     width: int | None = Field(default=None, ge=8, description="Width (model default).")
@@ -107,6 +120,18 @@ def _lora_column(text: str) -> dict[str, float | None]:
         except ValueError:
             raise ValueError(f"lora {part[:60]!r}: the scale is not a number") from None
     return loras
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    """A pending row made into its engine request, with what decides which rows batch together."""
+
+    idx: int
+    attempts: int
+    request: RenderRequest
+    entries: dict[str, RegisteredLora]
+    key: tuple
+    cost: int
 
 
 class BatchStore:
@@ -199,12 +224,15 @@ class BatchStore:
             found = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return found[0] if found else None
 
-    def finish_row(self, job_id: str, idx: int, image: str) -> None:
+    def finish_rows(self, job_id: str, images: list[tuple[int, str]]) -> None:
+        """Mark rows done in one transaction (one commit per engine call, not per row)."""
         with self._db() as db:
-            db.execute(
+            db.execute("BEGIN")
+            db.executemany(
                 "UPDATE rows SET state = 'done', image = ? WHERE job_id = ? AND idx = ?",
-                (image, job_id, idx),
+                [(image, job_id, idx) for idx, image in images],
             )
+            db.execute("COMMIT")
 
     def fail_row(self, job_id: str, idx: int, error: str, final: bool) -> None:
         with self._db() as db:
@@ -298,16 +326,25 @@ class BatchRunner:
             pending = self.store.pending_rows(job_id)
             if not pending or self.store.state(job_id) != "running":
                 break
-            idx, row, attempts = pending[0]
-            try:
-                path = self._render_row(job_id, folder, idx, row)
-            except RenderCancelled:
-                break  # the job was cancelled (or the server is stopping): the row stays pending
-            except (PlanError, ValueError, KeyError, OSError) as error:
-                final = attempts + 1 >= MAX_ATTEMPTS or isinstance(error, PlanError)
-                self.store.fail_row(job_id, idx, str(error).strip("'\""), final)
+            group, failures = self._next_group(pending)
+            for idx, error, final in failures:
+                self.store.fail_row(job_id, idx, error, final)
+            if not group:
                 continue
-            self.store.finish_row(job_id, idx, str(path))
+            try:
+                images = self._render_group(job_id, group)
+            except RenderCancelled:
+                break  # the job was cancelled (or the server is stopping): rows stay pending
+            except (ValueError, KeyError, OSError) as error:
+                if len(group) > 1:  # render them one by one, so only the bad row fails
+                    self._render_alone(job_id, folder, group)
+                    continue
+                idx, attempts = group[0].idx, group[0].attempts
+                self.store.fail_row(
+                    job_id, idx, str(error).strip("'\""), attempts + 1 >= MAX_ATTEMPTS
+                )
+                continue
+            self._write(job_id, folder, group, images)
         if not self.store.pending_rows(job_id):
             self.store.set_job(job_id, "done", only_if=("running",))
 
@@ -318,7 +355,7 @@ class BatchRunner:
         def done(idx: int, image: Image.Image) -> None:
             path = folder / f"{idx:05d}.png"
             write_image(path, image)  # sidecar, then PNG, each atomic
-            self.store.finish_row(job_id, idx, str(path))
+            self.store.finish_rows(job_id, [(idx, str(path))])
 
         def failed(idx: int, error: Exception, attempts: int) -> None:
             final = attempts + 1 >= MAX_ATTEMPTS or isinstance(error, PlanError)
@@ -328,9 +365,44 @@ class BatchRunner:
             return not self.stopping.is_set() and self.store.state(job_id) == "running"
 
         assert self.remote_rows is not None
-        self.remote_rows(self.store.pending_rows(job_id), self._plan_row, done, failed, keep_going)
+        self.remote_rows(self.store.pending_rows(job_id), self._plan_one, done, failed, keep_going)
 
-    def _plan_row(self, row: BatchRow) -> tuple[list[RenderRequest], dict]:
+    def _plan_one(self, row: BatchRow) -> tuple[list[RenderRequest], dict]:
+        """One row's requests and LoRA entries, as a remote renderer takes them."""
+        planned = self._plan_row(0, row, 0)
+        return [planned.request], planned.entries
+
+    def _next_group(
+        self, pending: list[tuple[int, BatchRow, int]]
+    ) -> tuple[list[PlannedRow], list[tuple[int, str, bool]]]:
+        """The first pending rows that can share one engine call (the same settings but prompt
+        and seed, at most `max_batch` and `max_cost` together), and the rows refused on the way.
+
+        The engine renders a row's bytes alike alone and in a batch (exact mode), so grouping
+        changes speed only; a group ends at the first row that differs."""
+        group: list[PlannedRow] = []
+        failures: list[tuple[int, str, bool]] = []
+        cost = 0
+        for idx, row, attempts in pending:
+            try:
+                planned = self._plan_row(idx, row, attempts)
+            except (PlanError, ValueError, KeyError, OSError) as error:
+                final = attempts + 1 >= MAX_ATTEMPTS or isinstance(error, PlanError)
+                failures.append((idx, str(error).strip("'\""), final))
+                if group:
+                    break
+                continue
+            if group and (
+                planned.key != group[0].key
+                or len(group) >= self.settings.max_batch
+                or cost + planned.cost > self.settings.max_cost
+            ):
+                break
+            group.append(planned)
+            cost += planned.cost
+        return group, failures
+
+    def _plan_row(self, idx: int, row: BatchRow, attempts: int) -> PlannedRow:
         conditioning = None
         if row.pose_image:
             conditioning = Conditioning("control", self._pose(row.pose_image))
@@ -343,22 +415,65 @@ class BatchRunner:
             steps=row.steps,
             conditioning=conditioning,
         )
-        return plan(self.service, template, [row.seed], _lora_column(row.lora))
+        requests, entries = plan(self.service, template, [row.seed], _lora_column(row.lora))
+        request = requests[0]
+        steps = request.steps or PRESETS[request.preset or "standard"].steps
+        key = (
+            tuple(sorted(request.loras.items())),
+            steps,
+            request.guidance_scale,
+            request.width,
+            request.height,
+            request.scheduler,
+            request.preset,
+            sha256_bytes(row.pose_image.encode()) if row.pose_image else "",
+        )
+        cost = int(request.width or 0) * int(request.height or 0) * steps
+        return PlannedRow(idx, attempts, request, entries, key, cost)
 
-    def _render_row(self, job_id: str, folder: Path, idx: int, row: BatchRow) -> Path:
-        requests, entries = self._plan_row(row)
+    def _render_group(self, job_id: str, group: list[PlannedRow]) -> list[Image.Image]:
+        requests = [planned.request for planned in group]
+        if group[0].request.conditioning is not None:  # rows of one pose share its image
+            shared = group[0].request.conditioning
+            requests = [dataclasses.replace(r, conditioning=shared) for r in requests]
+        entries = {name: e for planned in group for name, e in planned.entries.items()}
         job = self.service.submit(requests, entries, label=f"batch:{job_id}", block=True)
         self.current = job
         try:
-            image = job.future.result()[0]
+            return job.future.result()
         finally:
             self.current = None
-        path = folder / f"{idx:05d}.png"
-        write_image(path, image)  # sidecar, then PNG, each atomic
-        return path
+
+    def _render_alone(self, job_id: str, folder: Path, group: list[PlannedRow]) -> None:
+        for planned in group:
+            try:
+                images = self._render_group(job_id, [planned])
+            except (ValueError, KeyError, OSError) as error:
+                final = planned.attempts + 1 >= MAX_ATTEMPTS
+                self.store.fail_row(job_id, planned.idx, str(error).strip("'\""), final)
+                continue
+            self._write(job_id, folder, [planned], images)
+
+    def _write(
+        self, job_id: str, folder: Path, group: list[PlannedRow], images: list[Image.Image]
+    ) -> None:
+        """Every image's files (sidecar, then PNG, each atomic), then one commit for them all:
+        a kill in between leaves the rows pending, rendered again into the same names."""
+        paths = []
+        for planned, image in zip(group, images, strict=True):
+            path = folder / f"{planned.idx:05d}.png"
+            write_image(path, image)
+            paths.append((planned.idx, str(path)))
+        self.store.finish_rows(job_id, paths)
 
     def _pose(self, reference: str) -> Image.Image:
-        """A pose image from inside the working folder or $AI_CACHE_ROOT only."""
+        """A pose image: base64 (a `data:image/...;base64,` URL or plain base64, as JSON jobs
+        send them), or a file inside the working folder or $AI_CACHE_ROOT only."""
+        if reference.startswith("data:") or reference.startswith(BASE64_IMAGE_STARTS):
+            try:
+                return decode_image(reference, self.settings, "pose_image").convert("RGB")
+            except ValueError as error:
+                raise PlanError(str(error)) from None
         roots = [Path.cwd().resolve()]
         if os.environ.get("AI_CACHE_ROOT"):
             roots.append(Path(os.environ["AI_CACHE_ROOT"]).resolve())

@@ -59,6 +59,7 @@ class ServerSettings:
     outputs_dir: Path | None = None  # batch and /api/v1 outputs (None: $AI_CACHE_ROOT or outputs/)
     jobs_db: Path | None = None  # the batch jobs' SQLite file (None: inside the outputs folder)
     ui: bool = False  # mount the Gradio web UI at /ui (`charaforge serve` does by default)
+    tracking_uri: str | None = None  # MLflow store whose runs the UI's Training tab shows
 
 
 def bearer_guard(settings: ServerSettings) -> Any:

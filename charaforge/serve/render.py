@@ -7,12 +7,13 @@ so `<lora:name:weight>`, the cost budget and the 422/429/504 answers are the sam
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import HTTPException
 from PIL import Image
 
+from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.loras import compose_loras, parse_prompt_loras
 from charaforge.generate.request import PRESETS, RenderRequest
 from charaforge.serve.limits import check_cost
@@ -91,11 +92,12 @@ async def run(
     requests: list[RenderRequest],
     entries: dict[str, RegisteredLora],
     label: str = "txt2img",
+    work: Callable[[GenerationEngine], list[Image.Image]] | None = None,
 ) -> list[Image.Image]:
     """Queue and await one job: 429 when the queue is full, 504 past the time limit, 422 for
     what only the engine can tell (a conditioning it refuses)."""
     try:
-        job = service.submit(requests, entries, label=label)
+        job = service.submit(requests, entries, label=label, work=work)
     except QueueFull as error:
         raise HTTPException(429, str(error)) from None
     try:

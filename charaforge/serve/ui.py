@@ -1,9 +1,11 @@
 """The web UI: Gradio 6 Blocks mounted on the same FastAPI app at /ui, using the same device
 queue, the same prompt-LoRA parsing and the same limits as the HTTP routes.
 
-Tabs built: Generate (prompt, negative, LoRA picker with scale and trigger insertion, scheduler,
-preset, seed, size, batch; gallery; parameters), Batch (upload a CSV/JSON job, status, cancel),
-LoRAs (the registry). Gradio's wheel ships its frontend; the theme uses system fonts only, so the
+Tabs: Generate (prompt, negative, LoRA picker with scale and trigger insertion, scheduler,
+preset, seed, size, batch; gallery; parameters), Image-to-image / Inpaint, ControlNet, Character
+suites, Selection and Training (serve.ui_tabs), Batch (upload a CSV/JSON job, status, cancel),
+LoRAs (the registry). Renders show their sampling steps in Gradio's progress bar.
+Gradio's wheel ships its frontend; the theme uses system fonts only, so the
 page loads with no network.
 """
 
@@ -15,15 +17,26 @@ from typing import Any
 
 from charaforge.generate.request import PRESETS, SCHEDULERS, RenderRequest
 from charaforge.serve.batch import BatchRunner, parse_job_file
-from charaforge.serve.render import PlanError, plan
-from charaforge.serve.worker import QueueFull, RenderCancelled, Service
+from charaforge.serve.ui_tabs import (
+    LOSSLESS,
+    NO_LORA,
+    controlnet_tab,
+    img2img_tab,
+    plan_or_error,
+    selection_tab,
+    suites_tab,
+    training_tab,
+    wait_for,
+)
+from charaforge.serve.worker import Service
 
 UI_PATH = "/ui"
-NO_LORA = "(none)"
 
 
 def build_ui(service: Service, batches: BatchRunner) -> Any:
     import gradio as gr
+
+    PROGRESS = gr.Progress()  # Gradio fills a handler's progress argument by its default
 
     def lora_choices() -> list[str]:
         service.registry.reload()
@@ -47,6 +60,7 @@ def build_ui(service: Service, batches: BatchRunner) -> Any:
         height: float,
         steps: float,
         batch: float,
+        progress: Any = PROGRESS,
     ) -> tuple[list, str]:
         template = RenderRequest(
             prompt=prompt,
@@ -60,12 +74,8 @@ def build_ui(service: Service, batches: BatchRunner) -> Any:
         )
         loras = {} if lora == NO_LORA else {lora: float(scale)}
         seeds = [int(seed) + offset for offset in range(int(batch))]
-        try:
-            requests, entries = plan(service, template, seeds, loras)
-            job = service.submit(requests, entries, label="ui")
-            images = job.future.result()
-        except (PlanError, QueueFull, RenderCancelled, ValueError, KeyError) as error:
-            raise gr.Error(str(error).strip("'\"")) from None
+        requests, entries = plan_or_error(service, template, seeds, loras)
+        images = wait_for(service, requests, entries, progress)
         parameters = [json.loads(image.info["charaforge"]) for image in images]
         return images, json.dumps(parameters, indent=1)
 
@@ -118,7 +128,7 @@ def build_ui(service: Service, batches: BatchRunner) -> Any:
                 height = gr.Number(service.engine.base.resolution, label="Height", precision=0)
                 batch = gr.Number(1, label="Batch", precision=0, minimum=1)
             run = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(label="Images", elem_id="gallery")
+            gallery = gr.Gallery(format=LOSSLESS, label="Images", elem_id="gallery")
             parameters = gr.Code(label="Parameters", language="json", elem_id="parameters")
             trigger.click(insert_trigger, [prompt, lora], prompt)
             run.click(
@@ -138,6 +148,9 @@ def build_ui(service: Service, batches: BatchRunner) -> Any:
                 ],
                 [gallery, parameters],
             )
+        img2img_tab(gr, service)
+        controlnet_tab(gr, service)
+        suites_tab(gr, service, lora_choices)
         with gr.Tab("Batch"):
             upload = gr.File(
                 label="Job file (CSV or JSON)", file_types=[".csv", ".json"], elem_id="job-file"
@@ -158,6 +171,8 @@ def build_ui(service: Service, batches: BatchRunner) -> Any:
                 label="LoRAs",
             )
             gr.Button("Reload").click(lora_table, None, table)
+        selection_tab(gr, service)
+        training_tab(gr, service)
     return blocks
 
 

@@ -52,6 +52,9 @@ class Job:
     steps: int = 0
     started: float | None = None
     reason: str = ""
+    # Work other than one render_batch of `requests` (a background replacement...), run on the
+    # worker's engine with its lock held like any render.
+    work: Callable[[GenerationEngine], list[Image.Image]] | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.reason = reason
@@ -105,7 +108,10 @@ class Worker:
                     self.ensure_loaded(job.loras)
                     self.engine.step_callback = job.on_step
                     try:
-                        images = self.engine.render_batch(job.requests)
+                        if job.work is not None:
+                            images = job.work(self.engine)
+                        else:
+                            images = self.engine.render_batch(job.requests)
                     finally:
                         self.engine.step_callback = None
                         self.current = None
@@ -204,13 +210,16 @@ class Service:
         entries: Mapping[str, RegisteredLora],
         label: str = "txt2img",
         block: bool = False,
+        work: Callable[[GenerationEngine], list[Image.Image]] | None = None,
     ) -> Job:
-        """Queue one job; QueueFull when there is no room (unless `block`)."""
+        """Queue one job; QueueFull when there is no room (unless `block`). `work`, when
+        given, runs instead of rendering `requests` (which then only describe the job)."""
         job = Job(
             list(requests),
             dict(entries),
             label=label,
             timeout_s=self.settings.request_timeout_s,
+            work=work,
         )
         try:
             self.jobs.put(job, block=block)
