@@ -39,7 +39,7 @@ MAX_MODULE_LINES = 500
 LARGER_MODULES = {
     # Every command's typer signature with its help texts (most of the lines); the logic lives
     # in the phases.
-    "charaforge/cli.py": 720,
+    "charaforge/cli.py": 740,
     # Just over after the control types, IP-Adapter, shared attention and the step callback
     # landed in one session; to split (the per-image argument building) next.
     "charaforge/generate/engine.py": 520,

@@ -3,8 +3,9 @@ judged against the world's attribute oracle, which no scorer and no selection st
 
 What must hold (issue 10's acceptance, with the floors this budget reaches where it falls short):
 - the base model draws what it is asked (oracle: all prompted attributes right on seen
-  combinations; 0.285 measured, the issue asks 0.70) and the champion's LoRA draws the held-out
-  character better than it (oracle identity 0.47 against 0.265);
+  combinations; 0.675 measured in the recipe's own check, the issue asks 0.70) and the champion's
+  LoRA draws the held-out character better than it (oracle identity 0.60 against 0.26 on the
+  previous world);
 - the composite the scorers compute agrees with the oracle over the eligible rows (Spearman
   >= 0.8; 0.95 measured);
 - the planted answers land where they belong: lr0 ties the base model, the champion beats the
@@ -73,9 +74,11 @@ def test_world_models_learnt_the_world(world_repo: Path) -> None:
     assert world["used"] is True
     diffusion, scorers = world["diffusion"], world["scorers"]
     # The base model on seen combinations (prompts naming all six attributes), judged by the
-    # oracle at the end of the world stage. Measured 0.285 at this budget (hair colour 0.62,
-    # accessory 0.60, the four others 0.84-1.0); issue 10 asks 0.70, not reached.
-    assert diffusion["base_all_right"] >= 0.2, diffusion
+    # oracle at the end of the world stage. The recipe (min-SNR 5, lr 3e-3) measured 0.675 on 200
+    # generations (hair colour 0.78, hair length 0.92, the four others 0.98-1.0); the plain loss
+    # 0.50, so this floor also fails when min-SNR is off. Issue 10 asks 0.70.
+    print("world base model:", {k: v for k, v in diffusion.items() if k.startswith("base_")})
+    assert diffusion["base_all_right"] >= 0.55, diffusion
     assert diffusion["base_accuracy_background"] >= 0.9, diffusion
     assert scorers["oracle_all_right"] >= 0.95, scorers
     assert scorers["tagger_accuracy"] >= 0.95, scorers
@@ -87,6 +90,9 @@ def test_the_selection_agrees_with_the_oracle(world_repo: Path) -> None:
     rows, oracle, metrics = _tables(world_repo)
     champion = rows[rows["champion"]].iloc[0]
     base = rows[rows["candidate"] == "base"].iloc[0]
+    shown = [*KEY, "composite", "memorising", "oracle_identity", "oracle_prompt_following"]
+    print(rows[[*shown, "character_right"]].to_string())
+    print("champion / base oracle identity:", champion["oracle_identity"] / base["oracle_identity"])
 
     # The champion beats the base model with a paired CI above 0.
     assert metrics["champion_minus_baseline"]["ci_low"] > 0, metrics["champion_minus_baseline"]
