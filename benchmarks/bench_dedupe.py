@@ -40,7 +40,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 
 from charaforge.config import DedupeConfig  # noqa: E402
 from charaforge.core.files import derive_seed  # noqa: E402
-from charaforge.prepare import dedupe  # noqa: E402
+from charaforge.prepare import dedupe, hamming  # noqa: E402
 
 SEED = 1234
 CONFIG = DedupeConfig(hash="phash", hash_size=8, threshold=10)
@@ -133,16 +133,16 @@ def bench_search(sizes: list[int], quick: bool) -> None:
     print(f"\n== 2. near-duplicate search (64-bit hashes, Hamming <= {threshold}) ==")
     subset = 20_000
     sample = random_hashes(subset, 200, threshold)
-    brute_pairs, brute_subset = timed(dedupe.near_pairs, sample, threshold)
-    mih_pairs, _ = timed(dedupe.mih_pairs, sample, threshold)
+    brute_pairs, brute_subset = timed(hamming.near_pairs, sample, threshold)
+    mih_pairs, _ = timed(hamming.mih_pairs, sample, threshold)
     assert np.array_equal(brute_pairs, mih_pairs), "MIH and brute force disagree"
     print(f"brute force measured on {subset:,} hashes: {brute_subset:.2f} s (identical pairs)")
     for n in sizes:
         packed = random_hashes(n, n // 100, threshold)
-        blocks = dedupe.choose_blocks(n, 64, threshold)
-        pairs, mih_time = timed(dedupe.mih_pairs, packed, threshold)
+        blocks = hamming.choose_blocks(n, 64, threshold)
+        pairs, mih_time = timed(hamming.mih_pairs, packed, threshold)
         if n <= 100_000 and not quick:
-            reference, brute_time = timed(dedupe.near_pairs, packed, threshold)
+            reference, brute_time = timed(hamming.near_pairs, packed, threshold)
             assert np.array_equal(reference, pairs), "MIH and brute force disagree"
             how = "measured, identical pairs"
         else:
@@ -173,7 +173,7 @@ def bench_faiss(threshold: int) -> None:
     print("\n== 2b. the same search with faiss IndexBinaryMultiHash (4 x 16-bit tables) ==")
     for n in (20_000, 40_000):
         packed = random_hashes(n, 200, threshold)
-        reference, mih_time = timed(dedupe.mih_pairs, packed, threshold)
+        reference, mih_time = timed(hamming.mih_pairs, packed, threshold)
         pairs, faiss_time = timed(faiss_pairs, packed, threshold)
         same = np.array_equal(reference[:, :2], pairs[:, :2])
         print(
@@ -214,7 +214,7 @@ def bench_quality(folder: Path, originals: int) -> None:
     }
 
     def report(name: str, packed: np.ndarray) -> None:
-        found = {(int(i), int(j)) for i, j, _ in dedupe.search_pairs(packed, CONFIG.threshold)}
+        found = {(int(i), int(j)) for i, j, _ in hamming.search_pairs(packed, CONFIG.threshold)}
         hits = found & truth
         precision = len(hits) / len(found) if found else 1.0
         recall = len(hits) / len(truth)

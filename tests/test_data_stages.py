@@ -22,7 +22,7 @@ from PIL import Image
 
 from charaforge.config import DatasetConfig, DedupeConfig, Params, validate_params
 from charaforge.core.contracts import kept_rows
-from charaforge.prepare import dataset, dedupe, demo, ingest, pose
+from charaforge.prepare import dataset, dedupe, demo, hamming, ingest, pose
 from charaforge.tagging import run, sidecar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ def test_vectorised_hamming_matches_imagehash(pipeline_root: Path) -> None:
     for path in manifest.image_path:
         with Image.open(pipeline_root / path) as image:
             hashes.append(dedupe.image_hash(image.convert("RGB"), config))
-    pairs = dedupe.near_pairs(dedupe.pack_hashes(hashes), config.threshold, block=5)
+    pairs = hamming.near_pairs(dedupe.pack_hashes(hashes), config.threshold, block=5)
     found = {(int(i), int(j)): int(d) for i, j, d in pairs}
     expected = {
         (i, j): hashes[i] - hashes[j]

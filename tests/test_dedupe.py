@@ -18,7 +18,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from scipy import ndimage
 
 from charaforge.config import DedupeConfig, IngestConfig
-from charaforge.prepare import dedupe, ingest
+from charaforge.prepare import dedupe, hamming, ingest
 
 PHASH = DedupeConfig(hash="phash", hash_size=8, threshold=10)
 
@@ -42,16 +42,16 @@ def test_indexed_search_finds_exactly_the_brute_force_pairs(
     n: int, width: int, threshold: int
 ) -> None:
     packed = _random_hashes(n, width, threshold, seed=n + width + threshold)
-    expected = dedupe.near_pairs(packed, threshold, block=97)
+    expected = hamming.near_pairs(packed, threshold, block=97)
     assert len(expected) >= n // 12  # the planted pairs are there to be found
     bits = width * 8
     for blocks in sorted({1, 2, 3, 4, threshold + 1, threshold + 2, bits // 2, bits}):
         # Every block count the pigeonhole argument allows, short of huge probe balls.
-        sizes = [(size, radius) for _, size, radius in dedupe._blocks(bits, blocks, threshold)]
-        if 1 <= blocks <= bits and all(dedupe._ball_size(*sr) <= 5000 for sr in sizes):
-            got = dedupe.mih_pairs(packed, threshold, blocks=blocks)
+        sizes = [(size, radius) for _, size, radius in hamming._blocks(bits, blocks, threshold)]
+        if 1 <= blocks <= bits and all(hamming._ball_size(*sr) <= 5000 for sr in sizes):
+            got = hamming.mih_pairs(packed, threshold, blocks=blocks)
             np.testing.assert_array_equal(got, expected, err_msg=f"m = {blocks}")
-    np.testing.assert_array_equal(dedupe.search_pairs(packed, threshold, "auto"), expected)
+    np.testing.assert_array_equal(hamming.search_pairs(packed, threshold, "auto"), expected)
 
 
 @pytest.mark.parametrize("method", ["mih", "auto"])
@@ -63,14 +63,14 @@ def test_indexed_search_compares_far_fewer_pairs_than_brute_force(
     n, threshold = 20_000, 10
     packed = _random_hashes(n, 8, threshold, seed=7)
     compared = []
-    real_distances = dedupe._distances
+    real_distances = hamming._distances
 
     def counting(words: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         compared.append(len(i))
         return real_distances(words, i, j)
 
-    monkeypatch.setattr(dedupe, "_distances", counting)
-    pairs = dedupe.search_pairs(packed, threshold, method)
+    monkeypatch.setattr(hamming, "_distances", counting)
+    pairs = hamming.search_pairs(packed, threshold, method)
     all_pairs = n * (n - 1) // 2
     assert len(pairs) >= n // 4  # most planted pairs are within the threshold
     # Brute force never calls the candidate verifier; the index verifies few candidates.
@@ -80,7 +80,7 @@ def test_indexed_search_compares_far_fewer_pairs_than_brute_force(
 def test_brute_force_distances_equal_imagehash_distances() -> None:
     packed = _random_hashes(200, 8, 12, seed=3)
     hashes = [imagehash.hex_to_hash(row.tobytes().hex()) for row in packed]
-    pairs = dedupe.near_pairs(packed, 12)
+    pairs = hamming.near_pairs(packed, 12)
     found = {(int(i), int(j)): int(d) for i, j, d in pairs}
     expected = {
         (i, j): hashes[i] - hashes[j]
@@ -93,8 +93,8 @@ def test_brute_force_distances_equal_imagehash_distances() -> None:
 
 
 def test_cost_model_uses_brute_force_for_few_hashes_and_blocks_for_many() -> None:
-    assert dedupe.choose_blocks(1_000_000, 64, 10) in (3, 4)
-    small = dedupe.mih_cost(20, 64, dedupe.choose_blocks(20, 64, 10), 10)
+    assert hamming.choose_blocks(1_000_000, 64, 10) in (3, 4)
+    small = hamming.mih_cost(20, 64, hamming.choose_blocks(20, 64, 10), 10)
     assert small > 20 * 20 / 2 * 2  # so search_pairs("auto") picks brute force
 
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageEnhance
 from scipy import ndimage
 
 from charaforge.config import DedupeConfig
-from charaforge.prepare import dedupe
+from charaforge.prepare import dedupe, hamming
 
 CONFIG = DedupeConfig(hash="phash", hash_size=8, threshold=10)
 KINDS = ("resized", "recompressed", "cropped", "brighter", "darker")
@@ -66,7 +66,7 @@ def planted_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path],
 def pair_counts(packed: np.ndarray, groups: list[int]) -> tuple[int, int]:
     """(true pairs found, false pairs found), by brute force: the reference search."""
     true = false = 0
-    for i, j, _ in dedupe.near_pairs(packed, CONFIG.threshold):
+    for i, j, _ in hamming.near_pairs(packed, CONFIG.threshold):
         if groups[i] == groups[j]:
             true += 1
         else:

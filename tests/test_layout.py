@@ -43,8 +43,6 @@ LARGER_MODULES = {
     # Just over after the control types, IP-Adapter, shared attention and the step callback
     # landed in one session; to split (the per-image argument building) next.
     "charaforge/generate/engine.py": 520,
-    # The hashing pool joined the Hamming search; the search is to move to its own module.
-    "charaforge/prepare/dedupe.py": 520,
     # The executor seam, the resume folder and the suite methods met here; the planning half
     # (plan_jobs, sweep_prompts) is to move out.
     "charaforge/generate/sweep.py": 520,
