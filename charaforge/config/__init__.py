@@ -262,6 +262,17 @@ class Params(Strict):
     world: WorldConfig
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="after")
+    def _same_clip_skip(self) -> Params:
+        # Refused, not warned: the report ranks candidates by renders at eval.clip_skip, so a
+        # LoRA trained on other text states would be judged on conditioning it never saw.
+        if self.train.clip_skip != self.eval.clip_skip:
+            raise ValueError(
+                f"train.clip_skip ({self.train.clip_skip}) differs from eval.clip_skip "
+                f"({self.eval.clip_skip}); a LoRA is evaluated at the clip skip it trained at"
+            )
+        return self
+
 
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = []
