@@ -379,8 +379,8 @@ def write_base(model: ModelConfig, out_dir: str | Path = layout.BASE_DIR) -> Bas
             "stand_in": info.stand_in,
             "path": info.path,
             "resolution": info.resolution,
-            "prediction_type": info.prediction_type,
-            "rescale_betas_zero_snr": info.rescale_betas_zero_snr,
+            # Only when set: a base on its own schedule keeps the model.json it always had.
+            **info.scheduler_overrides,
         }
         write_json(temp / MODEL_JSON, payload)
     log.info("base model written to %s (source=%s)", out_dir, model.source)
