@@ -15,8 +15,11 @@ from charaforge.config import validate_params
 from charaforge.errors import ConfigError
 from charaforge.generate.batching import text_model_shim
 from charaforge.models.base import build_stand_in_pipeline, load_base_pipeline, pipeline_location
+from charaforge.train import CandidateTrainer
 from charaforge.train.checks import check_candidates
 from charaforge.train.encodings import CachedEncoder
+from charaforge.train.grid import prepare
+from charaforge.train.processes import Share
 from charaforge.train.text import encode_captions
 
 CAPTION = "aoi_cf, 1girl, red coat, smiling"
@@ -127,3 +130,23 @@ def test_train_clip_skip_must_match_eval_and_fit_the_encoder(params_dict: dict) 
     check_candidates(pipeline, tiny_train(clip_skip=2))
     with pytest.raises(ConfigError, match="train.clip_skip: 3 is more than"):
         check_candidates(pipeline, tiny_train(clip_skip=3))
+
+
+@torch.no_grad()
+def test_the_loop_encodes_uncached_captions_at_the_clip_skip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_dir: Path, dataset_dir: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the trainer's default state and cache folders are relative
+    candidate = {"name": "c", "rank": 2, "alpha": 2, "learning_rate": 1e-3}
+    no_text_cache = {"latents": True, "text_encoder_outputs": False}
+    train = tiny_train(
+        max_steps=1, checkpoint_every=1, candidates=[candidate], cache=no_text_cache, clip_skip=2
+    )
+    base, data = prepare(base_dir, dataset_dir, train, 64)
+    with CandidateTrainer(
+        base, data, train.candidates[0], train, 64, 3, Path("out"), Path("state")
+    ) as trainer:
+        text = trainer.batch_text([0, 1], Share([0, 1], 1.0))
+        captions = [trainer.data.items[i].caption for i in (0, 1)]  # no augmentation configured
+        expected = encode_captions(base.pipeline, "sd15", captions, clip_skip=2)
+    torch.testing.assert_close(text["states"], expected["states"], rtol=0, atol=0)
