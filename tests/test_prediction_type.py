@@ -85,9 +85,13 @@ def test_the_engine_samples_with_the_same_schedule(v_base: Path) -> None:
         assert float(sampler.alphas_cumprod[-1]) < 1e-6
 
 
-def test_exported_lora_metadata_says_v(v_base: Path, dataset_dir: Path, tmp_path: Path) -> None:
+def test_exported_lora_metadata_says_v_and_the_clip_skip(
+    v_base: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
     candidate = CandidateConfig(name="v", rank=2, alpha=2, learning_rate=1e-3)
-    train = tiny_train(max_steps=1, checkpoint_every=1, candidates=[candidate.model_dump()])
+    train = tiny_train(
+        max_steps=1, checkpoint_every=1, candidates=[candidate.model_dump()], clip_skip=2
+    )
     train_candidate(v_base, dataset_dir, candidate, train, 64, 3, tmp_path / "v",
                     state_dir=tmp_path / "state")  # fmt: skip
     path = checkpoint_dir(tmp_path / "v", 1) / kohya_file_name("v", 1)
@@ -95,6 +99,7 @@ def test_exported_lora_metadata_says_v(v_base: Path, dataset_dir: Path, tmp_path
         metadata = handle.metadata()
     assert metadata["ss_v_parameterization"] == "True"
     assert metadata["modelspec.prediction_type"] == "v"
+    assert metadata["ss_clip_skip"] == "2"  # kohya's count is A1111's
 
 
 def test_zero_terminal_snr_with_epsilon_is_refused(tmp_path: Path) -> None:
