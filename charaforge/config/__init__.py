@@ -47,6 +47,11 @@ class ModelConfig(Strict):
     path: str | None = None
     resolution: int = Field(gt=0)
     stand_in_seed: int = 0
+    # The noise schedule's target, for v-prediction bases (None: the base's scheduler config),
+    # and zero-terminal-SNR rescaling (Lin et al. 2024, diffusers' scheduler option); both reach
+    # the training noise scheduler and every sampler, through the base's model.json.
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    rescale_betas_zero_snr: bool = False
 
     @field_validator("resolution")
     @classmethod
@@ -59,6 +64,12 @@ class ModelConfig(Strict):
     def _path_for_pretrained(self) -> ModelConfig:
         if self.source == "pretrained" and not self.path:
             raise ValueError("model.path is required when model.source is 'pretrained'")
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            # At zero terminal SNR the last step's input is pure noise: x0 cannot come from a
+            # noise prediction there (the paper pairs the rescale with v-prediction).
+            raise ValueError(
+                "model.rescale_betas_zero_snr needs model.prediction_type v_prediction"
+            )
         return self
 
 
@@ -261,6 +272,17 @@ class Params(Strict):
     tracking: TrackingConfig
     world: WorldConfig
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _same_clip_skip(self) -> Params:
+        # Refused, not warned: the report ranks candidates by renders at eval.clip_skip, so a
+        # LoRA trained on other text states would be judged on conditioning it never saw.
+        if self.train.clip_skip != self.eval.clip_skip:
+            raise ValueError(
+                f"train.clip_skip ({self.train.clip_skip}) differs from eval.clip_skip "
+                f"({self.eval.clip_skip}); a LoRA is evaluated at the clip skip it trained at"
+            )
+        return self
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

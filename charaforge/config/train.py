@@ -72,6 +72,9 @@ class TrainConfig(Strict):
     # use_dora); loha / lokr (LyCORIS' Hadamard and Kronecker products, peft's LoHa / LoKr).
     adapter: Literal["lora", "dora", "loha", "lokr"] = "lora"
     text_encoder_lora: bool = False
+    # A1111's clip skip for the training captions (1 = the text encoder's last layer; anime SD1.5
+    # bases train and render at 2). Must equal eval.clip_skip (checked in Params).
+    clip_skip: int = Field(default=1, ge=1)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = Field(default=1e-2, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)

@@ -55,6 +55,7 @@ from charaforge.models.base import (
     resolve_pretrained,
     set_cpu_threads,
 )
+from charaforge.models.clip_skip import diffusers_clip_skip
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ class GenerationEngine:
         cacheable = not self._text_encoders_patched()
         encoded = self._embeddings.get(key) if cacheable else None
         if encoded is None:
-            clip_skip = item.get("clip_skip", 1) - 1 or None  # diffusers counts skipped layers
+            clip_skip = diffusers_clip_skip(item.get("clip_skip", 1))
             encoded = pipeline.encode_prompt(
                 prompt=item["prompt"],
                 device=device,

@@ -58,6 +58,19 @@ class BaseInfo:
     stand_in: bool
     path: str | None
     resolution: int
+    # model.prediction_type / model.rescale_betas_zero_snr (None / False: the base's schedule).
+    prediction_type: str | None = None
+    rescale_betas_zero_snr: bool = False
+
+    @property
+    def scheduler_overrides(self) -> dict[str, Any]:
+        """What changes in the base's scheduler config (applied by `load_base_pipeline`)."""
+        overrides: dict[str, Any] = {}
+        if self.prediction_type is not None:
+            overrides["prediction_type"] = self.prediction_type
+        if self.rescale_betas_zero_snr:
+            overrides["rescale_betas_zero_snr"] = True
+        return overrides
 
     @property
     def world(self) -> bool:
@@ -348,6 +361,8 @@ def write_base(model: ModelConfig, out_dir: str | Path = layout.BASE_DIR) -> Bas
         stand_in=stand_in,
         path=path,
         resolution=model.resolution,
+        prediction_type=model.prediction_type,
+        rescale_betas_zero_snr=model.rescale_betas_zero_snr,
     )
     if model.source == "pretrained":
         resolved = resolve_pretrained(str(model.path))
@@ -364,6 +379,8 @@ def write_base(model: ModelConfig, out_dir: str | Path = layout.BASE_DIR) -> Bas
             "stand_in": info.stand_in,
             "path": info.path,
             "resolution": info.resolution,
+            # Only when set: a base on its own schedule keeps the model.json it always had.
+            **info.scheduler_overrides,
         }
         write_json(temp / MODEL_JSON, payload)
     log.info("base model written to %s (source=%s)", out_dir, model.source)
@@ -381,6 +398,8 @@ def read_base_info(base_dir: str | Path = layout.BASE_DIR) -> BaseInfo:
         stand_in=bool(raw["stand_in"]),
         path=raw.get("path"),
         resolution=int(raw["resolution"]),
+        prediction_type=raw.get("prediction_type"),
+        rescale_betas_zero_snr=bool(raw.get("rescale_betas_zero_snr", False)),
     )
 
 
@@ -436,6 +455,17 @@ def load_base_pipeline(
         kwargs["device_map"] = device_map
     pipeline = pipeline_class(info.family).from_pretrained(location, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
+    if info.scheduler_overrides:
+        # The trainer's DDPM and the engine's samplers are all built from this config.
+        config = pipeline.scheduler.config
+        pipeline.scheduler = type(pipeline.scheduler).from_config(
+            config, **info.scheduler_overrides
+        )
+        if info.rescale_betas_zero_snr and pipeline.scheduler.config.prediction_type == "epsilon":
+            raise ConfigError(
+                "model.rescale_betas_zero_snr: this base predicts epsilon; set "
+                "model.prediction_type: v_prediction (zero terminal SNR needs it)"
+            )
     return pipeline if device_map is not None else pipeline.to(device or default_device())
 
 

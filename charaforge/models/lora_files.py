@@ -240,8 +240,7 @@ def kohya_metadata(export: LoraExport, resolution: int) -> dict[str, str]:
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_v2": "False",
         "ss_v_parameterization": str(v_prediction),
-        # Training encodes with the text encoder's final layer (SDXL: its fixed penultimate
-        # one), which kohya records as no clip skip.
+        # Clip skip 1 unless the trainer's metadata (train.clip_skip) says otherwise.
         "ss_clip_skip": "None",
         "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "modelspec.sai_model_spec": "1.0.0",

@@ -9,6 +9,7 @@ import torch
 
 from charaforge.config import TrainConfig
 from charaforge.errors import ConfigError
+from charaforge.models.clip_skip import text_layer_count
 from charaforge.train.text import text_encoders
 
 # Target presets. UNet names are diffusers' module names; text-encoder names are CLIP's.
@@ -95,6 +96,11 @@ def check_candidates(pipeline: Any, train: TrainConfig, resolution: int | None =
                 f"model.resolution: {resolution} is not a multiple of {multiple} (the VAE and "
                 "UNet down-sample by that much)"
             )
+    layers = min(text_layer_count(encoder) for encoder in text_encoders(pipeline))
+    if train.clip_skip > layers:
+        raise ConfigError(
+            f"train.clip_skip: {train.clip_skip} is more than the text encoder's {layers} layers"
+        )
     if train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if train.optimizer == "adamw8bit":

@@ -18,7 +18,7 @@ from charaforge.config import TrainConfig, config_hash
 from charaforge.train.caches import TensorCache, cache_key, component_fingerprint
 from charaforge.train.checks import size_multiple
 from charaforge.train.data import Item, data_fingerprint, load_pixels, plan_items
-from charaforge.train.text import TEXT_COMPONENTS, encode_captions
+from charaforge.train.text import TEXT_COMPONENTS, encode_captions, text_encoders
 
 
 @dataclass
@@ -35,6 +35,7 @@ class CachedEncoder:
     def __init__(self, pipeline: Any, family: str, location: Path, train: TrainConfig) -> None:
         self.pipeline = pipeline
         self.family = family
+        self.clip_skip = train.clip_skip
         cache = train.cache
         self.latent_cache = TensorCache(cache.dir if cache.latents else None, "latents")
         self.text_cache = TensorCache(cache.dir if cache.text_encoder_outputs else None, "text")
@@ -60,11 +61,16 @@ class CachedEncoder:
         return self.latent_cache.get_or_compute(key, compute)["parameters"]
 
     def text(self, caption: str) -> dict[str, torch.Tensor]:
-        key = cache_key("text", self.family, caption, self.text_fingerprint)
+        # The states depend on the layer taken and on the encoders' dtype (fp16 / bf16 on a GPU
+        # with mixed precision), so both are in the key: a change never reads a stale entry.
+        dtype = text_encoders(self.pipeline)[0].dtype
+        key = cache_key(
+            "text", self.family, caption, self.text_fingerprint, self.clip_skip, str(dtype)
+        )
 
         def compute() -> dict[str, torch.Tensor]:
             with torch.no_grad():
-                return encode_captions(self.pipeline, self.family, [caption])
+                return encode_captions(self.pipeline, self.family, [caption], self.clip_skip)
 
         return self.text_cache.get_or_compute(key, compute)
 

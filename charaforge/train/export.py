@@ -57,6 +57,8 @@ def export_metadata(
         "ss_text_encoder_lr": f"{text_lr:g}",
         "ss_network_train_unet_only": str(not train.text_encoder_lora),
         "ss_max_train_steps": str(train.max_steps),
+        # kohya's clip skip counts as A1111's; it records None for the last layer.
+        "ss_clip_skip": "None" if train.clip_skip == 1 else str(train.clip_skip),
         "ss_batch_size_per_device": str(train.batch_size),
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
         "ss_gradient_checkpointing": str(train.gradient_checkpointing),

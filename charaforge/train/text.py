@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from charaforge.models.clip_skip import sd15_states, sdxl_states
 from charaforge.train.data import Item
 
 # The pipeline attributes of the text encoders, in the order SDXL concatenates their states.
@@ -28,9 +29,12 @@ def tokenizers(pipeline: Any) -> list[Any]:
     return found
 
 
-def encode_captions(pipeline: Any, family: str, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Text conditioning as the pipelines compute it: SD1.5's last hidden state; SDXL's two
-    penultimate hidden states side by side plus text_encoder_2's pooled projection.
+def encode_captions(
+    pipeline: Any, family: str, captions: list[str], clip_skip: int = 1
+) -> dict[str, torch.Tensor]:
+    """Text conditioning as the pipelines compute it at an A1111 `clip_skip` (1 = last layer):
+    SD1.5's hidden state through the final layer norm; SDXL's two hidden states side by side
+    (penultimate at clip skip 1) plus text_encoder_2's pooled projection (never skipped).
 
     One caption at a time, so a batch gives the very bits the cache holds per caption.
     """
@@ -47,10 +51,10 @@ def encode_captions(pipeline: Any, family: str, captions: list[str]) -> dict[str
                 return_tensors="pt",
             ).input_ids.to(device)
             if family == "sd15":
-                parts.append(encoder(ids)[0])
+                parts.append(sd15_states(encoder, ids, clip_skip))
             else:
                 output = encoder(ids, output_hidden_states=True)
-                parts.append(output.hidden_states[-2])
+                parts.append(sdxl_states(output.hidden_states, clip_skip))
                 last_pooled = output[0]  # text_encoder_2's text_embeds (the last encoder's)
         states.append(torch.cat(parts, dim=-1))
         if family == "sdxl":
