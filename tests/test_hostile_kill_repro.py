@@ -144,5 +144,9 @@ def test_kills_at_several_points_then_repro_gives_the_uninterrupted_bytes(
     assert not _ingest_temps(workdir)
     statuses = _statuses(workdir)
     assert not any("RUNNING" in found for found in statuses.values()), statuses
-    for stage in ("ingest", "train", "generate", "score"):
+    for stage in ("ingest", "train", "generate"):
         assert {"KILLED", "FINISHED"} <= statuses[stage], (stage, statuses)
+    # The score stage is killed once it holds its lock, which it takes before its MLflow run
+    # opens: a kill in that window leaves no run to mark (seen on a loaded machine), so only
+    # the finished run is certain.
+    assert "FINISHED" in statuses["score"], statuses

@@ -47,7 +47,7 @@ def suite_groups(index: pd.DataFrame) -> tuple[list[str | None], list[bool]]:
         if pd.isna(group):
             keys.append(None)
         else:
-            method = "" if pd.isna(method) else f"|{method}"
+            method = "" if pd.isna(method) or not method else f"|{method}"
             keys.append(f"{candidate}|{int(step)}|{float(scale):g}|{suite}|{int(group)}{method}")
     anchors = [bool(value) if not pd.isna(value) else False for value in index["identity_shot"]]
     return keys, anchors

@@ -12,7 +12,7 @@ from typing import Any
 
 from charaforge.core.files import sha256_file
 from charaforge.core.layout import LORA_WEIGHTS
-from charaforge.models.lora_files import TEXT_MODEL_LEVEL
+from charaforge.models.sgm_names import TEXT_MODEL_LEVEL
 
 # peft adapter types that diffusers' LoRA loader cannot read; the engine loads them through peft.
 PEFT_ONLY_TYPES = ("LOHA", "LOKR")

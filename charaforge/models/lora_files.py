@@ -18,18 +18,18 @@ from typing import Any
 import torch
 
 from charaforge.models.base import pipeline_class
-from charaforge.models.sgm_names import UnetLayout, sgm_module_path
+from charaforge.models.sgm_names import (
+    TEXT_MODEL_CHILDREN,
+    TEXT_MODEL_LEVEL,
+    UnetLayout,
+    sgm_module_path,
+)
 
 # kohya's key prefixes: SD1 has one text encoder (`lora_te_`), SDXL two (`lora_te1_`, `lora_te2_`).
 KOHYA_PREFIXES: dict[str, dict[str, str]] = {
     "sd15": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
 }
-# CLIP's text tower lives under `text_model` in the original checkpoints and in every tool's
-# key rules (`cond_stage_model.transformer.text_model.encoder...`); transformers 5 flattened
-# CLIPTextModel (its modules start at `encoder.`) but not CLIPTextModelWithProjection.
-TEXT_MODEL_LEVEL = "text_model"
-TEXT_MODEL_CHILDREN = ("embeddings", "encoder", "final_layer_norm")
 # What A1111 (ss_base_model_version) and modelspec call each family.
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {

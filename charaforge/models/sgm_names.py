@@ -21,6 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# CLIP's text tower lives under `text_model` in the original checkpoints and in every tool's
+# key rules (`cond_stage_model.transformer.text_model.encoder...`); transformers 5 flattened
+# CLIPTextModel (its modules start at `encoder.`) but not CLIPTextModelWithProjection.
+TEXT_MODEL_LEVEL = "text_model"
+TEXT_MODEL_CHILDREN = ("embeddings", "encoder", "final_layer_norm")
 # A diffusers ResnetBlock2D's layers as the original ResBlock names them.
 RESNET_LAYERS = {
     "norm1": "in_layers.0",
