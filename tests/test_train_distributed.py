@@ -29,7 +29,7 @@ from test_models_train import make_dataset, tiny_train
 
 from charaforge.errors import ConfigError
 from charaforge.train import RunContext, train_all
-from charaforge.train.launch import check_devices
+from charaforge.train.launch import check_devices, launch_command
 from charaforge.train.processes import SAMPLE_LOG_ENV
 from charaforge.train.resume_state import KILL_ENV, KILL_GROUP_ENV, saved_states
 
@@ -192,3 +192,17 @@ def test_more_gpus_than_exist_is_a_config_error() -> None:
 def test_global_batch_must_split_over_the_processes() -> None:
     with pytest.raises(ValueError, match="does not split evenly over train.processes=3"):
         tiny_train(batch_size=4, processes=3)
+
+
+def test_each_launch_takes_a_port_that_is_free_now() -> None:
+    """Single-machine launches name their own rendezvous port, one the kernel has free, not
+    torchrun's fixed 29500: two launches on one machine (two tests on two xdist workers, two
+    trainings) do not take each other's port."""
+    import socket
+
+    train = tiny_train().model_copy(update={"processes": 2})
+    command = launch_command(train, "stages.train", None)
+    port = int(command[command.index("--main_process_port") + 1])
+    assert port != 29500
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # free: nothing listens there
