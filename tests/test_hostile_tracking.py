@@ -19,6 +19,8 @@ import pytest
 import yaml
 from conftest import stand_in_params_dict
 
+from charaforge.train.launch import free_local_port
+
 pytestmark = pytest.mark.slow
 
 # A stage whose "work" is a file it writes; PROBE picks what happens while it runs.
@@ -109,14 +111,8 @@ def _runs(workdir: Path) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_unreachable_server_fails_in_one_line_before_work(tmp_path: Path) -> None:
-    workdir = _workspace(tmp_path, f"http://127.0.0.1:{_free_port()}")
+    workdir = _workspace(tmp_path, f"http://127.0.0.1:{free_local_port()}")
     _one_line_error(_probe(workdir, "plain"), "is not reachable")
     assert not (workdir / "work.txt").exists()
 
