@@ -21,10 +21,14 @@ from charaforge.models.base import (
 from charaforge.models.world import WORLD_JSON, train_world
 from charaforge.models.world_diffusion import (
     CONTEXT_LENGTH,
+    build_vae,
+    encode_corpus,
     pretrain_diffusion,
+    render_corpus,
     tokenize,
     train_unet,
-    unet_peer,
+    train_vae,
+    vae_peer,
 )
 from charaforge.models.world_parallel import broadcast_tensors, process_group
 from charaforge.prepare.world import (
@@ -175,38 +179,35 @@ def test_tiny_pretraining_is_byte_identical_and_loads_as_base(tmp_path: Path) ->
     assert image.size == (32, 32)
 
 
-def test_data_parallel_unet_matches_one_process_on_the_whole_batch(
+def test_data_parallel_vae_matches_one_process_on_the_whole_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two ranks, each on half of every batch with averaged gradients, train the weights one
-    process trains on the whole batch (up to float rounding); the peer is a real spawned process
-    talking gloo over loopback."""
+    process trains on the whole batch (up to float rounding) and encode the corpus as it does,
+    half each; the peer is a real spawned process talking gloo over loopback."""
     import multiprocessing
 
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned peer: one thread too
-    latents = torch.randn((24, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    tokenizer = build_clip_tokenizer(max_length=CONTEXT_LENGTH)
-    captions = [caption(scene) for scene in sample_scenes(3, 24)]
-    token_ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""])[0]
+    corpus = render_corpus(24, TINY.image_size, 3)
 
     single_losses: list[float] = []
-    single, _ = train_unet(
-        latents, token_ids, empty_ids, TINY, 7, lambda _s, loss: single_losses.append(loss)
-    )
+    single = train_vae(corpus, TINY, 7, lambda _s, loss: single_losses.append(loss))
+    single_latents = encode_corpus(single, corpus)
 
     rendezvous = str(tmp_path / "rendezvous")
     peer = multiprocessing.get_context("spawn").Process(
-        target=unet_peer, args=(TINY, 7, rendezvous, 1)
+        target=vae_peer, args=(TINY, 7, rendezvous, 1)
     )
     peer.start()
     parallel_losses: list[float] = []
     try:
         with process_group(rendezvous, rank=0) as shard:
-            inputs = broadcast_tensors([latents, token_ids, empty_ids], 3)
-            parallel, _ = train_unet(
-                *inputs, TINY, 7, lambda _s, loss: parallel_losses.append(loss), shard
+            broadcast_tensors([corpus.pixels], 1)
+            parallel = train_vae(
+                corpus, TINY, 7, lambda _s, loss: parallel_losses.append(loss), shard
             )
+            parallel_latents = encode_corpus(parallel, corpus, shard=shard)
     finally:
         peer.join(timeout=120)
     assert peer.exitcode == 0
@@ -215,19 +216,23 @@ def test_data_parallel_unet_matches_one_process_on_the_whole_batch(
         (a - b).abs().max().item()
         for a, b in zip(single.state_dict().values(), parallel.state_dict().values(), strict=True)
     )
+    initial = build_vae(7, TINY.image_size).state_dict()
     moved = max(
         (a - b).abs().max().item()
-        for a, b in zip(single.state_dict().values(), build_unet_like(single).values(), strict=True)
+        for a, b in zip(single.state_dict().values(), initial.values(), strict=True)
     )
     # Adam divides by the gradients' running scale, so rounding differences in near-zero
-    # gradients reach the weights at up to ~lr: measured 5e-5 against a 1e-3 movement; without
-    # the all-reduce the ranks' weights differ at the movement's scale.
+    # gradients reach the weights at up to ~lr; without the all-reduce the ranks' weights
+    # differ at the movement's scale.
     print(
         f"data-parallel vs one process: max weight difference {difference:.2e}, moved {moved:.2e}"
     )
     assert moved > 5e-4  # training really changed the weights ...
     assert difference < moved / 10  # ... and both ways the same, up to float rounding
     assert parallel_losses == pytest.approx(single_losses, rel=1e-4)
+    # Every image's latent, in corpus order, half of them encoded by the peer.
+    assert parallel_latents.shape == single_latents.shape
+    assert torch.allclose(parallel_latents, single_latents, atol=1e-3)
 
 
 def test_min_snr_weights_the_world_unet_loss() -> None:
@@ -251,13 +256,6 @@ def test_min_snr_weights_the_world_unet_loss() -> None:
     plain = first_loss(None)
     assert first_loss(1.0) < 0.9 * plain
     assert first_loss(1e9) == pytest.approx(plain, rel=1e-6)
-
-
-def build_unet_like(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights the world UNet starts from (its seeded initialisation for seed 7)."""
-    from charaforge.models.world_diffusion import build_unet
-
-    return build_unet(7, TINY.image_size).state_dict()
 
 
 def test_world_base_needs_the_world_stage(tmp_path: Path) -> None:

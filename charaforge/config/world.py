@@ -6,6 +6,10 @@ from pydantic import Field, field_validator
 
 from charaforge.config.base import Strict
 
+# The world stage trains its VAE data-parallel over its two worker processes (models/
+# world_parallel): a fixed rank count, so the bytes never depend on the machine.
+WORLD_RANKS = 2
+
 
 class WorldVaeConfig(Strict):
     steps: int = Field(ge=1)
@@ -16,10 +20,15 @@ class WorldVaeConfig(Strict):
     # MSE and blurred hair colour (oracle: 34% of reconstructions all-right vs 68% at 1e-6).
     kl_weight: float = Field(default=1e-6, ge=0)
 
-
-# The world stage trains its UNet data-parallel over its two worker processes (models/
-# world_parallel): a fixed rank count, so the bytes never depend on the machine.
-WORLD_UNET_RANKS = 2
+    @field_validator("batch_size")
+    @classmethod
+    def _splits_over_the_ranks(cls, value: int) -> int:
+        if value % WORLD_RANKS:
+            raise ValueError(
+                f"must be a multiple of {WORLD_RANKS}: the world VAE trains data-parallel "
+                f"over the stage's {WORLD_RANKS} worker processes, each on its share"
+            )
+        return value
 
 
 class WorldUnetConfig(Strict):
@@ -39,16 +48,6 @@ class WorldUnetConfig(Strict):
     # oracle read all six prompted attributes right in 55% of 200 generations against 33% at lr
     # 2e-3 (accessory 0.92 vs 0.69, hair colour 0.73 vs 0.65), 68% against 50% at 3e-3.
     snr_gamma: float | None = Field(default=5.0, gt=0)
-
-    @field_validator("batch_size")
-    @classmethod
-    def _splits_over_the_ranks(cls, value: int) -> int:
-        if value % WORLD_UNET_RANKS:
-            raise ValueError(
-                f"must be a multiple of {WORLD_UNET_RANKS}: the world UNet trains data-parallel "
-                f"over the stage's {WORLD_UNET_RANKS} worker processes, each on its share"
-            )
-        return value
 
 
 class WorldSamplesConfig(Strict):

@@ -4,9 +4,9 @@ With `model.source: world` the stage trains, in two spawned worker processes of 
 each (torch with two threads on shared cores is ~25x slower than two one-thread processes):
   - the diffusion world model (VAE, then UNet + text encoder; `world_diffusion`), then a contact
     sheet of its generations;
-  - the scorers: a CLIP, a WD14-format tagger and the attribute oracle (`world_scorers`); this
-    process then joins the UNet phase as its second data-parallel rank (`world_parallel`), since
-    the scorers finish at about the time the VAE does.
+  - the second data-parallel rank of the VAE phase (`world_parallel`), then the scorers: a CLIP,
+    a WD14-format tagger and the attribute oracle (`world_scorers`), which train while the first
+    process trains the UNet.
 Everything under data/world is byte-identical from run to run; the run's timings, which are not,
 go to reports/world.json (a DVC metric, not cached) and MLflow.
 
@@ -35,7 +35,7 @@ from charaforge.config import WorldConfig
 from charaforge.core.files import atomic_path, derive_seed, write_json, write_png, write_text
 from charaforge.models.base import set_cpu_threads, set_determinism
 from charaforge.models.world_common import RenderPool
-from charaforge.models.world_diffusion import pretrain_diffusion, unet_peer
+from charaforge.models.world_diffusion import pretrain_diffusion, vae_peer
 from charaforge.models.world_oracle import load_world_oracle, oracle_accuracy
 from charaforge.prepare.world import (
     ATTRIBUTES,
@@ -165,7 +165,7 @@ def base_model_accuracy(pipeline: Any, oracle_dir: Path, config: WorldConfig, se
 def diffusion_job(
     config: WorldConfig, out_dir: Path, seed: int, rendezvous: str | None
 ) -> dict[str, Any]:
-    """Worker: pretrain the diffusion model (rank 0 of the UNet phase), save it, draw its sheet."""
+    """Worker: pretrain the diffusion model (rank 0 of the VAE phase), save it, draw its sheet."""
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     pipeline, result = pretrain_diffusion(
         config, out_dir / PIPELINE_DIR, seed, rendezvous=rendezvous
@@ -196,21 +196,20 @@ def scorers_available() -> bool:
 def scorers_job(
     config: WorldConfig, out_dir: Path, seed: int, rendezvous: str | None
 ) -> dict[str, Any]:
-    """Worker: the CLIP scorer, WD14-format tagger and oracle (world_scorers, built beside us),
-    then rank 1 of the data-parallel UNet phase."""
+    """Worker: rank 1 of the data-parallel VAE phase, then the CLIP scorer, WD14-format tagger
+    and oracle (world_scorers, built beside us)."""
+    timing = {}
+    if rendezvous is not None:
+        peer_wall, peer_cpu = time.perf_counter(), time.process_time()
+        vae_peer(config, seed, rendezvous, rank=1)
+        timing["vae_peer_seconds"] = round(time.perf_counter() - peer_wall, 3)
+        timing["vae_peer_cpu_seconds"] = round(time.process_time() - peer_cpu, 3)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     # Looked up by name so this stage runs before that module exists; a plain import once it has.
     module = importlib.import_module(SCORERS_MODULE)
     metrics = module.train_world_scorers(config, out_dir, seed)
-    timing = {
-        "seconds": round(time.perf_counter() - start_wall, 3),
-        "cpu_seconds": round(time.process_time() - start_cpu, 3),
-    }
-    if rendezvous is not None:
-        peer_wall, peer_cpu = time.perf_counter(), time.process_time()
-        unet_peer(config, seed, rendezvous, rank=1)
-        timing["unet_peer_seconds"] = round(time.perf_counter() - peer_wall, 3)
-        timing["unet_peer_cpu_seconds"] = round(time.process_time() - peer_cpu, 3)
+    timing["seconds"] = round(time.perf_counter() - start_wall, 3)
+    timing["cpu_seconds"] = round(time.process_time() - start_cpu, 3)
     return {"metrics": metrics, "timing": timing}
 
 
@@ -218,7 +217,7 @@ def _run_side_by_side(
     jobs: dict[str, Any], args: tuple[Any, ...], threads: int | None
 ) -> dict[str, Any]:
     """Each job in its own spawned one-thread process; the first failure stops the others
-    (a rank of the UNet phase would otherwise wait for its dead peer)."""
+    (a rank of the VAE phase would otherwise wait for its dead peer)."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(len(jobs), initializer=_init_worker, initargs=(threads,)) as pool:
         pending = {name: pool.apply_async(job, args) for name, job in jobs.items()}
@@ -259,9 +258,9 @@ def train_world(
     start_wall = time.perf_counter()
     with atomic_path(out_dir) as temp, tempfile.TemporaryDirectory() as meeting:
         temp.mkdir(parents=True)
-        # The UNet phase is data-parallel over both workers when both run (world_parallel); the
+        # The VAE phase is data-parallel over both workers when both run (world_parallel); the
         # rank count is fixed, so the bytes never depend on the machine.
-        rendezvous = str(Path(meeting) / "unet-rendezvous") if "scorers" in jobs else None
+        rendezvous = str(Path(meeting) / "vae-rendezvous") if "scorers" in jobs else None
         results = _run_side_by_side(jobs, (config, temp, seed, rendezvous), config.cpu_threads)
         diffusion = results["diffusion"]
         scorers = results.get("scorers")

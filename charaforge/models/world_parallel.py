@@ -1,13 +1,15 @@
-"""Data-parallel training of the world UNet over the world stage's two worker processes.
+"""Data-parallel training of the world VAE over the world stage's two worker processes.
 
-The world stage runs the diffusion model and the scorers in two one-thread processes. The scorers
-finish at about the time the VAE does, so their process then joins the UNet + text encoder
-training: every step draws the whole batch's randomness (indices, noise, timesteps, caption
-dropout) from the one seeded generator on both ranks, each rank computes the loss of its half,
-and the gradients are averaged with one all-reduce (torch.distributed over gloo, loopback
-only). The averaged gradient is the full batch's mean gradient up to float rounding (the test
-compares against one process), and the bytes depend only on the fixed rank count, never on the
-machine: the stage always uses `WORLD_RANKS` ranks when the scorers run beside it.
+The world stage runs the diffusion model and the scorers in two one-thread processes. Both first
+train the VAE together (convolutions at full resolution: compute-bound, so two ranks nearly halve
+it) and encode the corpus, half each; then the scorer process trains the CLIP, the tagger and the
+oracle while the other trains the UNet + text encoder alone. Every VAE step draws the whole
+batch's randomness (indices, noise) from the one seeded generator on both ranks, each rank
+computes the loss of its half, and the gradients are averaged with one all-reduce
+(torch.distributed over gloo, loopback only). The averaged gradient is the full batch's mean
+gradient up to float rounding (the test compares against one process), and the bytes depend only
+on the fixed rank count, never on the machine: the stage always uses `WORLD_RANKS` ranks when
+the scorers run beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from charaforge.config.world import WORLD_UNET_RANKS as WORLD_RANKS
+from charaforge.config.world import WORLD_RANKS
 
 # A rank waits this long for the other one (the scorers and the VAE take minutes on a loaded
 # machine); a crashed peer then ends the wait with an error instead of a hang.
@@ -90,3 +92,21 @@ def average_gradients(parameters: Sequence[torch.nn.Parameter], loss: torch.Tens
         parameter.grad = flat[offset : offset + size].view_as(grad)
         offset += size
     return float(flat[offset])
+
+
+def gather_shares(mine: torch.Tensor, sizes: Sequence[int], shard: Shard) -> list[torch.Tensor]:
+    """Every rank's share (rank r holds `sizes[r]` rows shaped like `mine`'s), on every rank."""
+    import torch.distributed as dist
+
+    # gloo sends a tensor's storage in memory order: a view (a latent mean is a chunk of the
+    # posterior's parameters) must be made contiguous first, or the receivers get it scrambled.
+    mine = mine.contiguous()
+    shares = []
+    for rank, size in enumerate(sizes):
+        if rank == shard.rank:
+            share = mine
+        else:
+            share = torch.empty((size, *mine.shape[1:]), dtype=mine.dtype)
+        dist.broadcast(share, src=rank)
+        shares.append(share)
+    return shares
