@@ -16,6 +16,7 @@ def engine_options(eval: EvalConfig) -> dict:
         "controlnets": dict(eval.controlnets),
         "cpu_threads": eval.cpu_threads,
         "ip_adapter": eval.ip_adapter,
+        "batch_mode": eval.batch_mode,
     }
 
 

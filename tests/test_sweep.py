@@ -159,3 +159,37 @@ def test_pose_conditions_need_the_pose_stage(
             scheduler="euler",
             pose={"enabled": True, "prompt_indices": [3]},
         )
+
+
+def test_fused_batches_are_the_plans_chunks_so_a_resumed_sweep_gives_the_same_bytes(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """In fused mode an image's bytes depend on its batch: the batches are fixed chunks of the
+    plan, a chunk with a missing image renders whole, and the sidecar names the batch."""
+    fused = GenerationEngine(workspace / "base", device="cpu", batch_mode="fused")
+    evaluation = EvalConfig(
+        prompts=["{trigger}, portrait", "{trigger}, smiling"],
+        seeds=[0, 1],
+        lora_scales=[0.0, 1.0],
+        steps=2,
+        guidance_scale=4.0,
+        scheduler="euler_a",
+        batch_size=3,  # 4 images a cell: chunks of 3 and 1
+    )
+    args = (fused, workspace / "train", evaluation, "aoi_cf", 64, 7)
+    whole = run_sweep(*args, tmp_path / "whole")
+    chunks = [read_sidecar(path)["fused_batch"] for path in whole.index["image_path"]]
+    assert [chunk["size"] for chunk in chunks] == [3, 3, 3, 1] * 2
+    assert len({chunk["members"] for chunk in chunks}) == 4
+
+    out = tmp_path / "resumed"
+    run_sweep(*args, out)
+    # The second image of the first chunk goes missing (as after a kill).
+    missing = out / Path(whole.index["image_path"].iloc[1]).relative_to(tmp_path / "whole")
+    missing.unlink()
+    missing.with_suffix(".json").unlink()
+    resumed = run_sweep(*args, out)
+    assert (resumed.rendered, resumed.skipped) == (1, 7)
+    assert list(resumed.index["image_id"]) == list(whole.index["image_id"])
+    # Every sidecar now names the batch a rerun would use: nothing is rendered again.
+    assert run_sweep(*args, out).rendered == 0

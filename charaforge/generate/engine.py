@@ -47,7 +47,13 @@ from charaforge.generate.consistent import (
 from charaforge.generate.devices import apply_memory, check_memory_mode, resolve_device
 from charaforge.generate.ip_adapter import image_prompt_arguments, load_for_engine
 from charaforge.generate.loras import LoadedLora, describe_lora, load_peft_only_adapter, lora_file
-from charaforge.generate.records import PARAMETERS_KEY, SIDECAR_KEY, a1111_parameters, batch_key
+from charaforge.generate.records import (
+    PARAMETERS_KEY,
+    SIDECAR_KEY,
+    a1111_parameters,
+    batch_key,
+    fused_batch_record,
+)
 from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
 from charaforge.models.base import (
     load_base_pipeline,
@@ -330,6 +336,9 @@ class GenerationEngine:
                 for image in images
             ]
         masks = state.character_masks(images[0].size) if state else [None] * len(images)
+        if self.batch_mode == "fused" and state is None:
+            record = fused_batch_record(params)
+            params = [{**item, "fused_batch": record} for item in params]
         for image, item, mask in zip(images, params, masks, strict=True):
             if mask is not None:
                 image.info[CHARACTER_MASK_KEY] = mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -16,6 +17,14 @@ PARAMETERS_KEY = "parameters"
 
 
 SIDECAR_KEY = "charaforge"
+
+
+def fused_batch_record(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a fused-mode image's bytes also depend on: the batch it ran in (its size and its
+    members' parameters, in order). Kept in the sidecar, so a rerun reuses an image only when
+    it would run in the very same batch."""
+    text = json.dumps(members, sort_keys=True)
+    return {"size": len(members), "members": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
 def batch_key(params: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from charaforge.config import EvalConfig, SuiteConfig
 from charaforge.core.files import write_bytes, write_png
 from charaforge.generate.consistent import CHARACTER_MASK_KEY, mask_overlay
 from charaforge.generate.engine import GenerationEngine
-from charaforge.generate.records import read_sidecar, write_image
+from charaforge.generate.records import fused_batch_record, read_sidecar, write_image
 from charaforge.generate.request import Consistency, ImagePrompt, RenderRequest
 
 MASK_DIR = "masks"
@@ -73,10 +73,14 @@ def _render(
     on_done: Callable[[Any, bool], None],
     work: Path | None,
 ) -> None:
+    fused = engine.batch_mode == "fused"
+    chunk_records = _fused_records(engine, requests, eval.batch_size) if fused else {}
     pending = []
     for job, request in requests:
         path = out_dir / job.relative_path()
         wanted = engine.parameters(request)
+        if job in chunk_records:
+            wanted = {**wanted, "fused_batch": chunk_records[job]}
         kept = work / job.relative_path() if work is not None else None
         if path.is_file() and read_sidecar(path) == wanted:
             on_done(job, False)
@@ -86,7 +90,7 @@ def _render(
         else:
             pending.append((job, request))
     waiting = {job for job, _ in pending}
-    for batch in _batches(pending, requests, eval.batch_size):
+    for batch in _batches(pending, requests, eval.batch_size, fused):
         images = engine.render_batch([request for _, request in batch])
         for (job, _), image in zip(batch, images, strict=True):
             if job not in waiting:
@@ -148,16 +152,42 @@ def _reference(identity: Any, eval: EvalConfig, out_dir: Path) -> tuple[ImagePro
     return ImagePrompt(picture, suite.ip_adapter_scale, source=identity.relative_path()), path
 
 
+def _plan_chunks(
+    requests: list[tuple[Any, RenderRequest]], batch_size: int
+) -> list[list[tuple[Any, RenderRequest]]]:
+    """The independent images in the plan's order, in chunks of `batch_size`."""
+    plain = [item for item in requests if item[1].consistency is None]
+    return [plain[start : start + batch_size] for start in range(0, len(plain), batch_size)]
+
+
+def _fused_records(
+    engine: GenerationEngine, requests: list[tuple[Any, RenderRequest]], batch_size: int
+) -> dict[Any, dict]:
+    """Each independent job's fused batch, as the engine records it in the sidecar."""
+    records = {}
+    for chunk in _plan_chunks(requests, batch_size):
+        record = fused_batch_record([engine.parameters(request) for _, request in chunk])
+        records.update({job: record for job, _ in chunk})
+    return records
+
+
 def _batches(
     pending: list[tuple[Any, RenderRequest]],
     requests: list[tuple[Any, RenderRequest]],
     batch_size: int,
+    fused: bool = False,
 ) -> list[list[tuple[Any, RenderRequest]]]:
     """Independent images in batches of `batch_size`; a consistent group as one batch, identity
-    shot first and whole (the frames attend to it), whenever one of its images is pending."""
-    plain = [item for item in pending if item[1].consistency is None]
-    batches = [plain[start : start + batch_size] for start in range(0, len(plain), batch_size)]
+    shot first and whole (the frames attend to it), whenever one of its images is pending.
+
+    In exact mode an image's bytes do not depend on its batch, so the pending images are packed
+    together. In fused mode they do, so the batches are the plan's own chunks, each rendered
+    whole whenever one of its images is pending (the finished ones are not written again).
+    """
     waiting = {job for job, _ in pending}
+    batches = _plan_chunks(requests if fused else pending, batch_size)
+    if fused:
+        batches = [batch for batch in batches if any(job in waiting for job, _ in batch)]
     groups: dict[tuple, list[tuple[Any, RenderRequest]]] = {}
     for job, request in requests:
         if request.consistency is not None:
