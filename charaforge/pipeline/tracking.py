@@ -417,21 +417,40 @@ def stage_run_name(stage: str, character: str) -> str:
     return f"{stage} · {character} · {os.environ.get('DVC_EXP_NAME', 'workspace')}"
 
 
+# A child run's metrics go to MLflow in batches of this many points. One `log_metric` call per
+# value was one SQLite transaction each: 5 metrics x 2,400 steps cost ~300 s of the world demo's
+# train stage (75 s without tracking). A killed run loses at most the unsent batch's points.
+METRIC_BATCH = 200
+
+
 class ChildRun:
     """A nested MLflow run (one per candidate) under a stage's run, logged by run id so that
     several can be open at once; metric names are the same in every child, so MLflow's compare
-    view overlays the candidates."""
+    view overlays the candidates. Metrics are sent in batches (`flush`, `end`)."""
 
     def __init__(self, client: Any, run_id: str) -> None:
         self._client, self.run_id = client, run_id
+        self._metrics: list[Any] = []
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         for key, value in flatten(params).items():
             self._client.log_param(self.run_id, key, str(value)[:6000])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self._client.log_metric(self.run_id, key, float(value), step=step or 0)
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self._metrics += [
+            Metric(key, float(value), stamp, step or 0) for key, value in metrics.items()
+        ]
+        if len(self._metrics) >= METRIC_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the metrics logged so far (MLflow takes up to 1,000 per call)."""
+        while self._metrics:
+            batch, self._metrics = self._metrics[:1000], self._metrics[1000:]
+            self._client.log_batch(self.run_id, metrics=batch)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
@@ -444,6 +463,7 @@ class ChildRun:
             self._client.set_tag(self.run_id, key, str(value))
 
     def end(self, status: str = "FINISHED") -> None:
+        self.flush()
         self._client.set_terminated(self.run_id, status=status)
 
 
@@ -457,6 +477,9 @@ class _NoChildRun(ChildRun):
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
