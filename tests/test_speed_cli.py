@@ -4,6 +4,7 @@ characters. Each check runs a real `python` process with stderr a pipe (not a te
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from charaforge import cli
 from charaforge.core.layout import checkpoint_path
-from charaforge.core.logs import NATIVE_NOISE
+from charaforge.core.logs import NATIVE_NOISE, LineStream
 
 ROOT = Path(__file__).resolve().parents[1]
 # (pydantic is not in the list: typer itself uses it to convert arguments.)
@@ -163,7 +164,8 @@ NOISY_RUN = textwrap.dedent(
 def test_a_non_terminal_log_is_quiet_and_has_short_lines() -> None:
     result = run_python(NOISY_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = (result.stdout + result.stderr).splitlines()
+    # Split at newlines only: a line a log file keeps is one, however many `\r` repaints it holds.
+    lines = (result.stdout + result.stderr).split("\n")
     assert max(len(line) for line in lines) <= 200
     text = "\n".join(lines)
     assert "person found: True" in text
@@ -174,3 +176,22 @@ def test_a_non_terminal_log_is_quiet_and_has_short_lines() -> None:
         assert noise not in text, noise
     assert not any(NATIVE_NOISE.search(line) for line in lines)
     assert "No pretrained weights loaded" not in text
+
+
+def test_repaints_stay_on_their_own_lines_beside_another_writer() -> None:
+    """Two processes sharing one log (the world stage's workers): a bar's repaint is ended at once,
+    so the other's log line never continues it; tqdm's closing newline adds no empty line."""
+    log = io.StringIO()
+    bar, other = LineStream(log), LineStream(log)
+    bar.write("\rworld VAE:  10%|#   | 1/10")
+    other.write("INFO world CLIP: loss 7.5 -> 2.5\n")
+    bar.write("\rworld VAE: 100%|####| 10/10" + " " * 5)
+    bar.write("\n")
+    other.write("done\n")
+    assert log.getvalue().split("\n") == [
+        "world VAE:  10%|#   | 1/10",
+        "INFO world CLIP: loss 7.5 -> 2.5",
+        "world VAE: 100%|####| 10/10",
+        "done",
+        "",
+    ]

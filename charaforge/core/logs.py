@@ -90,33 +90,35 @@ class LineStream:
     """A text stream that turns carriage-return repaints into lines (for non-terminal logs).
 
     tqdm writes `\\r<bar>` for every repaint; a log file would keep them glued into one line.
-    Here each repaint ends the previous line instead, and an over-long line is cut.
+    Here every repaint is a line of its own, ended at once (not at the next write): another
+    process writing to the same log (the world stage's two workers) never continues it. The `\\n`
+    tqdm writes when a bar closes is then already written and dropped; an over-long line is cut.
     """
 
     def __init__(self, stream: TextIO, width: int = MAX_LINE) -> None:
         self.stream = stream
         self.width = width
-        self.pending = False  # a repainted line was written and not yet ended
+        self.ended = False  # the last write was a repaint, ended here
 
     def write(self, text: str) -> int:
         if not text:
-            return 0  # tqdm writes empty strings between repaints: they end nothing
+            return 0  # tqdm writes empty strings between repaints
+        written = len(text)
         if "\r" in text:
-            pieces = []
+            lines = []
             for part in text.split("\r"):
                 if not part.strip():
                     continue
-                if self.pending:
-                    pieces.append("\n")
-                pieces.append(part[: self.width] if "\n" not in part else part)
-                self.pending = not part.endswith("\n")
-            self.stream.write("".join(pieces))
+                line = part if "\n" in part else part[: self.width].rstrip(" ")
+                lines.append(line if line.endswith("\n") else line + "\n")
+            self.stream.write("".join(lines))
+            self.ended = self.ended or bool(lines)
         else:
-            if self.pending and not text.startswith("\n"):
-                self.stream.write("\n")
-            self.pending = False
+            if self.ended and text.startswith("\n"):
+                text = text[1:]  # the closing newline of a bar whose line is already ended
+            self.ended = False
             self.stream.write(text)
-        return len(text)
+        return written
 
     def flush(self) -> None:
         self.stream.flush()

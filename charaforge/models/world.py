@@ -33,6 +33,7 @@ from PIL import Image
 
 from charaforge.config import WorldConfig
 from charaforge.core.files import atomic_path, derive_seed, write_json, write_png, write_text
+from charaforge.core.logs import configure_logging
 from charaforge.models.base import set_cpu_threads, set_determinism
 from charaforge.models.world_common import RenderPool
 from charaforge.models.world_diffusion import pretrain_diffusion, unet_peer
@@ -82,9 +83,9 @@ def write_unused(out_dir: str | Path, model_source: str) -> dict[str, Any]:
 
 
 def _init_worker(threads: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # A spawned process starts with fresh logging: the stage's set-up again (our format, other
+    # libraries' notices dropped, tqdm repaints as lines when the log is not a terminal).
+    configure_logging()
     set_cpu_threads(threads)
     set_determinism()
 
