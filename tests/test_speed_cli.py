@@ -15,7 +15,7 @@ import pytest
 
 from charaforge import cli
 from charaforge.core.layout import checkpoint_path
-from charaforge.core.logs import NATIVE_NOISE, LineStream
+from charaforge.core.logs import NATIVE_NOISE, LineStream, brief_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # (pydantic is not in the list: typer itself uses it to convert arguments.)
@@ -195,3 +195,42 @@ def test_repaints_stay_on_their_own_lines_beside_another_writer() -> None:
         "done",
         "",
     ]
+
+
+def test_a_stage_s_bars_repaint_rarely_in_a_log() -> None:
+    """A stage module imports tqdm before `run_stage` sets up logging; the `stages` package sets
+    tqdm's switches first (python -m stages.<name> imports it before the module)."""
+    code = textwrap.dedent(
+        """
+        import time
+        import stages
+        from tqdm import tqdm
+        from charaforge.core.logs import configure_logging
+        configure_logging()
+        for _ in tqdm(range(60), desc="train"):
+            time.sleep(0.02)
+        """
+    )
+    # Not inherited from this process (an in-process stage test may have set them here).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    bars = [line for line in result.stderr.split("\n") if line.startswith("train")]
+    # The first repaint and the last (100%); a repaint every 0.1 s would give about a dozen.
+    assert len(bars) == 2 and "100%" in bars[-1], bars
+
+
+def test_a_metrics_log_line_is_short_with_the_weakest_values_first() -> None:
+    metrics = {"clip_loss_first": 7.5357, "clip_loss_last": 2.5306, "clip_logit_scale": 16.06}
+    metrics |= {f"clip_zero_shot_attribute_number_{i}": 0.99 - i / 100 for i in range(12)}
+    line = brief_metrics(metrics, "clip_")
+    assert len(line) <= 155 and line.endswith(", ...")
+    assert line.startswith("loss 7.54 -> 2.53, zero_shot_attribute_number_11 0.88, ")
+    assert "logit_scale" not in line

@@ -22,7 +22,8 @@ import os
 import re
 import sys
 import threading
-from typing import TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Libraries whose INFO (and DEBUG) output is theirs, not the user's.
@@ -128,6 +129,30 @@ class LineStream:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.stream, name)
+
+
+def brief_metrics(metrics: Mapping[str, Any], prefix: str, width: int = 150) -> str:
+    """Metrics as one short log line (a log line stays under `MAX_LINE` characters; the files
+    hold them all): `<prefix>loss_first` -> `<prefix>loss_last`, then the other values, lowest
+    first (the weakest accuracies are the news); other losses, logit scales and values that are
+    not numbers left out."""
+    parts = []
+    if f"{prefix}loss_first" in metrics:
+        loss = f"loss {metrics[f'{prefix}loss_first']:.3g} -> {metrics[f'{prefix}loss_last']:.3g}"
+        parts.append(loss)
+    scores = {
+        key.removeprefix(prefix): value
+        for key, value in metrics.items()
+        if "loss" not in key and "scale" not in key and isinstance(value, int | float)
+    }
+    for name, value in sorted(scores.items(), key=lambda item: (item[1], item[0])):
+        parts.append(f"{name} {value:.3g}")
+    line = ""
+    for part in parts:
+        if len(line) + len(part) + 2 > width:
+            return line + ", ..."
+        line = f"{line}, {part}" if line else part
+    return line
 
 
 def quiet_environment() -> None:

@@ -33,7 +33,7 @@ from PIL import Image
 
 from charaforge.config import WorldConfig
 from charaforge.core.files import atomic_path, derive_seed, write_json, write_png, write_text
-from charaforge.core.logs import configure_logging
+from charaforge.core.logs import brief_metrics, configure_logging
 from charaforge.models.base import set_cpu_threads, set_determinism
 from charaforge.models.world_common import RenderPool
 from charaforge.models.world_diffusion import pretrain_diffusion, unet_peer
@@ -272,7 +272,12 @@ def train_world(
             pipeline = _load_pipeline(temp / PIPELINE_DIR)
             diffusion.update(base_model_accuracy(pipeline, temp / "oracle", config, seed))
             diffusion["base_eval_seconds"] = round(time.perf_counter() - watch, 3)
-            log.info("world base model, judged by the oracle: %s", diffusion)
+            verdict = {
+                key: value
+                for key, value in diffusion.items()
+                if key.startswith("base_") and not key.endswith("_seconds")
+            }
+            log.info("world base model, judged by the oracle: %s", brief_metrics(verdict, "base_"))
         payload = {
             "used": True,
             **world_description(),

@@ -17,6 +17,7 @@ import numpy as np
 
 from charaforge.config.world import WorldClipConfig, WorldOracleConfig, WorldTaggerConfig
 from charaforge.core.files import derive_seed, write_json
+from charaforge.core.logs import brief_metrics
 from charaforge.models.world_clip import save_world_clip, train_world_clip, zero_shot_metrics
 from charaforge.models.world_common import RenderPool, Stopwatch, render_pool
 from charaforge.models.world_oracle import oracle_accuracy, save_world_oracle, train_world_oracle
@@ -55,28 +56,6 @@ def demo_character_pool(seed: int, size: int) -> RenderPool:
     return RenderPool(scenes, pixels)
 
 
-def _brief(metrics: dict[str, float], prefix: str, width: int = 150) -> str:
-    """Metrics as one short log line (a log line stays under 200 characters; metrics.json has
-    them all): the loss from first to last, then the lowest accuracies first."""
-    parts = []
-    if f"{prefix}loss_first" in metrics:
-        loss = f"loss {metrics[f'{prefix}loss_first']:.3g} -> {metrics[f'{prefix}loss_last']:.3g}"
-        parts.append(loss)
-    scores = {
-        key.removeprefix(prefix): value
-        for key, value in metrics.items()
-        if "loss" not in key and "scale" not in key
-    }
-    for name, value in sorted(scores.items(), key=lambda item: (item[1], item[0])):
-        parts.append(f"{name} {value:.3g}")
-    line = ""
-    for part in parts:
-        if len(line) + len(part) + 2 > width:
-            return line + ", ..."
-        line = f"{line}, {part}" if line else part
-    return line
-
-
 def train_world_scorers(config: WorldScorersSection, out_dir: Path, seed: int) -> dict[str, float]:
     """Write `out_dir/clip/`, `out_dir/tagger/`, `out_dir/oracle/`; return their metrics.
 
@@ -98,7 +77,7 @@ def train_world_scorers(config: WorldScorersSection, out_dir: Path, seed: int) -
     write_json(out_dir / "clip" / "metrics.json", clip_metrics)
     metrics.update(clip_metrics)
     metrics["clip_cpu_seconds"], metrics["clip_seconds"] = watch.lap()
-    log.info("world CLIP: %s", _brief(clip_metrics, "clip_"))
+    log.info("world CLIP: %s", brief_metrics(clip_metrics, "clip_"))
 
     watch = Stopwatch()
     net, tagger_metrics, pool = train_world_tagger(config.tagger, seed, size)
@@ -120,7 +99,7 @@ def train_world_scorers(config: WorldScorersSection, out_dir: Path, seed: int) -
     write_json(out_dir / "oracle" / "metrics.json", oracle_metrics)
     metrics.update(oracle_metrics)
     metrics["oracle_cpu_seconds"], metrics["oracle_seconds"] = watch.lap()
-    log.info("world oracle: %s", _brief(oracle_metrics, "oracle_"))
+    log.info("world oracle: %s", brief_metrics(oracle_metrics, "oracle_"))
 
     metrics["scorers_cpu_seconds"], metrics["scorers_seconds"] = total.lap()
     return metrics
