@@ -121,7 +121,12 @@ def contact_sheet(pipeline: Any, config: WorldConfig, seed: int) -> Image.Image:
 
 def _load_pipeline(folder: Path) -> Any:
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Loading the five small components takes a second; their progress bars are only noise.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     return StableDiffusionPipeline.from_pretrained(
         folder, safety_checker=None, requires_safety_checker=False
     )
