@@ -12,9 +12,11 @@ export DVC_NO_UPDATER := 1
 
 .PHONY: install demo test test-fast lint format params clean mlflow-ui
 
+# pip -qq: its errors only. Its warnings are about the machine's pip configuration (e.g. an extra
+# index without some package: "Location ... is ignored"), nothing a user of the demo can act on.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check -qq -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install CharaForge with every dependency

@@ -64,8 +64,8 @@ def main() -> None:
     ]:
         seconds = timed_runs(CHARAFORGE + arguments, args.rounds, expect=code)
         print(
-            f"{label:<34} {seconds:5.2f} s  ({seconds - interpreter:+.2f} s over the interpreter;"
-            f" target < 0.5 s)"
+            f"{label:<34} {seconds:5.2f} s  ({seconds - interpreter:+.2f} s over the interpreter,"
+            f" target < 0.5 s; ratio {seconds / heavy:.2f} of `import torch, diffusers`)"
         )
     os.environ.setdefault("TQDM_DISABLE", "1")
     from charaforge.config import ModelConfig

@@ -38,6 +38,7 @@ def body(ctx: StageContext) -> None:
         }
     )
     ctx.run.log_artifact(f"{layout.SCORE_DIR}/{SCORERS_FILE}")
+    ctx.tag_output_hash(f"{layout.SCORE_DIR}/scores.parquet")  # the report links to this run by it
 
 
 if __name__ == "__main__":

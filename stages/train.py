@@ -85,6 +85,7 @@ def body(ctx: StageContext) -> None:
                 run.log_artifact(stamped, artifact_path="lora")
         run.end()
     ctx.run.log_artifact(f"{layout.TRAIN_DIR}/summary.json")
+    ctx.tag_output_hash(f"{layout.TRAIN_DIR}/summary.json")  # the report links to this run by it
 
 
 def before(params: Params) -> None:

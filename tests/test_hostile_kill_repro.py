@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_pipeline import _env, _fresh_copy, _lock_outputs, _run
+from test_pipeline import _env, _fresh_copy, _lock_outputs, _pages_without_run_links, _run
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +140,7 @@ def test_kills_at_several_points_then_repro_gives_the_uninterrupted_bytes(
     assert killed.keys() == expected.keys()
     differing = sorted(key for key in expected if killed[key] != expected[key])
     assert not differing, f"outputs differ from an uninterrupted run: {differing}"
+    assert _pages_without_run_links(workdir) == _pages_without_run_links(reference)
 
     assert not _ingest_temps(workdir)
     statuses = _statuses(workdir)

@@ -43,34 +43,41 @@ def test_the_experiment_file_composes_into_params_for_the_folder(
         name="bob",
         trigger="bob_cf",
         source=folder,
-        model="tiny_sd15",
+        model="tiny_sdxl",
         tagger="clip",
         overrides=("tagger.clip.threshold=0.25", "eval.seeds=[3]"),
     )
     path = new_character.write_experiment(repo, request)
     assert path == repo / "conf/experiment/bob.yaml"
     assert path.read_text().startswith("# @package _global_\n")
+    # The choices are in the file: the command line names the experiment alone.
     overrides = new_character.hydra_overrides(request)
-    assert overrides == ["+experiment=bob", "model=tiny_sd15", "tagger=clip"]
-    # Composed from the stand-in primary too, whose own `override tagger: sidecar` an
-    # experiment file's defaults could not beat.
+    assert overrides == ["+experiment=bob"]
+    # Composed from either primary: the world's (model world, tagger world) and the stand-in's
+    # (tiny_sd15, sidecar), whose choices an experiment file's defaults must beat.
     for primary in ("config", "stand_in"):
         params = compose_params(
             repo, overrides, output=tmp_path / "params.yaml", config_name=primary
         )
-        assert params.tagger.backend == "clip" and params.tagger.clip.threshold == 0.25
+        assert (params.model.family, params.model.source) == ("sdxl", "stand_in"), primary
+        assert params.tagger.backend == "clip" and params.tagger.clip.threshold == 0.25, primary
     assert params.data.source == str(folder.resolve())
     assert (params.data.character, params.data.trigger) == ("bob", "bob_cf")
-    assert params.model.source == "stand_in" and params.tagger.backend == "clip"
     assert params.tagger.clip.threshold == 0.25 and params.eval.seeds == [3]  # --set, in the file
     assert params.eval.prompts == [] and params.eval.from_data.enabled
     # Per character: the MLflow experiment and the registered model.
     assert params.tracking.experiment == "charaforge-bob"
     assert params.report.registered_model == "charaforge-bob"
     assert new_character.dvc_command(request) == [
-        "dvc", "exp", "run", "-S", "+experiment=bob", "-S", "model=tiny_sd15", "-S", "tagger=clip",
-        "report",
+        "dvc", "exp", "run", "-S", "+experiment=bob", "report",
     ]  # fmt: skip
+    # Without --model / --tagger the primary's choices stay.
+    plain = new_character.NewCharacter(name="amy", trigger="amy_cf", source=folder)
+    new_character.write_experiment(repo, plain)
+    params = compose_params(
+        repo, ["+experiment=amy"], output=tmp_path / "plain.yaml", config_name="stand_in"
+    )
+    assert (params.model.family, params.tagger.backend) == ("sd15", "sidecar")
 
 
 def test_a_kohya_toml_is_staged_with_txt_captions(repo: Path, tmp_path: Path) -> None:
@@ -121,3 +128,36 @@ def test_the_cli_exits_2_with_one_line(repo: Path, tmp_path: Path, repo_root: Pa
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "not found" in done.stderr
+
+
+def _cli_new(repo: Path, repo_root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "charaforge"), "new", *args, "--root", str(repo),
+         "--no-run"],
+        capture_output=True, text=True, cwd=repo, timeout=120,
+        env={"PYTHONPATH": str(repo_root), "PATH": str(Path(sys.executable).parent)},
+    )  # fmt: skip
+
+
+def test_the_cli_writes_model_and_tagger_into_the_experiment(
+    repo: Path, tmp_path: Path, repo_root: Path
+) -> None:
+    folder = _images(tmp_path / "imgs")
+    name = ["--name", "bob", "--trigger", "bob_cf"]
+    for flag, value in (("--model", "sd99"), ("--tagger", "wd99")):
+        done = _cli_new(repo, repo_root, str(folder), *name, flag, value)
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        group = flag.removeprefix("--")
+        existing = sorted(p.stem for p in (repo_root / "conf" / group).glob("*.yaml"))
+        assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{flag} '{value}'" in lines[0] and ", ".join(existing) in lines[0], lines[0]
+    assert not (repo / "conf/experiment/bob.yaml").exists()
+
+    done = _cli_new(repo, repo_root, str(folder), *name, "--model", "tiny_sdxl", "--tagger", "clip")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "dvc exp run -S +experiment=bob report"
+    config = yaml.safe_load((repo / "conf/experiment/bob.yaml").read_text())
+    assert config["defaults"] == [
+        {"override /model": "tiny_sdxl"}, {"override /tagger": "clip"}, "_self_",
+    ]  # fmt: skip

@@ -115,13 +115,29 @@ def _fresh_copy(repo_root: Path, destination: Path, stand_in: bool = True) -> Pa
     return destination
 
 
+# The report pages link to this execution's MLflow runs (run ids, model version): outside the
+# marked links, their bytes are compared by `_pages_without_run_links`.
+RUN_LINKED_PAGES = ("reports/selection.md", "reports/selection.html")
+_RUN_LINKS = re.compile(r"<!-- mlflow links -->.*?<!-- /mlflow links -->", re.DOTALL)
+
+
 def _lock_outputs(lock_path: Path) -> dict[str, str]:
     lock = yaml.safe_load(lock_path.read_text(encoding="utf-8"))
     hashes = {}
     for name, stage in lock["stages"].items():
         for out in stage.get("outs", []):
-            hashes[f"{name}:{out['path']}"] = out["md5"]
+            if out["path"] not in RUN_LINKED_PAGES:
+                hashes[f"{name}:{out['path']}"] = out["md5"]
     return hashes
+
+
+def _pages_without_run_links(workdir: Path) -> dict[str, str]:
+    pages = {}
+    for page in RUN_LINKED_PAGES:
+        text = (workdir / page).read_text(encoding="utf-8")
+        assert "/runs/" in text, f"{page} has no MLflow run links"
+        pages[page] = _RUN_LINKS.sub("", text)
+    return pages
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +148,7 @@ def pipeline_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "path": workdir,
         "first_output": output,
         "first_lock": (workdir / "dvc.lock").read_text(encoding="utf-8"),
+        "first_pages": _pages_without_run_links(workdir),
     }
 
 
@@ -183,6 +200,26 @@ def test_mlflow_store_holds_every_stage_run(pipeline_repo: dict) -> None:
         lora = {item.path for item in client.list_artifacts(child.info.run_id, "lora")}
         assert "lora/pytorch_lora_weights.safetensors" in lora, (name, lora)
     assert by_stage["report"].data.metrics, "report must log the champion's metrics"
+
+    # The report links to the train run, each candidate's child run, the score and report runs,
+    # and the champion's model version: MLflow UI URLs of runs that are in this store.
+    markdown = (workdir / "reports/selection.md").read_text(encoding="utf-8")
+    page = (workdir / "reports/selection.html").read_text(encoding="utf-8")
+    ui = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+    linked = {
+        "train stage": train,
+        **{f"train · {name}": child for name, child in trained.items()},
+        "score stage": by_stage["score"],
+        "report stage (this report)": by_stage["report"],
+    }
+    for label, run in linked.items():
+        url = f"{ui}/runs/{run.info.run_id}"
+        assert f"- {label}: [{run.info.run_id}]({url})" in markdown, label
+        assert f'<td>{label}</td><td><a href="{url}">' in page, label
+    version = client.get_model_version_by_alias("charaforge-aoi", "champion")
+    assert version.run_id == by_stage["report"].info.run_id
+    version_url = f"http://127.0.0.1:5000/#/models/charaforge-aoi/versions/{version.version}"
+    assert f"]({version_url})" in markdown and f'href="{version_url}"' in page
 
 
 def test_metrics_and_plots_show(pipeline_repo: dict) -> None:
@@ -300,3 +337,4 @@ def test_two_runs_from_scratch_are_byte_identical(
     assert first.keys() == again.keys()
     differing = sorted(key for key in first if first[key] != again[key])
     assert not differing, f"outputs differ between two runs from scratch: {differing}"
+    assert pipeline_repo["first_pages"] == _pages_without_run_links(second)

@@ -212,6 +212,7 @@ def test_both_pages_have_one_block_per_section() -> None:
         "dataset",
         "provenance",
         "axes",  # suite methods and control types side by side (selection.axes)
+        "mlflow",  # links to the runs and the champion's model version (selection.mlflow_links)
     }
     # Markdown splits the wide ranking: the full table is its own section further down.
     assert set(markdown.blocks) == shared | {"all_metrics"}

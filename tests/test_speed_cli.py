@@ -4,6 +4,7 @@ characters. Each check runs a real `python` process with stderr a pipe (not a te
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from charaforge import cli
 from charaforge.core.layout import checkpoint_path
-from charaforge.core.logs import NATIVE_NOISE
+from charaforge.core.logs import NATIVE_NOISE, LineStream, brief_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # (pydantic is not in the list: typer itself uses it to convert arguments.)
@@ -163,7 +164,8 @@ NOISY_RUN = textwrap.dedent(
 def test_a_non_terminal_log_is_quiet_and_has_short_lines() -> None:
     result = run_python(NOISY_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = (result.stdout + result.stderr).splitlines()
+    # Split at newlines only: a line a log file keeps is one, however many `\r` repaints it holds.
+    lines = (result.stdout + result.stderr).split("\n")
     assert max(len(line) for line in lines) <= 200
     text = "\n".join(lines)
     assert "person found: True" in text
@@ -174,3 +176,61 @@ def test_a_non_terminal_log_is_quiet_and_has_short_lines() -> None:
         assert noise not in text, noise
     assert not any(NATIVE_NOISE.search(line) for line in lines)
     assert "No pretrained weights loaded" not in text
+
+
+def test_repaints_stay_on_their_own_lines_beside_another_writer() -> None:
+    """Two processes sharing one log (the world stage's workers): a bar's repaint is ended at once,
+    so the other's log line never continues it; tqdm's closing newline adds no empty line."""
+    log = io.StringIO()
+    bar, other = LineStream(log), LineStream(log)
+    bar.write("\rworld VAE:  10%|#   | 1/10")
+    other.write("INFO world CLIP: loss 7.5 -> 2.5\n")
+    bar.write("\rworld VAE: 100%|####| 10/10" + " " * 5)
+    bar.write("\n")
+    other.write("done\n")
+    assert log.getvalue().split("\n") == [
+        "world VAE:  10%|#   | 1/10",
+        "INFO world CLIP: loss 7.5 -> 2.5",
+        "world VAE: 100%|####| 10/10",
+        "done",
+        "",
+    ]
+
+
+def test_a_stage_s_bars_repaint_rarely_in_a_log() -> None:
+    """A stage module imports tqdm before `run_stage` sets up logging; the `stages` package sets
+    tqdm's switches first (python -m stages.<name> imports it before the module)."""
+    code = textwrap.dedent(
+        """
+        import time
+        import stages
+        from tqdm import tqdm
+        from charaforge.core.logs import configure_logging
+        configure_logging()
+        for _ in tqdm(range(60), desc="train"):
+            time.sleep(0.02)
+        """
+    )
+    # Not inherited from this process (an in-process stage test may have set them here).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    bars = [line for line in result.stderr.split("\n") if line.startswith("train")]
+    # The first repaint and the last (100%); a repaint every 0.1 s would give about a dozen.
+    assert len(bars) == 2 and "100%" in bars[-1], bars
+
+
+def test_a_metrics_log_line_is_short_with_the_weakest_values_first() -> None:
+    metrics = {"clip_loss_first": 7.5357, "clip_loss_last": 2.5306, "clip_logit_scale": 16.06}
+    metrics |= {f"clip_zero_shot_attribute_number_{i}": 0.99 - i / 100 for i in range(12)}
+    line = brief_metrics(metrics, "clip_")
+    assert len(line) <= 155 and line.endswith(", ...")
+    assert line.startswith("loss 7.54 -> 2.53, zero_shot_attribute_number_11 0.88, ")
+    assert "logit_scale" not in line

@@ -1,10 +1,12 @@
 """MLflow as its users expect it, queried from a real SQLite store after real stage runs: an
 experiment marked as model training, a parent run per stage execution named after stage and
 character, a nested child run per candidate with metric histories under the same names, and a
-registered model per character whose @champion no other character takes away."""
+registered model per character whose @champion no other character takes away; the report pages
+link to those runs and to the champion's model version."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +83,39 @@ def test_child_runs_per_candidate_and_a_champion_per_character(
         assert version.run_id == reports[character].info.run_id
         champions[character] = version
     assert champions["aoi"].run_id != champions["bob"].run_id  # bob did not take aoi's alias
+
+    # The pages link to the runs behind them and to the champion's model version (bob's pages
+    # are the last written), at `mlflow ui`'s address in MLflow's own URL form.
+    ui, experiment_id = "http://127.0.0.1:5000", experiment.experiment_id
+    score = next(run for run in parents if run.info.run_name.startswith("score"))
+    markdown = (root / "reports/selection.md").read_text()
+    page = (root / "reports/selection.html").read_text()
+    linked = {
+        "score stage": score.info.run_id,
+        "report stage (this report)": reports["bob"].info.run_id,
+    }
+    for label, run_id in linked.items():
+        url = f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+        assert f"- {label}: [{run_id}]({url})" in markdown, label
+        assert f'<a href="{url}">{run_id}</a>' in page, label
+    # Every run id a page links to is one of these (no train stage ran: it says so).
+    for text in (markdown, page):
+        shown = set(re.findall(rf"#/experiments/{experiment_id}/runs/(\w+)", text))
+        assert shown == set(linked.values()), shown
+        assert "no finished run in this store wrote data/train/summary.json" in text
+    version = champions["bob"].version
+    version_url = f"{ui}/#/models/charaforge-bob/versions/{version}"
+    assert client.get_model_version("charaforge-bob", version).run_id == reports["bob"].info.run_id
+    assert f"[version {version}]({version_url})" in markdown
+    assert f'<a href="{version_url}">version {version}</a>' in page
+    assert "make mlflow-ui" in markdown
+
+    # Switched off: no run ids in the pages; the champion is still registered.
+    params["report"]["mlflow_links"] = False
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    _stage(root, repo_root, "report")
+    for name in ("selection.md", "selection.html"):
+        text = (root / "reports" / name).read_text()
+        assert "mlflow links" not in text and "/runs/" not in text, name
+    latest = client.get_model_version_by_alias("charaforge-bob", "champion")
+    assert int(latest.version) == int(version) + 1

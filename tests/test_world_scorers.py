@@ -29,7 +29,7 @@ from charaforge.models.world_clip import (
     zero_shot_questions,
 )
 from charaforge.models.world_common import WORLD_TAGS, render_pool
-from charaforge.models.world_scorers import train_world_scorers
+from charaforge.models.world_scorers import _brief, train_world_scorers
 from charaforge.models.world_tagger import RATING_TAGS, wd14_input
 from charaforge.prepare.world import (
     ATTRIBUTES,
@@ -255,3 +255,12 @@ def test_render_pools_are_deterministic_and_purpose_specific() -> None:
     np.testing.assert_array_equal(first.pixels, again.pixels)
     assert not np.array_equal(first.pixels, other.pixels)
     assert isinstance(Image.fromarray(first.pixels[0]), Image.Image)
+
+
+def test_the_scorers_log_line_is_short_with_the_weakest_accuracies_first() -> None:
+    metrics = {"clip_loss_first": 7.5357, "clip_loss_last": 2.5306, "clip_logit_scale": 16.06}
+    metrics |= {f"clip_zero_shot_attribute_number_{i}": 0.99 - i / 100 for i in range(12)}
+    line = _brief(metrics, "clip_")
+    assert len(line) <= 155 and line.endswith(", ...")
+    assert line.startswith("loss 7.54 -> 2.53, zero_shot_attribute_number_11 0.88, ")
+    assert "logit_scale" not in line

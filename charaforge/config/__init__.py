@@ -242,6 +242,9 @@ class ReportConfig(Strict):
     # Pareto front axes: the first applicable identity metric, and prompt alignment.
     pareto_identity: list[str] = Field(default=["arcface", "clip_i"], min_length=1)
     pareto_alignment: str = "clip_t"
+    # Links to the MLflow runs and the champion's model version in the pages (with tracking on);
+    # off, the pages' bytes depend on params and data only (run ids differ run to run).
+    mlflow_links: bool = True
 
     @field_validator("weights", "pareto_identity", "pareto_alignment")
     @classmethod
@@ -257,6 +260,9 @@ class TrackingConfig(Strict):
     enabled: bool
     uri: str | None = None
     experiment: str = Field(min_length=1)
+    # The MLflow UI the report links to; None: the server of an http(s) `uri`, else `mlflow ui`'s
+    # default http://127.0.0.1:5000.
+    ui_url: str | None = None
 
 
 class Params(Strict):

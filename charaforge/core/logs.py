@@ -22,7 +22,8 @@ import os
 import re
 import sys
 import threading
-from typing import TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Libraries whose INFO (and DEBUG) output is theirs, not the user's.
@@ -90,33 +91,35 @@ class LineStream:
     """A text stream that turns carriage-return repaints into lines (for non-terminal logs).
 
     tqdm writes `\\r<bar>` for every repaint; a log file would keep them glued into one line.
-    Here each repaint ends the previous line instead, and an over-long line is cut.
+    Here every repaint is a line of its own, ended at once (not at the next write): another
+    process writing to the same log (the world stage's two workers) never continues it. The `\\n`
+    tqdm writes when a bar closes is then already written and dropped; an over-long line is cut.
     """
 
     def __init__(self, stream: TextIO, width: int = MAX_LINE) -> None:
         self.stream = stream
         self.width = width
-        self.pending = False  # a repainted line was written and not yet ended
+        self.ended = False  # the last write was a repaint, ended here
 
     def write(self, text: str) -> int:
         if not text:
-            return 0  # tqdm writes empty strings between repaints: they end nothing
+            return 0  # tqdm writes empty strings between repaints
+        written = len(text)
         if "\r" in text:
-            pieces = []
+            lines = []
             for part in text.split("\r"):
                 if not part.strip():
                     continue
-                if self.pending:
-                    pieces.append("\n")
-                pieces.append(part[: self.width] if "\n" not in part else part)
-                self.pending = not part.endswith("\n")
-            self.stream.write("".join(pieces))
+                line = part if "\n" in part else part[: self.width].rstrip(" ")
+                lines.append(line if line.endswith("\n") else line + "\n")
+            self.stream.write("".join(lines))
+            self.ended = self.ended or bool(lines)
         else:
-            if self.pending and not text.startswith("\n"):
-                self.stream.write("\n")
-            self.pending = False
+            if self.ended and text.startswith("\n"):
+                text = text[1:]  # the closing newline of a bar whose line is already ended
+            self.ended = False
             self.stream.write(text)
-        return len(text)
+        return written
 
     def flush(self) -> None:
         self.stream.flush()
@@ -126,6 +129,30 @@ class LineStream:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.stream, name)
+
+
+def brief_metrics(metrics: Mapping[str, Any], prefix: str, width: int = 150) -> str:
+    """Metrics as one short log line (a log line stays under `MAX_LINE` characters; the files
+    hold them all): `<prefix>loss_first` -> `<prefix>loss_last`, then the other values, lowest
+    first (the weakest accuracies are the news); other losses, logit scales and values that are
+    not numbers left out."""
+    parts = []
+    if f"{prefix}loss_first" in metrics:
+        loss = f"loss {metrics[f'{prefix}loss_first']:.3g} -> {metrics[f'{prefix}loss_last']:.3g}"
+        parts.append(loss)
+    scores = {
+        key.removeprefix(prefix): value
+        for key, value in metrics.items()
+        if "loss" not in key and "scale" not in key and isinstance(value, int | float)
+    }
+    for name, value in sorted(scores.items(), key=lambda item: (item[1], item[0])):
+        parts.append(f"{name} {value:.3g}")
+    line = ""
+    for part in parts:
+        if len(line) + len(part) + 2 > width:
+            return line + ", ..."
+        line = f"{line}, {part}" if line else part
+    return line
 
 
 def quiet_environment() -> None:

@@ -33,6 +33,7 @@ from PIL import Image
 
 from charaforge.config import WorldConfig
 from charaforge.core.files import atomic_path, derive_seed, write_json, write_png, write_text
+from charaforge.core.logs import brief_metrics, configure_logging
 from charaforge.models.base import set_cpu_threads, set_determinism
 from charaforge.models.world_common import RenderPool
 from charaforge.models.world_diffusion import pretrain_diffusion, vae_peer
@@ -82,9 +83,9 @@ def write_unused(out_dir: str | Path, model_source: str) -> dict[str, Any]:
 
 
 def _init_worker(threads: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # A spawned process starts with fresh logging: the stage's set-up again (our format, other
+    # libraries' notices dropped, tqdm repaints as lines when the log is not a terminal).
+    configure_logging()
     set_cpu_threads(threads)
     set_determinism()
 
@@ -120,7 +121,12 @@ def contact_sheet(pipeline: Any, config: WorldConfig, seed: int) -> Image.Image:
 
 def _load_pipeline(folder: Path) -> Any:
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Loading the five small components takes a second; their progress bars are only noise.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     return StableDiffusionPipeline.from_pretrained(
         folder, safety_checker=None, requires_safety_checker=False
     )
@@ -270,7 +276,12 @@ def train_world(
             pipeline = _load_pipeline(temp / PIPELINE_DIR)
             diffusion.update(base_model_accuracy(pipeline, temp / "oracle", config, seed))
             diffusion["base_eval_seconds"] = round(time.perf_counter() - watch, 3)
-            log.info("world base model, judged by the oracle: %s", diffusion)
+            verdict = {
+                key: value
+                for key, value in diffusion.items()
+                if key.startswith("base_") and not key.endswith("_seconds")
+            }
+            log.info("world base model, judged by the oracle: %s", brief_metrics(verdict, "base_"))
         payload = {
             "used": True,
             **world_description(),

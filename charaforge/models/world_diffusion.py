@@ -418,11 +418,11 @@ def pretrain_diffusion(
         pipeline = assemble_sd15_pipeline(vae, unet, text_encoder, tokenizer)
         save_stand_in(pipeline, out_dir)
     log.info(
-        "world diffusion: VAE loss %.4f, reconstruction MSE %.4f, UNet loss %.4f (%s CPU-s)",
+        "world diffusion: VAE loss %.4f, reconstruction MSE %.4f, UNet loss %.4f (%.0f CPU-s)",
         _tail_mean(result.vae_losses),
         result.reconstruction_mse,
         _tail_mean(result.unet_losses),
-        result.cpu_seconds,
+        sum(result.cpu_seconds.values()),
     )
     return pipeline, result
 

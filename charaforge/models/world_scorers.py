@@ -17,6 +17,7 @@ import numpy as np
 
 from charaforge.config.world import WorldClipConfig, WorldOracleConfig, WorldTaggerConfig
 from charaforge.core.files import derive_seed, write_json
+from charaforge.core.logs import brief_metrics
 from charaforge.models.world_clip import save_world_clip, train_world_clip, zero_shot_metrics
 from charaforge.models.world_common import RenderPool, Stopwatch, render_pool
 from charaforge.models.world_oracle import oracle_accuracy, save_world_oracle, train_world_oracle
@@ -76,7 +77,7 @@ def train_world_scorers(config: WorldScorersSection, out_dir: Path, seed: int) -
     write_json(out_dir / "clip" / "metrics.json", clip_metrics)
     metrics.update(clip_metrics)
     metrics["clip_cpu_seconds"], metrics["clip_seconds"] = watch.lap()
-    log.info("world CLIP: %s", clip_metrics)
+    log.info("world CLIP: %s", brief_metrics(clip_metrics, "clip_"))
 
     watch = Stopwatch()
     net, tagger_metrics, pool = train_world_tagger(config.tagger, seed, size)
@@ -98,7 +99,7 @@ def train_world_scorers(config: WorldScorersSection, out_dir: Path, seed: int) -
     write_json(out_dir / "oracle" / "metrics.json", oracle_metrics)
     metrics.update(oracle_metrics)
     metrics["oracle_cpu_seconds"], metrics["oracle_seconds"] = watch.lap()
-    log.info("world oracle: %s", oracle_metrics)
+    log.info("world oracle: %s", brief_metrics(oracle_metrics, "oracle_"))
 
     metrics["scorers_cpu_seconds"], metrics["scorers_seconds"] = total.lap()
     return metrics

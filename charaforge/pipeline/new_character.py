@@ -2,10 +2,12 @@
 
 `new_character` turns a folder of images (or a kohya sd-scripts TOML dataset config) into a
 Hydra experiment file `conf/experiment/<name>.yaml` (the `# @package _global_` pattern: it
-overrides whatever the primary config sets) and the DVC command that runs it:
-`dvc exp run -S +experiment=<name> [-S model=...] [-S tagger=...] report`. Naming the `report`
-stage as the target runs exactly the stages the report needs; the `demo` stage is not among
-them once `data.source` is the user's folder, so it never runs for a user's character.
+overrides whatever the primary config sets, the `--model` / `--tagger` choices included, as
+`override /model: ...` entries of its defaults list) and the DVC command that runs it:
+`dvc exp run -S +experiment=<name> report`. The file is the whole experiment: running that
+command again gives the same run. Naming the `report` stage as the target runs exactly the
+stages the report needs; the `demo` stage is not among them once `data.source` is the user's
+folder, so it never runs for a user's character.
 
 A kohya TOML (`[[datasets]]` / `[[datasets.subsets]]` with `image_dir`, `num_repeats`,
 `class_tokens`, `caption_extension`; options fall back from subset to dataset to `[general]`)
@@ -159,6 +161,15 @@ def _set(config: dict, override: str) -> None:
 def experiment_config(request: NewCharacter, source: str) -> dict:
     """The Hydra experiment file's content (a `# @package _global_` override of the primary)."""
     config: dict = {}
+    # Group choices: the file's own defaults list (conf/preset/stand_in.yaml says why a primary
+    # config keeps its choices out of its own defaults list, so that these win).
+    choices = [
+        {f"override /{group}": choice}
+        for group, choice in (("model", request.model), ("tagger", request.tagger))
+        if choice
+    ]
+    if choices:
+        config["defaults"] = [*choices, "_self_"]
     config["data"] = {"source": source, "character": request.name, "trigger": request.trigger}
     if request.kohya_repeats is not None:
         config["data"]["dataset"] = {"kohya_repeats": request.kohya_repeats}
@@ -180,14 +191,8 @@ def experiment_config(request: NewCharacter, source: str) -> dict:
 
 
 def hydra_overrides(request: NewCharacter) -> list[str]:
-    """The experiment, and the model / tagger choices: group choices go on the command line,
-    because a primary config's own `override` (conf/stand_in.yaml's) beats an experiment's."""
-    overrides = [f"+experiment={request.name}"]
-    if request.model:
-        overrides.append(f"model={request.model}")
-    if request.tagger:
-        overrides.append(f"tagger={request.tagger}")
-    return overrides
+    """The command line's Hydra overrides: the experiment alone (its file holds the rest)."""
+    return [f"+experiment={request.name}"]
 
 
 def dvc_command(request: NewCharacter) -> list[str]:

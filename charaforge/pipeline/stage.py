@@ -18,10 +18,17 @@ import yaml
 from filelock import FileLock, Timeout
 
 from charaforge.config import Params, config_hash, load_params
-from charaforge.core.files import sha256_file, stale_temp_folders
+from charaforge.core.files import stale_temp_folders
 from charaforge.core.logs import configure_logging  # one set-up for stages and the CLI
 from charaforge.errors import DISK_ERRNOS, CharaForgeError, disk_message
-from charaforge.pipeline.tracking import StageRun, Terminated, stage_run, stage_run_name
+from charaforge.pipeline.tracking import (
+    OUTPUT_HASH_TAG,
+    StageRun,
+    Terminated,
+    content_digest,
+    stage_run,
+    stage_run_name,
+)
 
 log = logging.getLogger("charaforge")
 
@@ -34,9 +41,14 @@ class StageContext:
 
     def tag_data_hash(self, *paths: str | Path) -> None:
         """Record the content hash of the stage's key input table(s) as provenance."""
-        digests = [sha256_file(path)[:16] for path in paths if Path(path).is_file()]
-        if digests:
-            self.run.set_tags({"charaforge.data_hash": "-".join(digests)})
+        if digest := content_digest(*paths):
+            self.run.set_tags({"charaforge.data_hash": digest})
+
+    def tag_output_hash(self, *paths: str | Path) -> None:
+        """Record the content hash of the stage's key output(s): the report links to the run
+        whose hash is that of the files it reads (selection.mlflow_links)."""
+        if digest := content_digest(*paths):
+            self.run.set_tags({OUTPUT_HASH_TAG: digest})
 
 
 def run_stage(

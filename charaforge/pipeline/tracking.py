@@ -34,6 +34,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from charaforge.config import TrackingConfig
+from charaforge.core.files import sha256_file
 from charaforge.errors import CharaForgeError
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 # Seconds between retries of buffered calls once a call failed.
 RETRY_INTERVAL_S = 10.0
+STAGE_TAG = "charaforge.pipeline.stage"
+# The hash of a stage's key output: how the report finds the run that wrote what it reads.
+OUTPUT_HASH_TAG = "charaforge.output_hash"
 
 
 class TrackingError(CharaForgeError):
@@ -83,6 +87,11 @@ def git_commit(root: Path | None = None) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def content_digest(*paths: str | Path) -> str:
+    """The files' SHA-256 (first 16 hex digits each, joined by '-'); absent files left out."""
+    return "-".join(sha256_file(path)[:16] for path in paths if Path(path).is_file())
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -352,7 +361,7 @@ def stage_run(
     except Exception as error:  # noqa: BLE001 (an MLflow store error at start: one line)
         raise TrackingError(f"tracking store {uri}: {str(error).splitlines()[0]}") from None
     all_tags = {
-        "charaforge.pipeline.stage": stage,
+        STAGE_TAG: stage,
         "mlflow.source.git.commit": git_commit(root),
         "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
         "charaforge.host": socket.gethostname(),

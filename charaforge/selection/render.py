@@ -20,6 +20,7 @@ from markupsafe import Markup
 
 from charaforge.selection import wording
 from charaforge.selection.axes import AxisTable
+from charaforge.selection.mlflow_links import MlflowLinks
 from charaforge.selection.plots import ContactSheet, png_data_uri
 from charaforge.selection.run_summary import DatasetSummary, SampleRow
 from charaforge.selection.usage import ChampionCard
@@ -41,6 +42,7 @@ class ReportExtras:
     provenance: list[tuple[str, str]] = field(default_factory=list)
     # Condition axes (suite methods, control types) scored side by side (selection.axes).
     axes: list[AxisTable] = field(default_factory=list)
+    mlflow: MlflowLinks | None = None  # the runs and model version behind the report
 
 
 def compact_ranking(header: list[str], rows: list[list[str]]) -> dict[str, Any]:
@@ -110,6 +112,7 @@ def document_context(context: ReportContext, extras: ReportExtras | None = None)
         "dataset": extras.dataset,
         "provenance": extras.provenance,
         "axes": extras.axes,
+        "mlflow": extras.mlflow,
         "breakdown": {"header": breakdown_header, "rows": breakdown_rows},
         "scorers": wording.scorer_lines(context),
         "candidates": wording.candidate_lines(context),

@@ -6,8 +6,10 @@ paired differences), `champion` (the rule, ties, the baseline), `wording` / `plo
 (the pages, from `templates/`), `tracking` (MLflow). An earlier stage's missing or unreadable
 output is a `MissingInputError` naming the stage to run.
 
-Outputs are byte-deterministic: no timestamps, run ids or absolute paths; the HTML is
-self-contained (CSS inline, every image a data: URI) so it can be mailed or archived as one file.
+Outputs are byte-deterministic: no timestamps or absolute paths, and run ids only in the pages'
+MLflow links (`mlflow_links`, between their marker comments; `report.mlflow_links=false` leaves
+them out); the HTML is self-contained (CSS inline, every image a data: URI) so it can be mailed
+or archived as one file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from charaforge.selection.champion import (
     compare_with_baseline,
 )
 from charaforge.selection.ground_truth import read_ground_truth
+from charaforge.selection.mlflow_links import DEFAULT_UI, MlflowLinks
 from charaforge.selection.plots import Thumbnails, contact_sheet, plot_by_step, plot_pareto
 from charaforge.selection.ranking import (
     aggregate,
@@ -227,13 +231,17 @@ def report_selection(
     trigger: str = "",
     data_dirs: DataDirs | None = None,
     experiment: str = "",
+    mlflow_links: Callable[[Selection], MlflowLinks | None] | None = None,
+    mlflow_ui: str = DEFAULT_UI,
 ) -> Selection:
     """Rank, choose the champion and write metrics.json, selection.md/.html, the plots and the
     champion's files with its model card (`champion/`).
 
     Image paths in the tables are relative to the repository root `root` (data-contracts.md);
     `data_dirs` (repository-relative) are the earlier stages' outputs the report summarises.
-    Every input is read and checked before anything is written.
+    `mlflow_links(selection)`, called once the champion is known and before the pages are
+    written, gives the MLflow runs and model version the pages link to (`mlflow_ui`: the UI's
+    address for the registry link). Every input is read and checked before anything is written.
     """
     score_dir, out_dir = Path(score_dir), Path(out_dir)
     scores = _read_table(score_dir / "scores.parquet", "score", _SCORE_COLUMNS)
@@ -256,6 +264,7 @@ def report_selection(
     stand_in = _stand_in_sources(scorers, train_summary, base_model)
     baseline = compare_with_baseline(scores, selection.champion, weights, config, seed)
     selection = replace(selection, stand_in=tuple(stand_in), baseline=baseline)
+    links = None if mlflow_links is None else mlflow_links(selection)
     log.info(
         "champion %s step %d scale %g: composite %.4f%s",
         selection.champion["candidate"],
@@ -287,7 +296,15 @@ def report_selection(
     write_csv(out_dir / RANKING_FILE, _ranking_csv(context))
     dirs = data_dirs or DataDirs()
     card = champion_card(
-        selection, index, train_dir, out_dir, trigger, character, config.registered_model, root
+        selection,
+        index,
+        train_dir,
+        out_dir,
+        trigger,
+        character,
+        config.registered_model,
+        root,
+        mlflow_ui,
     )
     by_step = best_scale_by_step(table, shown)
     with atomic_path(out_dir / "plots" / "score_by_step") as plots_dir:
@@ -312,6 +329,7 @@ def report_selection(
         samples=training_samples(train_dir, lora_candidates, thumbnails, Path(root)),
         dataset=dataset_summary(dirs, Path(root), trigger),
         axes=axis_tables(scores, shown, config.bootstrap_draws, config.confidence, seed),
+        mlflow=links,
         provenance=provenance(
             {
                 "dataset": Path(root) / dirs.dataset / "metadata.parquet",

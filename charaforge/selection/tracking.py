@@ -1,5 +1,6 @@
 """What the report stage records in MLflow: champion metrics and tags, per-candidate series, the
-report files, and the registry alias `@champion` on the champion's checkpoint."""
+report files, and the registry alias `@champion` on the champion's checkpoint (a model version
+created by `register_champion`; the alias moves in `log_selection`, after the pages are written)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,15 @@ def log_selection(
     registered_model: str,
     report_dir: str | Path,
     character: str = "",
+    registered: bool = False,
+    registry_version: str | None = None,
 ) -> None:
-    """Log the selection to the stage's run and promote the champion in the registry."""
+    """Log the selection to the stage's run and promote the champion in the registry.
+
+    `registered`: `register_champion` already created `registry_version` for this selection
+    (the report links to it); otherwise it is registered here. The alias moves only now, after
+    the pages are written.
+    """
     champion, table = selection.champion, selection.table
     names = metric_columns(table)
     run.log_metrics({f"champion_{name}": value for name, value in _finite(champion, names).items()})
@@ -68,9 +76,15 @@ def log_selection(
             child.log_metrics(_finite(best, names), step=int(step))
         child.end()
     if run.run_id is not None:
-        version = promote_champion(
-            selection, train_dir, registered_model, bool(selection.stand_in), character
+        version = (
+            registry_version
+            if registered
+            else register_champion(
+                selection, train_dir, registered_model, bool(selection.stand_in), character
+            )
         )
+        if version is not None:
+            set_champion_alias(registered_model, version)
         run.set_tags({"charaforge.registry_version": version or "none"})
     report_dir = Path(report_dir)
     for name in REPORT_FILES:
@@ -79,19 +93,25 @@ def log_selection(
     run.log_artifact(report_dir / "plots/pareto.csv", artifact_path="report")
 
 
-def promote_champion(
+def set_champion_alias(registered_model: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(registered_model, "champion", version)
+    log.info("registry: %s version %s is now @champion", registered_model, version)
+
+
+def register_champion(
     selection: Selection,
     train_dir: str | Path,
     registered_model: str,
     stand_in: bool,
     character: str = "",
 ) -> str | None:
-    """Register the champion checkpoint in the MLflow registry with the alias `champion`.
+    """A new model version of the champion checkpoint (the alias is not moved here).
 
     Needs an active MLflow run (the stage's): the checkpoint folder is logged to it as the
-    artifact `champion`, a model version is created from that artifact, and the alias moves to
-    it, so `models:/<registered_model>@champion` always names the latest selection. Returns the
-    version, or None when the checkpoint folder is absent (nothing to promote).
+    artifact `champion` and the version is created from that artifact. Returns the version, or
+    None when the checkpoint folder is absent (nothing to register).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -138,6 +158,4 @@ def promote_champion(
             + (" (computed with stand-in models)" if stand_in else "")
         ),
     )
-    client.set_registered_model_alias(registered_model, "champion", version.version)
-    log.info("registry: %s version %s is now @champion", registered_model, version.version)
     return str(version.version)

@@ -97,6 +97,7 @@ def champion_card(
     character: str,
     registered_model: str,
     root: str | Path = ".",
+    mlflow_ui: str = MLFLOW_UI,
 ) -> ChampionCard:
     """The card of the selection's champion; paths relative to the repository root `root`."""
     champion = selection.champion
@@ -134,7 +135,7 @@ def champion_card(
         model_card=(folder / "README.md").as_posix(),
         registered_model=registered_model,
         registry_uri=f"models:/{registered_model}@champion",
-        registry_link=f"{MLFLOW_UI}/#/models/{registered_model}",
+        registry_link=f"{mlflow_ui}/#/models/{registered_model}",
     )
 
 
