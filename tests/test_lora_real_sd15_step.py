@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -194,12 +195,24 @@ def test_one_render_at_real_shapes_with_the_lora_and_a_controlnet(
     assert engine.text_layers == 12
     engine.load_lora("kohya", trained.kohya)
     engine.load_lora("diffusers", trained.diffusers)
+    # Both files reach every trained layer of the UNet and the text encoder, with the same
+    # weights and scale (the kohya file through diffusers' converter of A1111's names).
+    models = (engine.pipeline.unet, engine.pipeline.text_encoder)
+    layers = [m for model in models for m in model.modules() if isinstance(m, LoraLayer)]
+    for name in ("kohya", "diffusers"):
+        assert sum(name in layer.lora_A for layer in layers) == EXPECTED_MODULES["sd15", "all"]
+    for layer in layers:
+        for factor in (layer.lora_A, layer.lora_B):
+            torch.testing.assert_close(factor["kohya"].weight, factor["diffusers"].weight)
+        assert layer.scaling["kohya"] == layer.scaling["diffusers"] == ALPHA / RANK
     request = {"steps": 2, "guidance_scale": 5.0, "clip_skip": CLIP_SKIP, "width": 64}
 
     def render(**options) -> np.ndarray:
         image = engine.render("aoi_cf, 1girl, red hair", 7, **request, **options)
         assert image.size == (64, 64) and image.mode == "RGB"
-        return np.asarray(image, dtype=np.int16)
+        pixels = np.asarray(image, dtype=np.int16)
+        assert pixels.std() > 1.0  # not a flat image (a NaN render decodes to black)
+        return pixels
 
     off = render(loras={"kohya": 0.0})
     kohya = render(loras={"kohya": 1.0})
@@ -211,5 +224,5 @@ def test_one_render_at_real_shapes_with_the_lora_and_a_controlnet(
     assert np.abs(posed - kohya).mean() > 1.0
     controlnet = engine.controlnet("openpose")
     assert controlnet.controlnet_cond_embedding.conv_in.in_channels == 3
-    assert controlnet.config.block_out_channels == SD15_UNET["block_out_channels"]
+    assert tuple(controlnet.config.block_out_channels) == SD15_UNET["block_out_channels"]
     _report("engine load + 4 renders (2 steps, CFG)", start)
