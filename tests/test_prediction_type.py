@@ -17,6 +17,7 @@ from charaforge.config.train import CandidateConfig
 from charaforge.core.layout import checkpoint_dir
 from charaforge.errors import ConfigError
 from charaforge.generate.engine import GenerationEngine
+from charaforge.generate.request import SCHEDULERS
 from charaforge.models.base import write_base
 from charaforge.models.lora_files import kohya_file_name
 from charaforge.train import train_candidate
@@ -24,6 +25,7 @@ from charaforge.train.base_model import FrozenBase
 from charaforge.train.loss import diffusion_loss
 from charaforge.train.text import encode_captions
 
+TRAIN_TIMESTEPS = 1000  # SD1.5's num_train_timesteps (T)
 V_MODEL = ModelConfig(
     family="sd15",
     source="stand_in",
@@ -83,6 +85,26 @@ def test_the_engine_samples_with_the_same_schedule(v_base: Path) -> None:
         assert sampler.config.prediction_type == "v_prediction"
         assert sampler.config.rescale_betas_zero_snr
         assert float(sampler.alphas_cumprod[-1]) < 1e-6
+
+
+def test_zero_terminal_snr_samples_from_the_last_timestep(v_base: Path, base_dir: Path) -> None:
+    """With zero terminal SNR every sampler starts at t = T-1 (trailing spacing), the pure-noise
+    step the rescaled schedule ends on: the engine's samplers and the trainer's sample renders.
+    On SD1.5's own leading spacing the first step is T - T/steps + 1 (951 of 1000 at 20 steps)."""
+    engine = GenerationEngine(v_base, device=torch.device("cpu"))
+    plain = GenerationEngine(base_dir, device=torch.device("cpu"))
+    last = TRAIN_TIMESTEPS - 1
+    for name in SCHEDULERS:
+        sampler = engine._build_scheduler(name)
+        sampler.set_timesteps(20)
+        assert round(float(sampler.timesteps[0])) == last, name
+        if "karras" not in name:  # Karras sigmas start at sigma_max whatever the spacing
+            sampler = plain._build_scheduler(name)
+            sampler.set_timesteps(20)
+            assert round(float(sampler.timesteps[0])) < last - 40, name
+    samples = FrozenBase.load(v_base, tiny_train(), 64).pipeline.scheduler  # render_samples'
+    samples.set_timesteps(4)
+    assert [round(float(t)) for t in samples.timesteps] == [999, 749, 499, 249]
 
 
 def test_exported_lora_metadata_says_v_and_the_clip_skip(

@@ -63,13 +63,25 @@ class BaseInfo:
     rescale_betas_zero_snr: bool = False
 
     @property
-    def scheduler_overrides(self) -> dict[str, Any]:
-        """What changes in the base's scheduler config (applied by `load_base_pipeline`)."""
-        overrides: dict[str, Any] = {}
+    def schedule_settings(self) -> dict[str, Any]:
+        """The model.* schedule options that are set (what model.json records)."""
+        settings: dict[str, Any] = {}
         if self.prediction_type is not None:
-            overrides["prediction_type"] = self.prediction_type
+            settings["prediction_type"] = self.prediction_type
         if self.rescale_betas_zero_snr:
-            overrides["rescale_betas_zero_snr"] = True
+            settings["rescale_betas_zero_snr"] = True
+        return settings
+
+    @property
+    def scheduler_overrides(self) -> dict[str, Any]:
+        """What changes in the base's scheduler config (applied by `load_base_pipeline`, so
+        the trainer's samples and every engine sampler get it)."""
+        overrides = self.schedule_settings
+        if self.rescale_betas_zero_snr:
+            # Zero terminal SNR makes t = T-1 pure noise, the only start that matches the
+            # sampler's input; "leading" spacing (SD1.5's) would start at T - T/steps and never
+            # sample it. Lin et al. 2024 (sec. 3.3) and diffusers pair the rescale with trailing.
+            overrides["timestep_spacing"] = "trailing"
         return overrides
 
     @property
@@ -380,7 +392,7 @@ def write_base(model: ModelConfig, out_dir: str | Path = layout.BASE_DIR) -> Bas
             "path": info.path,
             "resolution": info.resolution,
             # Only when set: a base on its own schedule keeps the model.json it always had.
-            **info.scheduler_overrides,
+            **info.schedule_settings,
         }
         write_json(temp / MODEL_JSON, payload)
     log.info("base model written to %s (source=%s)", out_dir, model.source)
