@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -128,16 +129,34 @@ def bench_hashing(folder: Path, count: int) -> None:
                 natural_image(10_000 + index).save(path)
             )
             paths.append(path)
-        _, baseline = timed(plain_loop, paths)
-        _, one = timed(dedupe.hash_files, paths, CONFIG, workers=1)
+        _, baseline, baseline_cpu = with_children(plain_loop, paths)
+        _, one, one_cpu = with_children(dedupe.hash_files, paths, CONFIG, workers=1)
         workers = os.cpu_count() or 1
-        _, pool = timed(dedupe.hash_files, paths, CONFIG, workers=workers)
+        _, pool, pool_cpu = with_children(dedupe.hash_files, paths, CONFIG, workers=workers)
         print(
             f"{suffix.upper()}: plain imagehash loop {count / baseline:7.1f} img/s | "
             f"partial decode, 1 process {count / one:7.1f} img/s ({baseline / one:4.1f}x) | "
             f"partial decode, {workers} processes {count / pool:7.1f} img/s "
             f"({baseline / pool:4.1f}x)"
         )
+        # CPU per image (this process and its pool workers): what each image costs whatever
+        # the neighbours do; CPU / wall: how many cores the run really got.
+        print(
+            f"     CPU ms/image: plain {baseline_cpu / count * 1e3:5.2f} | 1 process "
+            f"{one_cpu / count * 1e3:5.2f} ({baseline_cpu / one_cpu:4.1f}x less) | {workers} "
+            f"processes {pool_cpu / count * 1e3:5.2f} | cores used (CPU / wall): plain "
+            f"{baseline_cpu / baseline:4.2f}, 1 process {one_cpu / one:4.2f}, {workers} processes "
+            f"{pool_cpu / pool:4.2f}"
+        )
+
+
+def with_children(function, *args, **kwargs):  # noqa: ANN001, ANN201 - benchmark helper
+    """(result, wall seconds, CPU seconds of this process and of its finished children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result, wall, cpu = cpu_timed(function, *args, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return result, wall, cpu + children
 
 
 def random_hashes(n: int, planted: int, threshold: int) -> np.ndarray:
