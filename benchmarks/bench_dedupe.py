@@ -5,19 +5,20 @@ hold on a busy machine even where the absolute times do not:
 
 1. Hashing: `prepare.dedupe.hash_files` (partial decoding + a process pool) against a plain
    per-image loop `imagehash.phash(Image.open(path))`, on the same JPEG and PNG files.
-2. Search: multi-index hashing against the vectorised all-pairs brute force on random 64-bit
-   hashes with planted near pairs, at 100k and 1M hashes. Brute force at 1M (and at 100k with
-   --quick) is extrapolated from a measured subset (it is quadratic); the output says so. Both
-   methods must return identical pairs where both run. Also measured: faiss's binary
-   multi-hash index (`IndexBinaryMultiHash`, the pigeonhole blocks in C++, range search), the
-   kept-library alternative, on the same pairs; at 20k and 40k hashes, to show how it grows.
-   (Its time grows with the square of the count with one OpenMP thread too, measured 2.1 s /
-   18.9 s / 142 s at 20k / 40k / 100k: not thread oversubscription.)
+2. Search: multi-index hashing (`hamming.mih_pairs`: pigeonhole blocks, each an
+   `IndexBinaryIVF` of faiss with one inverted list per key value, probed ready-made) against
+   the vectorised all-pairs brute force on random 64-bit hashes with planted near pairs, at 100k
+   and 1M hashes. Brute force at 1M (and at 100k with --quick) is extrapolated from a measured
+   subset (it is quadratic); the output says so. Both methods must return identical pairs where
+   both run. With --multihash also faiss's own `IndexBinaryMultiHash` (4 x 16-bit tables) at 20k
+   and 40k hashes, to show how it grows (with the square of the count, one OpenMP thread too:
+   2.1 s / 18.9 s / 142 s at 20k / 40k / 100k).
 3. Quality: precision and recall of near-duplicate pairs at the configured threshold against the
    ground truth of planted copies (resized, low-quality JPEG, slightly cropped, brightness
    shifted), for the partial decode and for full decodes.
 
-Run: .venv/bin/python benchmarks/bench_dedupe.py [--quick]
+Run: .venv/bin/python benchmarks/bench_dedupe.py [--quick] [--only hashing|quality|search]
+[--sizes 100000,1000000] [--threads N] [--multihash]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -88,6 +90,27 @@ def timed(function, *args, **kwargs):  # noqa: ANN001, ANN201 - benchmark helper
     return result, time.perf_counter() - start
 
 
+def cpu_timed(function, *args, **kwargs):  # noqa: ANN001, ANN201 - benchmark helper
+    """(result, wall seconds, CPU seconds of this process, all its threads): on a shared machine
+    the CPU seconds say what the work costs, the wall seconds what the neighbours left of it."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def flat_pairs(packed: np.ndarray, threshold: int) -> np.ndarray:
+    """Exhaustive reference in C++: faiss's flat binary index, every pair compared."""
+    import faiss
+
+    index = faiss.IndexBinaryFlat(packed.shape[1] * 8)
+    index.add(packed)
+    limits, distances, labels = index.range_search(packed, threshold + 1)  # radius is strict
+    queries = np.repeat(np.arange(len(packed)), np.diff(limits.astype(np.int64)))
+    upper = queries < labels
+    pairs = np.stack([queries[upper], labels[upper], distances[upper]], axis=1).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
 def plain_loop(paths: list[Path]) -> list[imagehash.ImageHash]:
     hashes = []
     for path in paths:
@@ -106,16 +129,34 @@ def bench_hashing(folder: Path, count: int) -> None:
                 natural_image(10_000 + index).save(path)
             )
             paths.append(path)
-        _, baseline = timed(plain_loop, paths)
-        _, one = timed(dedupe.hash_files, paths, CONFIG, workers=1)
+        _, baseline, baseline_cpu = with_children(plain_loop, paths)
+        _, one, one_cpu = with_children(dedupe.hash_files, paths, CONFIG, workers=1)
         workers = os.cpu_count() or 1
-        _, pool = timed(dedupe.hash_files, paths, CONFIG, workers=workers)
+        _, pool, pool_cpu = with_children(dedupe.hash_files, paths, CONFIG, workers=workers)
         print(
             f"{suffix.upper()}: plain imagehash loop {count / baseline:7.1f} img/s | "
             f"partial decode, 1 process {count / one:7.1f} img/s ({baseline / one:4.1f}x) | "
             f"partial decode, {workers} processes {count / pool:7.1f} img/s "
             f"({baseline / pool:4.1f}x)"
         )
+        # CPU per image (this process and its pool workers): what each image costs whatever
+        # the neighbours do; CPU / wall: how many cores the run really got.
+        print(
+            f"     CPU ms/image: plain {baseline_cpu / count * 1e3:5.2f} | 1 process "
+            f"{one_cpu / count * 1e3:5.2f} ({baseline_cpu / one_cpu:4.1f}x less) | {workers} "
+            f"processes {pool_cpu / count * 1e3:5.2f} | cores used (CPU / wall): plain "
+            f"{baseline_cpu / baseline:4.2f}, 1 process {one_cpu / one:4.2f}, {workers} processes "
+            f"{pool_cpu / pool:4.2f}"
+        )
+
+
+def with_children(function, *args, **kwargs):  # noqa: ANN001, ANN201 - benchmark helper
+    """(result, wall seconds, CPU seconds of this process and of its finished children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result, wall, cpu = cpu_timed(function, *args, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return result, wall, cpu + children
 
 
 def random_hashes(n: int, planted: int, threshold: int) -> np.ndarray:
@@ -128,29 +169,38 @@ def random_hashes(n: int, planted: int, threshold: int) -> np.ndarray:
     return packed
 
 
-def bench_search(sizes: list[int], quick: bool) -> None:
+def bench_search(sizes: list[int], quick: bool, threads: int | None) -> None:
     threshold = CONFIG.threshold
-    print(f"\n== 2. near-duplicate search (64-bit hashes, Hamming <= {threshold}) ==")
-    subset = 20_000
+    print(
+        f"\n== 2. near-duplicate search (64-bit hashes, Hamming <= {threshold}, "
+        f"faiss threads: {threads or 'default'}) =="
+    )
+    subset = 10_000
     sample = random_hashes(subset, 200, threshold)
     brute_pairs, brute_subset = timed(hamming.near_pairs, sample, threshold)
-    mih_pairs, _ = timed(hamming.mih_pairs, sample, threshold)
+    mih_pairs, _ = timed(hamming.mih_pairs, sample, threshold, threads=threads)
     assert np.array_equal(brute_pairs, mih_pairs), "MIH and brute force disagree"
     print(f"brute force measured on {subset:,} hashes: {brute_subset:.2f} s (identical pairs)")
     for n in sizes:
         packed = random_hashes(n, n // 100, threshold)
         blocks = hamming.choose_blocks(n, 64, threshold)
-        pairs, mih_time = timed(hamming.mih_pairs, packed, threshold)
-        if n <= 100_000 and not quick:
-            reference, brute_time = timed(hamming.near_pairs, packed, threshold)
-            assert np.array_equal(reference, pairs), "MIH and brute force disagree"
-            how = "measured, identical pairs"
-        else:
-            brute_time = brute_subset * (n / subset) ** 2
-            how = f"estimated: {subset:,}-hash measurement x (n / {subset:,})^2"
+        pairs, mih_time, mih_cpu = cpu_timed(hamming.mih_pairs, packed, threshold, threads=threads)
         print(
-            f"n = {n:>9,}: MIH (m = {blocks} blocks) {mih_time:8.2f} s, {len(pairs):,} pairs | "
-            f"brute force {brute_time:9.1f} s ({how}) | speed-up {brute_time / mih_time:7.1f}x"
+            f"n = {n:>9,}: MIH (faiss IVF, m = {blocks} blocks) {mih_time:8.2f} s wall, "
+            f"{mih_cpu:7.2f} s CPU, {len(pairs):,} pairs"
+        )
+        if n <= 100_000 and not quick:
+            reference, flat_time, flat_cpu = cpu_timed(flat_pairs, packed, threshold)
+            assert np.array_equal(reference, pairs), "MIH and the flat index disagree"
+            print(
+                f"{'':14}exhaustive (faiss IndexBinaryFlat) {flat_time:8.2f} s wall, "
+                f"{flat_cpu:7.2f} s CPU: identical pairs | speed-up {flat_time / mih_time:6.1f}x "
+                f"wall, {flat_cpu / mih_cpu:6.1f}x CPU"
+            )
+        brute_time = brute_subset * (n / subset) ** 2
+        print(
+            f"{'':14}numpy brute force {brute_time:9.1f} s wall (estimated: {subset:,}-hash "
+            f"measurement x (n / {subset:,})^2) | speed-up {brute_time / mih_time:7.1f}x"
         )
 
 
@@ -177,7 +227,7 @@ def bench_faiss(threshold: int) -> None:
         pairs, faiss_time = timed(faiss_pairs, packed, threshold)
         same = np.array_equal(reference[:, :2], pairs[:, :2])
         print(
-            f"n = {n:>7,}: faiss {faiss_time:7.2f} s | MIH (numpy) {mih_time:6.2f} s | "
+            f"n = {n:>7,}: faiss {faiss_time:7.2f} s | MIH (faiss IVF) {mih_time:6.2f} s | "
             f"same pairs: {same} | faiss / MIH {faiss_time / mih_time:5.1f}x"
         )
 
@@ -232,16 +282,33 @@ def bench_quality(folder: Path, originals: int) -> None:
     report("full decode (plain imagehash)", dedupe.pack_hashes(plain_loop(paths)))
 
 
+def load() -> str:
+    return "load average (1, 5, 15 min): " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, brute force estimated")
+    parser.add_argument("--only", choices=["hashing", "quality", "search"], default=None)
+    parser.add_argument("--count", type=int, default=None, help="images per format (hashing)")
+    parser.add_argument("--sizes", default=None, help="hash counts of the search, comma-separated")
+    parser.add_argument("--threads", type=int, default=None, help="faiss threads of the search")
+    parser.add_argument("--multihash", action="store_true", help="also IndexBinaryMultiHash")
     args = parser.parse_args()
     print(f"CPU cores: {os.cpu_count()} (shared machine: compare ratios, not absolute times)")
+    print(f"start: {load()}")
     with tempfile.TemporaryDirectory(prefix="bench-dedupe-") as folder:
-        bench_hashing(Path(folder), 40 if args.quick else 200)
-        bench_quality(Path(folder), 30 if args.quick else 150)
-    bench_search([100_000] if args.quick else [100_000, 1_000_000], args.quick)
-    bench_faiss(CONFIG.threshold)
+        if args.only in (None, "hashing"):
+            bench_hashing(Path(folder), args.count or (40 if args.quick else 200))
+        if args.only in (None, "quality"):
+            bench_quality(Path(folder), 30 if args.quick else 150)
+    if args.only in (None, "search"):
+        default = [100_000] if args.quick else [100_000, 1_000_000]
+        sizes = [int(size) for size in args.sizes.split(",")] if args.sizes else default
+        bench_search(sizes, args.quick, args.threads)
+    if args.multihash:
+        bench_faiss(CONFIG.threshold)
+    print(f"end: {load()}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -148,7 +149,18 @@ def run_plain(root: Path, steps: int) -> dict[str, float]:
         optimizer.step()
         optimizer.zero_grad()
         seconds.append(time.perf_counter() - step_started)
-    return {"step_seconds": seconds, "total_seconds": time.perf_counter() - started}
+    total = time.perf_counter() - started
+    # The UNet's own forward + backward on the last batch, alone: the floor of a training step.
+    # Every variant trains the same UNet with the same LoRA on the same shapes, so a step's
+    # time beyond this is what the trainer spends outside the UNet.
+    unet_seconds = []
+    for _ in range(max(5, steps // 2)):
+        unet_started = time.perf_counter()
+        loss = F.mse_loss(unet(noisy, timesteps, states).sample.float(), noise.float())
+        loss.backward()
+        unet_seconds.append(time.perf_counter() - unet_started)
+    optimizer.zero_grad()
+    return {"step_seconds": seconds, "total_seconds": total, "unet_seconds": unet_seconds}
 
 
 def run_ours(root: Path, steps: int, cache: str) -> dict[str, float]:
@@ -190,7 +202,10 @@ def run_ours(root: Path, steps: int, cache: str) -> dict[str, float]:
 def child(variant: str, root: Path, steps: int) -> None:
     import logging
 
+    import torch
+
     logging.disable(logging.WARNING)
+    torch.set_num_threads(1)  # every variant on one thread: the machine is shared
     if variant == "plain":
         result = run_plain(root, steps)
     else:
@@ -222,6 +237,8 @@ def main() -> None:
     # The machine is shared: variants run interleaved, `--rounds` times, and each keeps its best
     # round; a step's time is the median over its steps (robust to a neighbour's burst).
     best: dict[str, dict] = {}
+    unet_rounds: list[list[float]] = []
+    print("load average at start (1, 5, 15 min):", os.getloadavg())
     with tempfile.TemporaryDirectory() as temp:
         root = Path(temp)
         make_data(root)
@@ -230,6 +247,8 @@ def main() -> None:
             for variant in variants:
                 result = measure(variant, root, args.steps)
                 result["median_step"] = statistics.median(result["step_seconds"])
+                if "unet_seconds" in result:
+                    unet_rounds.append(result["unet_seconds"])
                 if variant not in best or result["median_step"] < best[variant]["median_step"]:
                     best[variant] = result
     plain = best["plain"]
@@ -237,18 +256,26 @@ def main() -> None:
         f"tiny SD1.5 stand-in, {IMAGES} images of 512 px -> {RESOLUTION} px, batch {BATCH}, "
         f"{args.steps} steps, best of {args.rounds} interleaved rounds, one process each"
     )
-    print(f"{'variant':<12} {'steps/s':>8} {'vs plain':>9} {'peak +RSS MB':>12} {'vs plain':>9}")
+    unet = min(statistics.median(best_unet) for best_unet in unet_rounds)
+    print(f"UNet forward + backward alone (median, best round): {unet * 1000:.1f} ms")
+    print(
+        f"{'variant':<12} {'steps/s':>8} {'vs plain':>9} {'peak +RSS MB':>12} {'vs plain':>9} "
+        f"{'outside UNet fwd/bwd':>21}"
+    )
     for variant in variants:
         result = best[variant]
         rate, plain_rate = 1 / result["median_step"], 1 / plain["median_step"]
+        outside = max(0.0, 1 - unet / result["median_step"])
         print(
             f"{variant:<12} {rate:8.2f} {rate / plain_rate:8.2f}x "
-            f"{result['peak_rss_mb']:12.0f} {result['peak_rss_mb'] / plain['peak_rss_mb']:8.2f}x"
+            f"{result['peak_rss_mb']:12.0f} {result['peak_rss_mb'] / plain['peak_rss_mb']:8.2f}x "
+            f"{outside:21.1%}"
         )
     speedup = best["no_cache"]["median_step"] / best["warm_cache"]["median_step"]
     print(f"cache speed-up (warm cache vs no cache, median training step): {speedup:.2f}x")
     fill = best["cold_cache"]["total_seconds"] - best["warm_cache"]["total_seconds"]
     print(f"one-off cost of filling the cache (cold minus warm run, whole run): {fill:.2f} s")
+    print("load average at end (1, 5, 15 min):", os.getloadavg())
 
 
 if __name__ == "__main__":

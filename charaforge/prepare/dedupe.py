@@ -12,12 +12,13 @@ Speed, so that a million images is practical:
   mode where simplejpeg cannot decode the file) and other formats are
   box-reduced right after decoding, before imagehash's own resize. The work is spread over a
   process pool, results in input order.
-- The search is multi-index hashing (Norouzi et al.): the hash is cut into m blocks; by the
-  pigeonhole principle two hashes within distance r agree within floor(r / m) bits on at least
-  one block, so each block is a hash table probed with every key within that small radius, and
-  only the pairs found are checked in full. A cost model picks m (block size near log2 of the
-  number of hashes), or the vectorised all-pairs search when that is cheaper (few hashes). Both
-  return exactly the same pairs (a test checks this against imagehash's own distance).
+- The search is multi-index hashing (Norouzi et al.) on faiss's binary inverted file
+  (prepare/hamming.py): the hash is cut into m blocks; by the pigeonhole principle two hashes
+  within distance r agree within about r / m bits on at least one block, so each block's key
+  values are inverted lists probed within that small radius, and faiss compares only the codes
+  in the probed lists. A cost model picks m (blocks near log2 of the number of hashes), or the
+  vectorised all-pairs search when that is cheaper (few hashes). Both return exactly the same
+  pairs (tests check this against brute force and imagehash's own distance).
 
 Keep policy inside a cluster, deterministic: the largest resolution, then the sharpest (variance of
 the Laplacian), then one that came with a sidecar caption (so exact copies do not lose their
