@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -146,6 +147,12 @@ def test_kills_at_several_points_then_repro_gives_the_uninterrupted_bytes(
     # 4. Mid-score: its MLflow run is open (it is loading its scorers or scoring). Waiting for
     # the run itself, not for a time, keeps the point the same however loaded the machine is.
     _kill_group(_repro_until(workdir, lambda: _stage_run_open(workdir, "score"), logs / "4.log"))
+    # On the way there the sweep killed in 3 resumed from its kept work items (DVC had deleted
+    # data/generate): it reused what it had rendered instead of rendering everything again.
+    sweep = re.search(
+        r"sweep: \d+ images \(\d+ rendered, (\d+) reused\)", (logs / "4.log").read_text()
+    )
+    assert sweep and int(sweep[1]) >= 1, (logs / "4.log").read_text()[-3000:]
 
     output = _run([DVC, "repro"], workdir, timeout=3600)  # a loaded CI machine is slow
     assert "already running" not in output and "Running stage 'report'" in output
