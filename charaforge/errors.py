@@ -31,10 +31,22 @@ def require_stage_output(path: object, stage: str) -> None:
 
 # A full disk, a quota, a file-size limit: reported in one line by the stage edge, not a traceback.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# The attribute `core.files.atomic_path` sets on a disk error: the bytes its write had reached
+# (deleted again by its clean-up), so the message can say how much room the write needs.
+WRITTEN_BYTES = "charaforge_written_bytes"
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
 
 
 def disk_message(error: OSError) -> str:
-    """One line: what could not be written, and how much room is left there."""
+    """One line: what could not be written, how much room is left there, and how much the write
+    needs (at least what it had written when it failed; a partial output is never kept)."""
     path = Path(error.filename) if error.filename else Path.cwd()
     folder = next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
     free = shutil.disk_usage(folder).free
@@ -42,7 +54,9 @@ def disk_message(error: OSError) -> str:
         what = "file size limit reached (ulimit -f / RLIMIT_FSIZE)"
     else:
         what = "no space left on the device" if error.errno == errno.ENOSPC else "quota exceeded"
+    written = getattr(error, WRITTEN_BYTES, 0)
+    needs = f"; the write needs more than the {_size(written)} it had written" if written else ""
     return (
-        f"{what} writing {path}: {free / 2**20:.1f} MiB free on that filesystem; "
+        f"{what} writing {path}: {free / 2**20:.1f} MiB free on that filesystem{needs}; "
         "free more space (or raise the limit) and run again"
     )

@@ -1,14 +1,17 @@
 """Kills through `dvc repro`, the documented path: SIGKILL of the whole `dvc` process group
-mid-ingest, mid-sweep and mid-score, and of the `dvc` parent alone mid-training (its stage process
-lives on, then is SIGKILLed in turn), in one workspace. The next `dvc repro` finishes with the
-outputs (dvc.lock hashes) of an uninterrupted run in a second copy; a second run beside the
-orphaned stage refuses in one line; no MLflow run is left RUNNING and no temporary folder of a
-killed atomic write is left.
+mid-ingest, mid-sweep and mid-score (once its MLflow run is open), and of the `dvc` parent alone
+mid-training (its stage process lives on, then is SIGKILLed in turn), in one workspace. Each kill
+waits for a sign of progress (a file, a checkpoint, an open run), never for a time. The next
+`dvc repro` finishes with the outputs (dvc.lock hashes) of an uninterrupted run in a second copy;
+a second run beside the orphaned stage refuses in one line; no MLflow run is left RUNNING (each
+killed stage's run is marked KILLED) and no temporary folder of a killed atomic write is left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -73,6 +76,23 @@ def _ingest_temps(workdir: Path) -> list[Path]:
     return [path for path in (workdir / "data").glob(".ingest.*") if path.is_dir()]
 
 
+def _stage_run_open(workdir: Path, stage: str) -> bool:
+    """Whether the stage's MLflow run is open (RUNNING): its process is past its lock and its
+    store checks and is doing the stage's work. Read-only, so a missing store is not created."""
+    try:
+        db = sqlite3.connect(f"file:{workdir / 'mlflow.db'}?mode=ro", uri=True, timeout=1)
+        with contextlib.closing(db):
+            found = db.execute(
+                "SELECT 1 FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid WHERE "
+                "tags.key = 'charaforge.pipeline.stage' AND tags.value = ? "
+                "AND runs.status = 'RUNNING'",
+                (stage,),
+            ).fetchone()
+    except sqlite3.Error:  # absent, or locked by a writer for a moment: look again
+        return False
+    return found is not None
+
+
 def _statuses(workdir: Path) -> dict[str, set[str]]:
     """MLflow run statuses by stage (the candidates' nested runs carry their stage's tag)."""
     with sqlite3.connect(workdir / "mlflow.db") as db:
@@ -124,12 +144,15 @@ def test_kills_at_several_points_then_repro_gives_the_uninterrupted_bytes(
     rendered = lambda: len(list(data.glob("generate_work/**/*.png"))) >= 2  # noqa: E731
     _kill_group(_repro_until(workdir, rendered, logs / "3.log"))
 
-    # 4. Mid-score: the stage holds its lock (it is loading its scorers or scoring).
-    score_pid = workdir / ".dvc/tmp/charaforge-stage-score.pid"
-    score_pid.unlink(missing_ok=True)
-    scoring = _repro_until(workdir, score_pid.is_file, logs / "4.log")
-    time.sleep(1.0)
-    _kill_group(scoring)
+    # 4. Mid-score: its MLflow run is open (it is loading its scorers or scoring). Waiting for
+    # the run itself, not for a time, keeps the point the same however loaded the machine is.
+    _kill_group(_repro_until(workdir, lambda: _stage_run_open(workdir, "score"), logs / "4.log"))
+    # On the way there the sweep killed in 3 resumed from its kept work items (DVC had deleted
+    # data/generate): it reused what it had rendered instead of rendering everything again.
+    sweep = re.search(
+        r"sweep: \d+ images \(\d+ rendered, (\d+) reused\)", (logs / "4.log").read_text()
+    )
+    assert sweep and int(sweep[1]) >= 1, (logs / "4.log").read_text()[-3000:]
 
     output = _run([DVC, "repro"], workdir, timeout=3600)  # a loaded CI machine is slow
     assert "already running" not in output and "Running stage 'report'" in output
@@ -145,9 +168,5 @@ def test_kills_at_several_points_then_repro_gives_the_uninterrupted_bytes(
     assert not _ingest_temps(workdir)
     statuses = _statuses(workdir)
     assert not any("RUNNING" in found for found in statuses.values()), statuses
-    for stage in ("ingest", "train", "generate"):
+    for stage in ("ingest", "train", "generate", "score"):
         assert {"KILLED", "FINISHED"} <= statuses[stage], (stage, statuses)
-    # The score stage is killed once it holds its lock, which it takes before its MLflow run
-    # opens: a kill in that window leaves no run to mark (seen on a loaded machine), so only
-    # the finished run is certain.
-    assert "FINISHED" in statuses["score"], statuses

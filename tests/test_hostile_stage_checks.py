@@ -2,6 +2,7 @@
 
 - a placeholder typo inside a suite file fails the `generate` stage in one line naming the file,
   the line and the placeholder, before the engine loads the base model;
+- a missing `data.source`, or a file given as one, fails the `scan` stage in one line;
 - the train stage's model checks (target modules, fp16 on CPU, resolution) answer from the base
   model's config files before any weights are read;
 - the temporary folder a SIGKILLed atomic write leaves beside a stage's output is removed at the
@@ -70,6 +71,25 @@ def test_generate_stage_refuses_a_suite_typo_before_loading_the_model(tmp_path: 
     line = _one_line(_stage(tmp_path, "generate", params))
     assert "suites/typo.txt:1: unknown placeholder {actoin}" in line, line
     assert not (tmp_path / "mlflow.db").exists()  # refused before its MLflow run was opened
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("no/such/folder", "data.source: no/such/folder does not exist"),
+        ("params.yaml", "data.source: params.yaml is a file, not a folder"),
+    ],
+)
+def test_scan_stage_refuses_a_missing_or_file_source_in_one_line(
+    tmp_path: Path, source: str, expected: str
+) -> None:
+    # The first stage that reads data.source (dvc repro runs it before ingest).
+    params = stand_in_params_dict()
+    params["data"]["source"] = source
+    params["tracking"]["enabled"] = False
+    line = _one_line(_stage(tmp_path, "scan", params))
+    assert expected in line, line
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.fixture(scope="module")

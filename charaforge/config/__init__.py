@@ -173,6 +173,9 @@ class ClipTaggerConfig(Strict):
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     max_tags: int = Field(default=0, ge=0)  # 0: no limit
     batch_size: int = Field(default=16, ge=1)
+    # torch CPU threads while tagging (as score.cpu_threads): fixed, so tag scores and their bytes
+    # do not depend on the machine's core count.
+    cpu_threads: int = Field(default=1, ge=1)
 
     @field_validator("prompt_template")
     @classmethod

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from charaforge.errors import ConfigError
+from charaforge.errors import DISK_ERRNOS, WRITTEN_BYTES, ConfigError
 
 if TYPE_CHECKING:  # annotations only: importing pandas costs ~0.5 s, e.g. on `charaforge --help`
     import pandas as pd
@@ -84,9 +84,15 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
             # A write() error names no file, and a nested one names a temporary path: a full
             # disk must say where it was writing, by the name the user will look for.
             named = str(error.filename) if error.filename is not None else str(temp_path)
+            if error.errno in DISK_ERRNOS:  # measured before the clean-up below deletes it
+                written = getattr(error, WRITTEN_BYTES, 0) + _tree_bytes(temp_root)
+                setattr(error, WRITTEN_BYTES, written)
             if error.errno is not None and named.startswith(str(temp_path)):
                 real = str(destination) + named[len(str(temp_path)) :]
-                raise OSError(error.errno, error.strerror, real) from error
+                renamed = OSError(error.errno, error.strerror, real)
+                if hasattr(error, WRITTEN_BYTES):
+                    setattr(renamed, WRITTEN_BYTES, getattr(error, WRITTEN_BYTES))
+                raise renamed from error
             raise
         if not temp_path.exists():
             raise FileNotFoundError(f"nothing was written for {destination}")
@@ -96,6 +102,16 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
         os.replace(temp_path, destination)
     finally:
         shutil.rmtree(temp_root, ignore_errors=True)
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under `root` (links not followed)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

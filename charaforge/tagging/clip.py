@@ -11,6 +11,7 @@ from PIL import Image
 
 from charaforge.config import TaggerConfig
 from charaforge.core.images import open_rgb
+from charaforge.models.base import set_cpu_threads
 from charaforge.models.clip import ClipEmbedder, load_clip
 from charaforge.tagging.base import (
     TagRequest,
@@ -57,6 +58,7 @@ class ClipZeroShotTagger:
     @classmethod
     def from_config(cls, config: TaggerConfig) -> ClipZeroShotTagger:
         clip = config.clip
+        set_cpu_threads(clip.cpu_threads)  # before any embedding: the bytes do not vary
         return cls(
             load_clip(clip.model),
             clip.vocabulary,
