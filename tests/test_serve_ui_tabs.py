@@ -1,7 +1,8 @@
 """The web UI's feature tabs in Debian's Chromium (playwright), each observed by its effect:
-an inpainting that changes only the masked region, a canny ControlNet render that differs from
-the plain one and equals the engine's own, a suite whose frame differs from its plain render,
-the selection report's champion and ranking, and the training curves of an MLflow run."""
+an inpainting mask painted with the mouse and one uploaded, each changing only its region, a
+canny ControlNet render that differs from the plain one and equals the engine's own, a suite
+whose frame differs from its plain render, the selection report's champion and ranking, and the
+training curves of an MLflow run."""
 
 from __future__ import annotations
 
@@ -87,13 +88,31 @@ def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
 
 
-def _gallery_images(page, gallery: str, count: int) -> list[bytes]:
+def _gallery_images(page, gallery: str, count: int, replacing: str | None = None) -> list[bytes]:
+    """The gallery's first `count` images, once shown (and, with `replacing`, once the first
+    one is no longer the image of that source: a second run's result, not the first's)."""
     from playwright.sync_api import expect
 
     images = page.locator(f"#{gallery} img")
     expect(images.nth(count - 1)).to_be_visible(timeout=180_000)
+    if replacing is not None:
+        expect(images.first).not_to_have_attribute("src", replacing, timeout=180_000)
     sources = [images.nth(i).get_attribute("src") for i in range(count)]
     return [page.request.get(source).body() for source in sources]
+
+
+def _brush_stroke(page, editor: str) -> None:
+    """A mouse drag with the editor's brush (its default tool once an image is loaded) across
+    the left of the canvas, at mid height; the image is centred on the canvas."""
+    canvas = page.locator(f"#{editor} canvas").first
+    canvas.wait_for(state="visible", timeout=60_000)
+    box = canvas.bounding_box()
+    y = box["y"] + box["height"] * 0.5
+    page.mouse.move(box["x"] + box["width"] * 0.38, y)
+    page.mouse.down()
+    for step in range(1, 9):
+        page.mouse.move(box["x"] + box["width"] * (0.38 + 0.01 * step), y, steps=3)
+    page.mouse.up()
 
 
 def _fill(page, prefix: str, prompt: str, steps: int = 2) -> None:
@@ -119,14 +138,25 @@ def test_feature_tabs(server, tmp_path: Path) -> None:
             page.on("request", lambda request: requested.append(request.url))
             page.goto(f"{url}/ui/", wait_until="networkidle")
 
-            # Inpaint: only the masked (left) half changes.
+            # Inpaint with the brush: a stroke painted with the mouse on the editor's canvas is
+            # the mask (shown beside the result); only the painted pixels change.
             page.get_by_role("tab", name="Image-to-image / Inpaint").click()
             page.locator("#edit-image input[type=file]").set_input_files(str(photo))
-            page.locator("#edit-mask input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+            _brush_stroke(page, "edit-image")
             _fill(page, "edit", PROMPT)
             page.locator("#edit-run").click()
-            inpainted = _pixels(_gallery_images(page, "edit-gallery", 1)[0])
+            result, used = (_pixels(data) for data in _gallery_images(page, "edit-gallery", 2))
             original = np.asarray(_photo()).astype(int)
+            painted = used[..., 0] > 127
+            assert painted.any() and not painted[:, 40:].any(), painted.sum()  # the stroke
+            assert (result[~painted] == original[~painted]).all()  # unpainted: the input's
+            assert np.abs(result[painted] - original[painted]).mean() > 5  # painted: repainted
+            brushed = page.locator("#edit-gallery img").first.get_attribute("src")
+
+            # Inpaint with an uploaded mask (it wins over the painting): only the left half.
+            page.locator("#edit-mask input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+            page.locator("#edit-run").click()
+            inpainted = _pixels(_gallery_images(page, "edit-gallery", 1, replacing=brushed)[0])
             assert (inpainted[:, 32:] == original[:, 32:]).all()
             assert np.abs(inpainted[:, :32] - original[:, :32]).mean() > 5
             expect(page.locator("#edit-parameters")).to_contain_text('"inpaint"')
