@@ -7,6 +7,8 @@ training curves of an MLflow run."""
 from __future__ import annotations
 
 import io
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,17 +103,28 @@ def _gallery_images(page, gallery: str, count: int, replacing: str | None = None
     return [page.request.get(source).body() for source in sources]
 
 
-def _brush_stroke(page, editor: str) -> None:
-    """A mouse drag with the editor's brush (its default tool once an image is loaded) across
-    the left of the canvas, at mid height; the image is centred on the canvas."""
-    canvas = page.locator(f"#{editor} canvas").first
-    canvas.wait_for(state="visible", timeout=60_000)
-    box = canvas.bounding_box()
-    y = box["y"] + box["height"] * 0.5
-    page.mouse.move(box["x"] + box["width"] * 0.38, y)
+def _zoom(page, editor: str) -> str:
+    return page.locator(f"#{editor}").get_by_role("button", name=re.compile(r"^\d+%$")).inner_text()
+
+
+def _brush_stroke(page, editor: str, unloaded_zoom: str, size: int = 64) -> None:
+    """A mouse drag with the editor's brush (its default tool) near the left edge of the
+    image, at mid height. The editor fits the image to its canvas (centred) once it has
+    loaded it: wait for that zoom to settle, then place the stroke in image pixels."""
+    deadline = time.monotonic() + 180
+    previous = None
+    while (zoom := _zoom(page, editor)) == unloaded_zoom or zoom != previous:
+        assert time.monotonic() < deadline, f"the editor never fitted the image ({zoom})"
+        previous = zoom
+        page.wait_for_timeout(1000)
+    scale = int(zoom.rstrip("%")) / 100
+    box = page.locator(f"#{editor} canvas").first.bounding_box()
+    centre_x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    left = centre_x - size / 2 * scale
+    page.mouse.move(left + 2 * scale, y)
     page.mouse.down()
-    for step in range(1, 9):
-        page.mouse.move(box["x"] + box["width"] * (0.38 + 0.01 * step), y, steps=3)
+    for x in range(3, 7):
+        page.mouse.move(left + x * scale, y, steps=3)
     page.mouse.up()
 
 
@@ -141,14 +154,15 @@ def test_feature_tabs(server, tmp_path: Path) -> None:
             # Inpaint with the brush: a stroke painted with the mouse on the editor's canvas is
             # the mask (shown beside the result); only the painted pixels change.
             page.get_by_role("tab", name="Image-to-image / Inpaint").click()
+            unloaded = _zoom(page, "edit-image")
             page.locator("#edit-image input[type=file]").set_input_files(str(photo))
-            _brush_stroke(page, "edit-image")
+            _brush_stroke(page, "edit-image", unloaded)
             _fill(page, "edit", PROMPT)
             page.locator("#edit-run").click()
             result, used = (_pixels(data) for data in _gallery_images(page, "edit-gallery", 2))
             original = np.asarray(_photo()).astype(int)
             painted = used[..., 0] > 127
-            assert painted.any() and not painted[:, 40:].any(), painted.sum()  # the stroke
+            assert painted[32, :8].all() and not painted[:, 48:].any()  # where it went
             assert (result[~painted] == original[~painted]).all()  # unpainted: the input's
             assert np.abs(result[painted] - original[painted]).mean() > 5  # painted: repainted
             brushed = page.locator("#edit-gallery img").first.get_attribute("src")
