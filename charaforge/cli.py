@@ -568,6 +568,8 @@ def serve(
         # The pipeline's MLflow store (pipeline.tracking's default), for the Training tab.
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")
         or (f"sqlite:///{Path('mlflow.db').resolve()}" if Path("mlflow.db").is_file() else None),
+        # POST /api/v1/eval/report's fixed validation: the project's eval, score, pose sections.
+        params_file=Path("params.yaml"),
     )
     if host not in ("127.0.0.1", "localhost", "::1") and settings.token is None:
         log.warning("listening on %s without a bearer token (set $%s)", host, token_env)

@@ -186,13 +186,17 @@ def test_eval_report_serves_the_latest_selection(server) -> None:
     report = requests.get(f"{url}/api/v1/eval/report", timeout=30).json()
     assert report["champion"]["candidate"] == "r4" and report["champion"]["step"] == 2
     assert [row["rank"] for row in report["ranking"]] == [1, 2, 3]
-    champion = requests.post(f"{url}/api/v1/eval/report", json={"lora_id": "champion"}).json()
+    rows = f"{url}/api/v1/eval/report"
+    champion = requests.get(rows, params={"lora_id": "champion"}, timeout=30).json()
     assert champion["lora_id"] == "r4@2"
     assert [(row["step"], row["lora_scale"]) for row in champion["rows"]] == [(2, 0.6), (2, 1.0)]
-    every_step = requests.post(f"{url}/api/v1/eval/report", json={"lora_id": "r4@4"}).json()
+    every_step = requests.get(rows, params={"lora_id": "r4@4"}, timeout=30).json()
     assert [row["composite"] for row in every_step["rows"]] == [0.5]
-    missing = requests.post(f"{url}/api/v1/eval/report", json={"lora_id": "nope"})
+    missing = requests.get(rows, params={"lora_id": "nope"}, timeout=30)
     assert missing.status_code == 404
+    # A fresh validation needs the project's params (this server was given none).
+    fresh = requests.post(rows, json={"lora_id": "r4@2"}, timeout=30)
+    assert fresh.status_code == 503 and "params.yaml" in fresh.text
 
 
 def _wait(url: str, job_id: str) -> dict:

@@ -1,11 +1,14 @@
 """The web UI's feature tabs in Debian's Chromium (playwright), each observed by its effect:
-an inpainting that changes only the masked region, a canny ControlNet render that differs from
-the plain one and equals the engine's own, a suite whose frame differs from its plain render,
-the selection report's champion and ranking, and the training curves of an MLflow run."""
+an inpainting mask painted with the mouse and one uploaded, each changing only its region, a
+canny ControlNet render that differs from the plain one and equals the engine's own, a suite
+whose frame differs from its plain render, the selection report's champion and ranking, and the
+training curves of an MLflow run."""
 
 from __future__ import annotations
 
 import io
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,13 +90,42 @@ def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
 
 
-def _gallery_images(page, gallery: str, count: int) -> list[bytes]:
+def _gallery_images(page, gallery: str, count: int, replacing: str | None = None) -> list[bytes]:
+    """The gallery's first `count` images, once shown (and, with `replacing`, once the first
+    one is no longer the image of that source: a second run's result, not the first's)."""
     from playwright.sync_api import expect
 
     images = page.locator(f"#{gallery} img")
     expect(images.nth(count - 1)).to_be_visible(timeout=180_000)
+    if replacing is not None:
+        expect(images.first).not_to_have_attribute("src", replacing, timeout=180_000)
     sources = [images.nth(i).get_attribute("src") for i in range(count)]
     return [page.request.get(source).body() for source in sources]
+
+
+def _zoom(page, editor: str) -> str:
+    return page.locator(f"#{editor}").get_by_role("button", name=re.compile(r"^\d+%$")).inner_text()
+
+
+def _brush_stroke(page, editor: str, unloaded_zoom: str, size: int = 64) -> None:
+    """A mouse drag with the editor's brush (its default tool) near the left edge of the
+    image, at mid height. The editor fits the image to its canvas (centred) once it has
+    loaded it: wait for that zoom to settle, then place the stroke in image pixels."""
+    deadline = time.monotonic() + 180
+    previous = None
+    while (zoom := _zoom(page, editor)) == unloaded_zoom or zoom != previous:
+        assert time.monotonic() < deadline, f"the editor never fitted the image ({zoom})"
+        previous = zoom
+        page.wait_for_timeout(1000)
+    scale = int(zoom.rstrip("%")) / 100
+    box = page.locator(f"#{editor} canvas").first.bounding_box()
+    centre_x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    left = centre_x - size / 2 * scale
+    page.mouse.move(left + 2 * scale, y)
+    page.mouse.down()
+    for x in range(3, 7):
+        page.mouse.move(left + x * scale, y, steps=3)
+    page.mouse.up()
 
 
 def _fill(page, prefix: str, prompt: str, steps: int = 2) -> None:
@@ -119,14 +151,26 @@ def test_feature_tabs(server, tmp_path: Path) -> None:
             page.on("request", lambda request: requested.append(request.url))
             page.goto(f"{url}/ui/", wait_until="networkidle")
 
-            # Inpaint: only the masked (left) half changes.
+            # Inpaint with the brush: a stroke painted with the mouse on the editor's canvas is
+            # the mask (shown beside the result); only the painted pixels change.
             page.get_by_role("tab", name="Image-to-image / Inpaint").click()
+            unloaded = _zoom(page, "edit-image")
             page.locator("#edit-image input[type=file]").set_input_files(str(photo))
-            page.locator("#edit-mask input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+            _brush_stroke(page, "edit-image", unloaded)
             _fill(page, "edit", PROMPT)
             page.locator("#edit-run").click()
-            inpainted = _pixels(_gallery_images(page, "edit-gallery", 1)[0])
+            result, used = (_pixels(data) for data in _gallery_images(page, "edit-gallery", 2))
             original = np.asarray(_photo()).astype(int)
+            painted = used[..., 0] > 127
+            assert painted[32, :8].all() and not painted[:, 48:].any()  # where it went
+            assert (result[~painted] == original[~painted]).all()  # unpainted: the input's
+            assert np.abs(result[painted] - original[painted]).mean() > 5  # painted: repainted
+            brushed = page.locator("#edit-gallery img").first.get_attribute("src")
+
+            # Inpaint with an uploaded mask (it wins over the painting): only the left half.
+            page.locator("#edit-mask input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+            page.locator("#edit-run").click()
+            inpainted = _pixels(_gallery_images(page, "edit-gallery", 1, replacing=brushed)[0])
             assert (inpainted[:, 32:] == original[:, 32:]).all()
             assert np.abs(inpainted[:, :32] - original[:, :32]).mean() > 5
             expect(page.locator("#edit-parameters")).to_contain_text('"inpaint"')

@@ -497,3 +497,9 @@ def _draw_grid(
 def _release(engine: GenerationEngine, name: str | None) -> None:
     if name is not None and name in engine.loras:
         engine.unload_lora(name)
+
+
+def index_of(jobs: list[SweepJob], out_dir: str | Path) -> pd.DataFrame:
+    """The sweep index (INDEX_COLUMNS) of `jobs` rendered under `out_dir`; the server's fresh
+    validation of one LoRA writes it too, so the score stage's scorers read it unchanged."""
+    return _index(jobs, Path(out_dir))

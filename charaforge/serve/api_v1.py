@@ -1,8 +1,9 @@
 """Seed 001's HTTP API under /api/v1: health, txt2img (saved image + metadata paths, elapsed
 time), controlnet/pose, controlnet (any map type: canny, depth...; or extracted from a photo),
 edit (background replacement), suite (shared-attention character groups),
-lora/list|load|unload, batch/submit|status|cancel and eval/report (the latest selection report:
-the champion, the ranking, one LoRA's scored rows).
+lora/list|load|unload, batch/submit|status|cancel and eval/report (GET: the latest selection
+report, its champion, ranking and one LoRA's rows; POST: a fresh fixed prompt + pose validation
+of one LoRA scored by the score stage's scorers, serve.validation).
 
 Images are written under the outputs folder (charaforge.serve.batch.outputs_root), named by
 their content, so the same request never writes a second copy.
@@ -10,10 +11,11 @@ their content, so the same request never writes a second copy.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from PIL import Image
 from pydantic import Field, model_validator
 from starlette.datastructures import UploadFile
@@ -25,9 +27,16 @@ from charaforge.generate.request import SCHEDULERS, Conditioning, RenderRequest
 from charaforge.serve.batch import BatchRunner, parse_job_file
 from charaforge.serve.features import control_conditioning, plan_edit, plan_suite
 from charaforge.serve.limits import Body, ServerSettings, decode_image
-from charaforge.serve.registry import LoraNotFound
+from charaforge.serve.registry import LoraNotFound, RegisteredLora
 from charaforge.serve.render import PlanError, http_plan, run
 from charaforge.serve.reports import NoReport, read_report
+from charaforge.serve.validation import (
+    ValidationUnavailable,
+    load_setup,
+    plan_validation,
+    validation_answer,
+    validation_work,
+)
 from charaforge.serve.worker import Service
 
 
@@ -111,12 +120,18 @@ class V1Lora(Body):
     lora_id: str = Field(min_length=1, max_length=80, description="A LoRA name or alias.")
 
 
-class V1EvalReport(Body):
-    lora_id: str | None = Field(
-        default=None,
+class V1EvalRun(Body):
+    lora_id: str = Field(
+        min_length=1,
         max_length=80,
-        description="A LoRA (`<candidate>@<step>`, `<candidate>` or an alias such as `champion`)"
-        " whose scored rows to return; none: the whole ranking.",
+        description="The LoRA to validate: `<candidate>@<step>`, `<candidate>` (its last "
+        "checkpoint), a LoRA of the folder, or an alias such as `champion`.",
+    )
+    lora_scale: float | None = Field(
+        default=None, ge=0, le=4, description="Its scale (default: the LoRA's default scale)."
+    )
+    pose: bool = Field(
+        default=True, description="Also render the sweep's pose conditions (eval.pose)."
     )
 
 
@@ -332,14 +347,50 @@ def router(
         return body
 
     @api.get("/eval/report", dependencies=guarded)
-    def eval_report() -> dict[str, Any]:
-        """The latest selection report: champion, its metrics, the ranking and the plot names."""
-        return report_body(None)
+    def eval_report(
+        lora_id: Annotated[
+            str | None,
+            Query(max_length=80, description="One LoRA's scored rows (every scale, its rank)."),
+        ] = None,
+    ) -> dict[str, Any]:
+        """The latest selection report: champion, its metrics, the ranking and the plot names
+        (with `lora_id`: that LoRA's rows instead of the ranking)."""
+        return report_body(lora_id)
 
     @api.post("/eval/report", dependencies=guarded)
-    def eval_report_lora(body: V1EvalReport) -> dict[str, Any]:
-        """One LoRA's scores from the latest report (every lora_scale it was rendered at, with
-        each metric, composite, confidence interval and rank), or the whole ranking."""
-        return report_body(body.lora_id)
+    async def eval_run(body: V1EvalRun) -> dict[str, Any]:
+        """A fresh validation of one LoRA: the sweep's fixed prompts and pose conditions
+        rendered for it at one scale on the device queue, scored by the score stage's scorers
+        (CLIP-I/T, identity, pose fidelity, tags...). Answers each image's path and scores,
+        the mean of each metric, and the scorers' descriptions."""
+        started = time.monotonic()
+        try:
+            params = load_setup(settings)
+        except ValidationUnavailable as error:
+            raise HTTPException(503, str(error)) from None
+        scales, entries = http_plan_loras(body.lora_id, body.lora_scale)
+        entry = next(iter(entries.values()))
+        scale = scales[entry.name]
+        try:
+            # Off the event loop: it reads the dataset and the pose stage's skeletons.
+            plan = await asyncio.to_thread(
+                plan_validation, settings, params, entry, scale, batches.root, body.pose
+            )
+        except (ValueError, OSError) as error:
+            raise HTTPException(422, str(error)[:400]) from None
+        result: dict[str, Any] = {}
+        work = validation_work(settings, plan, result)
+        await run(service, plan.requests, entries, label="eval", work=work)
+        answer = validation_answer(plan, result["scores"])
+        answer["elapsed_ms"] = round((time.monotonic() - started) * 1000)
+        return answer
+
+    def http_plan_loras(
+        lora_id: str, scale: float | None
+    ) -> tuple[dict[str, float], dict[str, RegisteredLora]]:
+        try:
+            return service.resolve_loras({lora_id: scale})
+        except (LoraNotFound, ValueError) as error:
+            raise HTTPException(422, str(error).strip("'\"")) from None
 
     return api

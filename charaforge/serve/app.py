@@ -217,6 +217,16 @@ def create_app(
     return app
 
 
+def _type_of(spec: dict[str, Any]) -> str:
+    """A field's JSON type as the docs page shows it (`string | null` for optional fields)."""
+    if "type" in spec:
+        return str(spec["type"])
+    options = spec.get("anyOf", [])
+    return " | ".join(
+        str(option.get("type", option.get("$ref", "?").rsplit("/", 1)[-1])) for option in options
+    )
+
+
 def render_docs(schema: dict[str, Any]) -> str:
     """The API reference as one self-contained page (no CDN: Swagger UI's assets are not on
     disk here, so the page is rendered from the OpenAPI schema itself)."""
@@ -229,13 +239,24 @@ def render_docs(schema: dict[str, Any]) -> str:
                 f"<h2><code>{method.upper()} {html.escape(path)}</code></h2>"
                 f"<p>{html.escape(text)}</p>"
             )
+            parameters = "".join(
+                f"<tr><td><code>{html.escape(item['name'])}</code> ({html.escape(item['in'])})"
+                f"</td><td>{html.escape(_type_of(item.get('schema', {})))}</td>"
+                f"<td>{html.escape(item.get('description', ''))}</td></tr>"
+                for item in operation.get("parameters", [])
+            )
+            if parameters:
+                rows.append(
+                    f"<table><tr><th>parameter</th><th>type</th><th>meaning</th></tr>{parameters}"
+                    "</table>"
+                )
             body = operation.get("requestBody", {}).get("content", {})
             for content in body.values():
                 ref = content.get("schema", {}).get("$ref", "")
                 model = components.get(ref.rsplit("/", 1)[-1], {})
                 fields = "".join(
                     f"<tr><td><code>{html.escape(name)}</code></td>"
-                    f"<td>{html.escape(str(spec.get('type', spec.get('anyOf', ''))))}</td>"
+                    f"<td>{html.escape(_type_of(spec))}</td>"
                     f"<td>{html.escape(spec.get('description', ''))}</td></tr>"
                     for name, spec in model.get("properties", {}).items()
                 )

@@ -60,6 +60,12 @@ class ServerSettings:
     jobs_db: Path | None = None  # the batch jobs' SQLite file (None: inside the outputs folder)
     ui: bool = False  # mount the Gradio web UI at /ui (`charaforge serve` does by default)
     tracking_uri: str | None = None  # MLflow store whose runs the UI's Training tab shows
+    # The project's params.yaml and pipeline folders: POST /api/v1/eval/report renders the
+    # sweep's fixed prompts and poses for one LoRA and scores them with the score stage's scorers.
+    params_file: Path | None = None
+    dataset_dir: Path = Path(layout.DATASET_DIR)
+    pose_dir: Path = Path(layout.POSE_DIR)
+    ingest_dir: Path = Path(layout.INGEST_DIR)
 
 
 def bearer_guard(settings: ServerSettings) -> Any:
