@@ -66,6 +66,7 @@ VARIANTS: dict[str, dict | None] = {
     "background_group": {"share_background": True, "group_tokens": 0.5},
     "mid_background": {"blocks": "mid", "share_background": True},
     "mid_background_strength_10": {"blocks": "mid", "share_background": True, "strength": 10.0},
+    "down_mid_strength_10": {"blocks": "down+mid", "strength": 10.0},
     "down_mid_background_strength_10": {
         "blocks": "down+mid",
         "share_background": True,
