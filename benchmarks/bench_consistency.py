@@ -1,21 +1,29 @@
 """Consistent characters: shared attention against independent renders, same seeds and prompts.
 
-For each of `--groups` characters (a random world character per group: hair, outfit,
-accessory) a group of one identity shot and `--frames` frames on other backgrounds is rendered
-several ways (VARIANTS): independently (every image alone), with shared attention on the
-character (frames attend to the identity shot's character tokens), with the background shared
-too, and with the shared-attention options (StoryDiffusion's sampled group tokens, up blocks
-only, a strength on the shared tokens, a window over the steps; `--variants` picks). The score
-is the project's consistency score (evaluate.groups.group_consistency: CLIP cosine of each frame
-with its group's identity shot), averaged over frames, with the paired difference to the
-independent renders and its 95% bootstrap interval.
+For each of `--groups` characters (a random world character per group) a group of one identity
+shot and `--frames` frames on other backgrounds is rendered several ways (VARIANTS):
+independently (every image alone), with shared attention on the character (frames attend to the
+identity shot's character tokens), with the background shared too, and with the shared-attention
+options (StoryDiffusion's sampled group tokens, the blocks that share, a strength on the shared
+tokens, a window over the steps; `--variants` picks).
+
+`--omit` leaves attributes out of the character text (`all`: the character is only "1girl"), so
+that independent renders of a group differ in them and sharing has something to make alike; with
+nothing omitted (the default) the prompt pins the whole character and independent renders agree
+already. Two judges, per frame against its group's identity shot:
+- the project's consistency score (evaluate.groups.group_consistency: CLIP cosine with the
+  identity shot; the world CLIP with `--clip`);
+- the world oracle's agreement (`--oracle`): the share of the omitted attributes (all character
+  attributes when none is omitted) on which the oracle's reading of the frame equals its reading
+  of the identity shot. The oracle is trained apart from the CLIP: an independent judge.
+Each variant's mean, its paired difference to the independent renders and a 95% bootstrap
+interval over groups (frames of one group are not independent, so groups are resampled).
 
 Meaningful only with learnt weights: the world models (`--base` a folder whose model.json points
-at a world pipeline, `--clip` the world CLIP checkpoint). On the random stand-ins the images are
-noise and the difference is ~0 (the self-attention of a random UNet hardly moves its output).
+at a world pipeline). On the random stand-ins the images are noise and the difference is ~0.
 
-    .venv/bin/python benchmarks/bench_consistency.py --base data/base \
-        --clip data/world/clip/open_clip_model.safetensors --groups 8 --steps 20
+    .venv/bin/python benchmarks/bench_consistency.py --base data/base --omit all \
+        --clip data/world/clip/open_clip_model.safetensors --oracle data/world/oracle
 """
 
 from __future__ import annotations
@@ -29,21 +37,15 @@ import torch
 
 from charaforge.config import ClipConfig
 from charaforge.evaluate.groups import group_consistency
+from charaforge.evaluate.oracle import load_oracle
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.request import Consistency, RenderRequest
 from charaforge.models.clip import load_clip
-from charaforge.prepare.world import ATTRIBUTES
+from charaforge.prepare.world import ATTRIBUTES, CHARACTER_ATTRIBUTES, SUBJECT_TAG
 
 WORLD_CLIP = "charaforge-world-clip"
-
-
-def character_text(rng: random.Random) -> str:
-    hair, length = rng.choice(ATTRIBUTES["hair_colour"]), rng.choice(ATTRIBUTES["hair_length"])
-    colour, outfit = rng.choice(ATTRIBUTES["outfit_colour"]), rng.choice(ATTRIBUTES["outfit"])
-    accessory = rng.choice(ATTRIBUTES["accessory"])
-    tags = ["1girl", f"{hair} hair", f"{length} hair", f"{colour} {outfit}"]
-    return ", ".join(tags + ([accessory] if accessory != "none" else []))
-
+# What `--omit` can leave out; `outfit` is the outfit tag ("red dress": colour and kind together).
+OMITTABLE = ("hair_colour", "hair_length", "outfit", "accessory")
 
 # Variant name -> the Consistency options of its frames (None: independent renders).
 VARIANTS: dict[str, dict | None] = {
@@ -51,16 +53,52 @@ VARIANTS: dict[str, dict | None] = {
     "shared_character": {},
     "shared_background": {"share_background": True},
     "group_tokens": {"group_tokens": 0.5},
+    "down_blocks": {"blocks": "down"},
+    "mid_block": {"blocks": "mid"},
     "up_blocks": {"blocks": "up"},
     "strength_3": {"strength": 3.0},
-    "background_strength_3": {"share_background": True, "strength": 3.0},
-    "early_half": {"window": (0.0, 0.5)},
-    "background_group": {"share_background": True, "group_tokens": 0.5},
-    "up_strength_3": {"blocks": "up", "strength": 3.0},
-    "up_background": {"blocks": "up", "share_background": True},
-    "late_half": {"window": (0.5, 1.0)},
+    "strength_10": {"strength": 10.0},
     "strength_0.3": {"strength": 0.3},
+    "early_half": {"window": (0.0, 0.5)},
+    "late_half": {"window": (0.5, 1.0)},
+    "background_strength_3": {"share_background": True, "strength": 3.0},
+    "background_strength_10": {"share_background": True, "strength": 10.0},
+    "background_group": {"share_background": True, "group_tokens": 0.5},
+    "mid_background": {"blocks": "mid", "share_background": True},
+    "mid_background_strength_10": {"blocks": "mid", "share_background": True, "strength": 10.0},
+    "down_mid_strength_10": {"blocks": "down+mid", "strength": 10.0},
+    "down_mid_background_strength_10": {
+        "blocks": "down+mid",
+        "share_background": True,
+        "strength": 10.0,
+    },
+    "up_background": {"blocks": "up", "share_background": True},
+    "up_background_strength_10": {"blocks": "up", "share_background": True, "strength": 10.0},
+    "background_strength_10_early": {
+        "share_background": True,
+        "strength": 10.0,
+        "window": (0.0, 0.5),
+    },
 }
+
+
+def character_text(rng: random.Random, omit: set[str]) -> tuple[str, set[str]]:
+    """A random world character's tags without the `omit` ones, and the character attributes
+    the text leaves open (an absent accessory tag means "none" to the world: never open)."""
+    hair, length = rng.choice(ATTRIBUTES["hair_colour"]), rng.choice(ATTRIBUTES["hair_length"])
+    colour, outfit = rng.choice(ATTRIBUTES["outfit_colour"]), rng.choice(ATTRIBUTES["outfit"])
+    accessory = rng.choice(ATTRIBUTES["accessory"])
+    tags = {
+        "hair_colour": f"{hair} hair",
+        "hair_length": f"{length} hair",
+        "outfit": f"{colour} {outfit}",
+        "accessory": "" if accessory == "none" else accessory,
+    }
+    kept = [tag for name, tag in tags.items() if name not in omit and tag]
+    open_ = {name for name in omit if name != "accessory"}
+    if "outfit" in open_:
+        open_ = (open_ - {"outfit"}) | {"outfit_colour", "outfit"}
+    return ", ".join([SUBJECT_TAG, *kept]), open_
 
 
 def group_requests(
@@ -81,37 +119,82 @@ def group_requests(
     return requests
 
 
-def bootstrap_interval(values: np.ndarray, draws: int = 2000) -> tuple[float, float]:
+def agreement(predicted: list[dict[str, str]], judged: list[str]) -> list[float]:
+    """Per frame, the share of `judged` attributes the oracle reads as in the identity shot."""
+    identity = predicted[0]
+    return [
+        sum(frame[name] == identity[name] for name in judged) / len(judged)
+        for frame in predicted[1:]
+    ]
+
+
+def group_bootstrap(differences: np.ndarray, draws: int = 4000) -> tuple[float, float]:
+    """95% interval of the mean of a (groups, frames) array, resampling whole groups."""
     rng = np.random.default_rng(0)
-    means = rng.choice(values, size=(draws, len(values))).mean(axis=1)
+    per_group = differences.mean(axis=1)
+    picks = rng.integers(0, len(per_group), (draws, len(per_group)))
+    means = per_group[picks].mean(axis=1)
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def print_table(title: str, scores: dict[str, list[list[float]]]) -> None:
+    baseline = np.asarray(scores["independent"])
+    print(f"\n{title} (n = {baseline.size} frames in {len(baseline)} groups)")
+    print(f"{'variant':<34}{'mean':>9}{'diff':>10}{'95% CI (groups)':>22}")
+    for method, values in scores.items():
+        values_array = np.asarray(values)
+        difference = values_array - baseline
+        low, high = group_bootstrap(difference)
+        mark = " *" if low > 0 else ""
+        print(
+            f"{method:<34}{values_array.mean():>9.4f}{difference.mean():>+10.4f}"
+            f"{f'[{low:+.4f}, {high:+.4f}]':>22}{mark}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="data/base", help="a base folder (model.json)")
     parser.add_argument("--clip", default=None, help="world CLIP checkpoint (else a stand-in)")
+    parser.add_argument("--oracle", default=None, help="world oracle folder (data/world/oracle)")
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--scheduler", default="dpmpp_2m")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="draws the characters")
+    parser.add_argument(
+        "--omit", default="", help=f"comma-separated of {', '.join(OMITTABLE)}, or all"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument(
+        "--fixed-background",
+        action="store_true",
+        help="every image of a group on one background (CharaConsist's fixed-background mode)",
+    )
     args = parser.parse_args()
+    omit = set(OMITTABLE) if args.omit == "all" else {v for v in args.omit.split(",") if v}
+    if omit - set(OMITTABLE):
+        parser.error(f"--omit: unknown {sorted(omit - set(OMITTABLE))}; know {OMITTABLE}")
     torch.set_num_threads(args.threads)
     engine = GenerationEngine(args.base, scheduler=args.scheduler)
     if args.clip:
         clip = load_clip(ClipConfig(source="pretrained", model_name=WORLD_CLIP, path=args.clip))
     else:
         clip = load_clip(ClipConfig(source="stand_in", model_name="ViT-B-32"))
+    oracle = load_oracle(args.oracle) if args.oracle else None
     render = {"steps": args.steps, "guidance_scale": args.guidance}
     methods = ["independent", *(v for v in args.variants.split(",") if v != "independent")]
-    rng = random.Random(0)
-    scores: dict[str, list[float]] = {method: [] for method in methods}
+    rng = random.Random(args.seed)
+    clip_scores: dict[str, list[list[float]]] = {method: [] for method in methods}
+    oracle_scores: dict[str, list[list[float]]] = {method: [] for method in methods}
     for group in range(args.groups):
-        character = character_text(rng)
+        character, open_attributes = character_text(rng, omit)
+        judged = sorted(open_attributes) or list(CHARACTER_ATTRIBUTES)
         backgrounds = rng.sample(list(ATTRIBUTES["background"]), args.frames + 1)
+        if args.fixed_background:
+            backgrounds = backgrounds[:1] * (args.frames + 1)
         seeds = [1000 * group + k for k in range(args.frames + 1)]
         for method in methods:
             images = engine.render_batch(
@@ -120,21 +203,20 @@ def main() -> None:
             embeddings = clip.embed_images(images)
             anchors = [True] + [False] * args.frames
             consistency = group_consistency(embeddings, ["g"] * len(images), anchors)
-            scores[method] += [float(value) for value in consistency[1:]]
-        running = ", ".join(f"{m} {np.mean(v):.4f}" for m, v in scores.items())
+            clip_scores[method].append([float(value) for value in consistency[1:]])
+            if oracle is not None:
+                oracle_scores[method].append(agreement(oracle.predict(images), judged))
+        running = ", ".join(f"{m} {np.mean(v):.4f}" for m, v in clip_scores.items())
         print(f"after group {group + 1}: {running}", file=sys.stderr, flush=True)
     print(f"model: {engine.model_name}; CLIP: {'world' if args.clip else 'stand-in'}")
-    print(f"{args.groups} groups x {args.frames} frames, {args.steps} steps")
-    print(f"{'method':<20}{'consistency':>12}{'diff':>10}{'95% CI':>22}")
-    baseline = np.asarray(scores["independent"])
-    for method in methods:
-        values = np.asarray(scores[method])
-        difference = values - baseline
-        low, high = bootstrap_interval(difference)
-        print(
-            f"{method:<20}{values.mean():>12.4f}{difference.mean():>+10.4f}"
-            f"{f'[{low:+.4f}, {high:+.4f}]':>22}"
-        )
+    print(
+        f"{args.groups} groups x {args.frames} frames, {args.steps} steps, guidance "
+        f"{args.guidance}, omitted: {sorted(omit) or 'nothing'}, background: "
+        f"{'fixed' if args.fixed_background else 'changing'}"
+    )
+    print_table("consistency_clip (CLIP cosine with the identity shot)", clip_scores)
+    if oracle is not None:
+        print_table("oracle agreement with the identity shot (open attributes)", oracle_scores)
 
 
 if __name__ == "__main__":

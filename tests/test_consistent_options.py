@@ -192,3 +192,29 @@ def test_group_tokens_blocks_and_window_on_a_rendered_group(engine: GenerationEn
 
     strong, _ = _render(engine, _group(strength=4.0))
     assert strong[0] == base[0] and strong[1] != base[1]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "prefixes"),
+    [
+        ("mid", ("mid_block",)),
+        ("down", ("down_blocks",)),
+        ("down+mid", ("down_blocks", "mid_block")),
+    ],
+)
+def test_sharing_in_chosen_blocks_only(
+    engine: GenerationEngine, blocks: str, prefixes: tuple[str, ...]
+) -> None:
+    _, base_calls = _render(engine, _group())
+    images, calls = _render(engine, _group(blocks=blocks))
+    crossing = _crossing(calls)
+    # Only the chosen blocks' self-attention sees identity tokens, and each of them does.
+    assert {name.split(".")[0] for name, _ in crossing} == set(prefixes)
+    assert {name.split(".")[0] for name, _ in _crossing(base_calls)} == {
+        "down_blocks",
+        "mid_block",
+        "up_blocks",
+    }
+    assert images[1] != _render(engine, _group(blocks="up"))[0][1]
+    with pytest.raises(ValueError, match="consistency.blocks must be one of"):
+        Consistency(CHARACTER, blocks="middle")  # type: ignore[arg-type]

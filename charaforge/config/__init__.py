@@ -30,6 +30,7 @@ from charaforge.config.eval import (  # re-exported: one import path for every s
     MemorisationConfig as MemorisationConfig,
     PoseEvalConfig as PoseEvalConfig,
     ScoreConfig as ScoreConfig,
+    SharingBlocks as SharingBlocks,
     SuiteConfig as SuiteConfig,
     SuiteMethod as SuiteMethod,
     TagScoreConfig as TagScoreConfig,

@@ -11,6 +11,9 @@ from pydantic import Field, field_validator, model_validator
 from charaforge.config.base import Strict
 
 SuiteMethod = Literal["independent", "shared_attention", "ip_adapter"]
+# The UNet parts whose self-attention shares (generate.consistent): every transformer block, or
+# the down (encoder), mid (lowest resolution) and up (decoder) blocks alone or two together.
+SharingBlocks = Literal["all", "down", "mid", "up", "down+mid", "mid+up", "down+up"]
 
 
 class SuiteConfig(Strict):
@@ -34,10 +37,10 @@ class SuiteConfig(Strict):
     mask_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     # Shared-attention options (generate.request.Consistency): StoryDiffusion's sampled group
     # tokens (share of each earlier frame's character tokens), the weight of the shared tokens,
-    # the blocks that share (all or up) and the share of the steps that share.
+    # the blocks that share (SharingBlocks) and the share of the steps that share.
     group_tokens: float = Field(default=0.0, ge=0.0, le=1.0)
     strength: float = Field(default=1.0, gt=0.0, le=10.0)
-    blocks: Literal["all", "up"] = "all"
+    blocks: SharingBlocks = "all"
     window: list[float] = Field(default=[0.0, 1.0], min_length=2, max_length=2)
     # Write each image's character mask as an overlay under the sweep's masks/ folder.
     save_masks: bool = False

@@ -38,6 +38,8 @@ from charaforge.generate.request import Consistency
 # image.info key under which the engine hands back each image's character mask ("L" image).
 CHARACTER_MASK_KEY = "charaforge_character_mask"
 OVERLAY_COLOUR = (255, 0, 0)
+# A `blocks` choice's parts -> the prefix of their attention processors' names in a UNet.
+BLOCK_PREFIXES = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
 
 
 def character_token_indices(tokenizer: Any, prompt: str, character: str) -> list[int]:
@@ -184,7 +186,9 @@ class SharedAttention:
 
     def sharing_at(self, name: str) -> bool:
         """Whether the layer `name` shares at the step now running (blocks and window)."""
-        if self.blocks == "up" and not name.startswith("up_blocks"):
+        if self.blocks != "all" and not name.startswith(
+            tuple(BLOCK_PREFIXES[part] for part in self.blocks.split("+"))
+        ):
             return False
         start, end = self.window
         position = max(self.step, 0)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from PIL import Image
 
-from charaforge.config import CONTROL_TYPES
+from charaforge.config import CONTROL_TYPES, SharingBlocks
 from charaforge.core.files import sha256_bytes
 
 # Config name -> (diffusers class, extra config, A1111 sampler name).
@@ -57,8 +57,8 @@ class Consistency:
     group_tokens: float = 0.0
     # The weight of the shared tokens in the frame's attention (a log(strength) logit bias).
     strength: float = 1.0
-    # Where sharing applies: every transformer block, or the up (decoder) blocks only.
-    blocks: Literal["all", "up"] = "all"
+    # Where sharing applies: every transformer block, or the down / mid / up blocks (one or two).
+    blocks: SharingBlocks = "all"
     # The share of the sampling steps (start, end) during which the frames share.
     window: tuple[float, float] = (0.0, 1.0)
 
@@ -71,8 +71,9 @@ class Consistency:
             raise ValueError(f"consistency.group_tokens must be in [0, 1]: {self.group_tokens}")
         if not 0.0 < self.strength <= 10.0:
             raise ValueError(f"consistency.strength must be in (0, 10]: {self.strength}")
-        if self.blocks not in ("all", "up"):
-            raise ValueError(f"consistency.blocks must be 'all' or 'up': {self.blocks!r}")
+        if self.blocks not in get_args(SharingBlocks):
+            choices = ", ".join(get_args(SharingBlocks))
+            raise ValueError(f"consistency.blocks must be one of {choices}: {self.blocks!r}")
         start, end = (float(value) for value in self.window)
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"consistency.window must be 0 <= start < end <= 1: {self.window}")
