@@ -7,6 +7,7 @@ from charaforge.distributed.devices_sweep import DevicesSweepExecutor, check_dev
 from charaforge.distributed.ray_sweep import RaySweepExecutor
 from charaforge.generate import data_prompts, prompts, sweep
 from charaforge.generate.engine import GenerationEngine
+from charaforge.models.base import read_base_info
 from charaforge.pipeline.stage import StageContext, run_stage
 
 
@@ -25,13 +26,17 @@ def body(ctx: StageContext) -> None:
     ctx.tag_data_hash(f"{layout.TRAIN_DIR}/summary.json")
     options = engine_options(params.eval)
     devices = check_device_ids("eval.devices", params.eval.devices or [])
-    executor = None
+    executor, engine = None, None
     if params.eval.executor == "ray":
         executor = RaySweepExecutor(params.ray, params.eval.workers, layout.BASE_DIR, options)
         executor.start()  # the actors load the base model while this process goes on
-    # With Ray the engines live in the actors; this one labels the outputs (it loads the base).
-    engine = GenerationEngine(layout.BASE_DIR, **options, device=devices[0] if devices else None)
-    ctx.run.set_tags({"stand_in": engine.base.stand_in})
+        # The engines live in the actors: one here would only take CPU from their start-up.
+        stand_in = read_base_info(layout.BASE_DIR).stand_in
+    else:
+        device = devices[0] if devices else None
+        engine = GenerationEngine(layout.BASE_DIR, **options, device=device)
+        stand_in = engine.base.stand_in
+    ctx.run.set_tags({"stand_in": stand_in})
     ctx.run.log_params({"data": {"trigger": params.data.trigger}})
     # eval.from_data: the prompts built from the character's own dataset join the hand-written.
     eval_config = data_prompts.resolve_prompts(params.eval, layout.DATASET_DIR)
@@ -54,6 +59,7 @@ def body(ctx: StageContext) -> None:
         ingest_dir=layout.INGEST_DIR if params.eval.pose.enabled else None,
         work_dir=layout.GENERATE_WORK_DIR,
         executor=executor,
+        stand_in=stand_in,
     )
     ctx.run.log_metrics(
         {

@@ -5,8 +5,10 @@ process is SIGKILLed mid-sweep (Ray restarts it; it renders only what is not on 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,8 @@ from test_models_train import tiny_train
 from charaforge.config import validate_params
 from charaforge.config.resources import RayConfig
 from charaforge.distributed.cluster import connect
-from charaforge.distributed.engine_pool import kept_pool
+from charaforge.distributed.engine_pool import EngineActor, kept_pool
+from charaforge.distributed.pools import release_pools
 from charaforge.distributed.ray_grid import train_grid
 from charaforge.distributed.ray_sweep import RaySweepExecutor
 from charaforge.generate import sweep
@@ -148,3 +151,54 @@ def test_ray_section_is_validated(params_dict: dict) -> None:
     params_dict["train"].update(processes=2, executor="ray")
     with pytest.raises(ConfigError, match="train: .*executor: ray trains each candidate in one"):
         validate_params(params_dict)
+
+
+class GatedActor(EngineActor):
+    """An engine actor that is slow for a while: the first to get a unit holds it until every
+    other image of the sweep is on disk (gate.json in the working directory: how many images
+    the sweep has), or two minutes have passed."""
+
+    def render_unit(self, jobs: list, work: sweep.SweepWork) -> tuple[int, int]:
+        try:
+            os.close(os.open("gate.claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return super().render_unit(jobs, work)
+        others = json.loads(Path("gate.json").read_text())["images"] - len(jobs)
+        images = Path(work.out_dir) / "images"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(images.rglob("*.png"))) < others:
+            time.sleep(0.2)
+        return super().render_unit(jobs, work)
+
+
+@pytest.mark.slow
+def test_a_worker_that_is_held_up_takes_one_unit_the_other_pulls_the_rest(
+    base_dir: Path, dataset_dir: Path, tmp_path: Path, params_dict: dict, ray_cluster, monkeypatch
+) -> None:
+    """Workers pull units: while one actor is stuck on its first unit, the other renders every
+    other unit (static shares of whole cells would leave it idle with half the sweep left)."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # GatedActor, for the actors
+    monkeypatch.chdir(tmp_path)
+    train = tiny_train(max_steps=2, checkpoint_every=1, cpu_threads=1)
+    train_all(base_dir, dataset_dir, train, 64, 5, "train", "plots", context=CONTEXT,
+              state_dir="state")  # fmt: skip
+    params_dict["eval"].update(lora_scales=[0.0, 1.0], batch_size=4)
+    eval = _eval(params_dict)  # 5 cells of 6 images: 10 units of 4 + 2 on 2 workers
+    engine = GenerationEngine(base_dir, **ENGINE_OPTIONS)
+    sequential = sweep.run_sweep(engine, "train", eval, "aoi_cf", 64, 5, "sequential")
+    assert sequential.rendered == 30
+    Path("gate.json").write_text(json.dumps({"images": 30}))
+    executor = RaySweepExecutor(RayConfig(num_cpus=2), 2, str(base_dir), ENGINE_OPTIONS,
+                                actor_class=GatedActor)  # fmt: skip
+    try:
+        result = sweep.run_sweep(None, "train", eval, "aoi_cf", 64, 5, "pulled",
+                                 executor=executor, stand_in=True)  # fmt: skip
+    finally:
+        release_pools()  # the gated actors are for this test only
+    assert result.rendered == 30
+    assert sorted(executor.units_done) == [1, 9], executor.units_done
+    pulled, expected = _hashes(tmp_path / "pulled"), _hashes(tmp_path / "sequential")
+    del pulled["index.parquet"], expected["index.parquet"]  # they name their folders
+    assert pulled == expected

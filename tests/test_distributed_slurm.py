@@ -57,3 +57,38 @@ def test_a_bad_sweep_is_one_line_exit_2() -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.startswith("error: overrides:") and done.stderr.count("\n") == 1
+
+
+def test_hydra_multirun_runs_one_dvc_experiment_per_job(tmp_path: Path) -> None:
+    """`charaforge.distributed.hydra_exp`: Hydra composes and launches (its basic launcher here;
+    submitit's on SLURM), and each job runs `dvc exp run --temp` with its own overrides."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    recorder = bin_dir / "dvc"
+    recorder.write_text('#!/bin/bash\nprintf "%s\\n" "$@" -- >> "$RECORD"\n', encoding="utf-8")
+    recorder.chmod(0o755)
+    record = tmp_path / "args.txt"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
+           "PYTHONPATH": str(REPO)}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "charaforge.distributed.hydra_exp", "--multirun",
+         "--config-name", "stand_in", "seed=1,2", "train.max_steps=2,4"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = record.read_text(encoding="utf-8").split("--\n")[:-1]
+    assert [job.splitlines() for job in jobs] == [
+        ["exp", "run", "--temp", "-S", f"seed={seed}", "-S", f"train.max_steps={steps}"]
+        for seed in (1, 2)
+        for steps in (2, 4)
+    ]
+    assert (tmp_path / ".dvc" / "tmp" / "hydra").is_dir()  # Hydra's files, not in the repo
+    # A key the config lacks fails in Hydra's composition, before any experiment runs.
+    record.unlink()
+    bad = subprocess.run(
+        [sys.executable, "-m", "charaforge.distributed.hydra_exp", "--multirun",
+         "--config-name", "stand_in", "no_such_key=1,2"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "no_such_key" in bad.stderr
+    assert not record.exists()

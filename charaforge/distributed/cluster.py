@@ -20,5 +20,9 @@ def connect(config: RayConfig) -> Any:
     if address:
         ray.init(address=address, **options)
     else:
+        # Ray starts its workers 15 nice levels below the driver (its raylet first); on a machine
+        # doing other work the embedded Ray's actors then got half the CPU the in-process sweep
+        # got (benchmarks/bench_distributed.py). Ray's own job supervisor sets 0 the same way.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=config.num_cpus, num_gpus=config.num_gpus, **options)
     return ray

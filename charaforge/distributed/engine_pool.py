@@ -9,7 +9,7 @@ the meantime), `ready` waits for them, and later sweeps find them warm. Each act
 one CPU (and `ray.gpus_per_task` GPUs) for as long as it lives, so whatever else needs those
 resources in the same driver (the candidate grid's training tasks) calls `release_pools` first.
 
-Actors leave their engine as they found it (a sweep share unloads its LoRAs at the end; batch
+Actors leave their engine as they found it (a sweep ends by unloading its LoRAs; batch
 rows keep at most a few on-demand LoRAs), so a warm actor renders the bytes of a fresh one.
 """
 
@@ -46,6 +46,8 @@ class EngineActor:
         self.engine = GenerationEngine(base_dir, **engine_options)
         self.started = {"process": created, "imported": imported, "loaded": time.time()}
         self.images = 0  # rendered by this actor since it started (observable by tests)
+        self.busy_seconds = 0.0  # inside render_unit since it started
+        self.current_sweep: SweepWork | None = None  # whose LoRA the engine may hold (render_unit)
 
     def pid(self) -> int:
         return os.getpid()
@@ -57,10 +59,36 @@ class EngineActor:
     def rendered(self) -> int:
         return self.images
 
-    def render_sweep(self, jobs: list[SweepJob], work: SweepWork) -> tuple[int, int]:
-        counts = sweep.render_jobs(self.engine, jobs, work)
+    def busy(self) -> dict[str, float]:
+        """Images rendered, seconds spent in sweep units and this process's CPU seconds so far
+        (benchmarks/bench_distributed.py: how much of the wall time each worker worked and how
+        much CPU it got), and its torch thread count (1 by eval.cpu_threads)."""
+        import torch
+
+        return {
+            "images": self.images,
+            "busy": self.busy_seconds,
+            "cpu": time.process_time(),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def render_unit(self, jobs: list[SweepJob], work: SweepWork) -> tuple[int, int]:
+        """One work unit (sweep_units); the unit's LoRA stays loaded for the next one of the
+        same sweep (`end_sweep` releases it)."""
+        started = time.perf_counter()
+        if work != self.current_sweep:  # a LoRA of another sweep may share a name, not the file
+            self.end_sweep()
+            self.current_sweep = work
+        counts = sweep.render_jobs(self.engine, jobs, work, keep_lora=True)
         self.images += counts[0]
+        self.busy_seconds += time.perf_counter() - started
         return counts
+
+    def end_sweep(self) -> None:
+        """Unload the sweep's LoRAs: the engine as a fresh actor's."""
+        for name in list(self.engine.loras):
+            self.engine.unload_lora(name)
+        self.current_sweep = None
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""A Hydra sweep as a SLURM job array, DVC staying the ledger: `charaforge slurm-sweep
-OVERRIDES...` expands the sweep with Hydra's own parser and sweeper (choice lists, `range()`,
-the cartesian product of several) and writes an sbatch script whose array task i runs
-`dvc exp run --temp` with the i-th override set. Each experiment runs in its own temporary copy
-of the repository and is recorded by DVC (`dvc exp show`) and MLflow, as a local
-`dvc queue start` run would be. (Hydra's submitit launcher is the other route; it is not
-installed here.)
+"""A Hydra sweep as a SLURM job array, DVC staying the ledger: `python -m
+charaforge.distributed.slurm OVERRIDES... > sweep.sbatch` expands the sweep with Hydra's own
+parser and sweeper (choice lists, `range()`, the cartesian product of several) and writes an
+sbatch script whose array task i runs `dvc exp run --temp` with the i-th override set. Each
+experiment runs in its own temporary copy of the repository and is recorded by DVC
+(`dvc exp show`) and MLflow, as a local `dvc queue start` run would be. (The other route, a
+Hydra launcher such as submitit's running the jobs: hydra_exp.py.)
 """
 
 from __future__ import annotations

@@ -312,14 +312,16 @@ def render_jobs(
     jobs: list[SweepJob],
     work: SweepWork,
     on_image: Callable[[SweepJob], None] | None = None,
+    keep_lora: bool = False,
 ) -> tuple[int, int]:
-    """Render `jobs` (any share of the sweep, in its order) on `engine`; (rendered, skipped)."""
+    """Render `jobs` (any share of the sweep, in its order) on `engine`; (rendered, skipped).
+    `keep_lora` (units pulled by a worker): the last LoRA stays loaded for the next call."""
     eval, resolution, out_dir = work.eval, work.resolution, Path(work.out_dir)
     train_dir = Path(work.train_dir)
     skeletons = condition_maps([job.pose for job in jobs if job.pose is not None], eval, out_dir)
     counts = [0, 0]  # rendered, reused
     kept_dir = Path(work.keep_dir) if work.keep_dir is not None else None
-    loaded: str | None = None
+    loaded: str | None = next(iter(engine.loras), None) if keep_lora else None
     progress = tqdm(total=len(jobs), desc="generate", leave=False)
 
     def done(job: SweepJob, was_rendered: bool) -> None:
@@ -330,14 +332,15 @@ def render_jobs(
 
     for cell_jobs in _cells(jobs):
         first = cell_jobs[0]
-        loras = {}
+        name = None
         if first.candidate != BASE_CANDIDATE:
             name = adapter_name(f"{first.candidate}-{first.step}")
-            if loaded != name:
-                _release(engine, loaded)
+        if loaded != name:
+            _release(engine, loaded)
+            if name is not None:
                 engine.load_lora(name, checkpoint_path(train_dir / first.candidate, first.step))
-                loaded = name
-            loras = {name: first.lora_scale}
+            loaded = name
+        loras = {name: first.lora_scale} if name is not None else {}
         conditioning = None
         if first.pose is not None:
             conditioning = Conditioning(
@@ -359,9 +362,9 @@ def render_jobs(
 
         render_cell(engine, cell_jobs, make_request, eval, out_dir, done, kept_dir)
     progress.close()
-    _release(engine, loaded)
-    rendered, skipped = counts
-    return rendered, skipped
+    if not keep_lora:
+        _release(engine, loaded)
+    return counts[0], counts[1]
 
 
 def _cells(jobs: list[SweepJob]) -> list[list[SweepJob]]:

@@ -104,6 +104,12 @@ def _render(
             on_done(job, True)
 
 
+def is_independent(job: Any, eval: EvalConfig) -> bool:
+    """Whether the job's image depends on no other job of its cell (no shared attention, no
+    identity shot as image prompt): such jobs can be rendered apart, on different workers."""
+    return _method(job, eval) == "independent"
+
+
 def _suite(job: Any, eval: EvalConfig) -> SuiteConfig | None:
     return eval.suites.get(job.prompt.suite or "") if job.pose is None else None
 
