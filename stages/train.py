@@ -13,8 +13,9 @@ from charaforge.core.layout import LORA_WEIGHTS
 from charaforge.distributed.ray_grid import train_grid
 from charaforge.models import base
 from charaforge.models.lora_files import kohya_file_name, stamp_metadata
+from charaforge.pipeline.child_runs import ChildRun, open_child_run
 from charaforge.pipeline.stage import StageContext, run_stage
-from charaforge.pipeline.tracking import ChildRun, git_commit, open_child_run, repository_root
+from charaforge.pipeline.tracking import git_commit, repository_root
 from charaforge.train import RunContext, launch, train_all
 from charaforge.train.preflight import check_base
 

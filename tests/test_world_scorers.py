@@ -13,6 +13,7 @@ from PIL import Image
 
 from charaforge.config import ClipConfig
 from charaforge.config.world import WorldClipConfig, WorldOracleConfig, WorldTaggerConfig
+from charaforge.core.logs import brief_metrics
 from charaforge.evaluate.oracle import (
     identity_score,
     judge_images,
@@ -29,7 +30,7 @@ from charaforge.models.world_clip import (
     zero_shot_questions,
 )
 from charaforge.models.world_common import WORLD_TAGS, render_pool
-from charaforge.models.world_scorers import _brief, train_world_scorers
+from charaforge.models.world_scorers import train_world_scorers
 from charaforge.models.world_tagger import RATING_TAGS, wd14_input
 from charaforge.prepare.world import (
     ATTRIBUTES,
@@ -260,7 +261,7 @@ def test_render_pools_are_deterministic_and_purpose_specific() -> None:
 def test_the_scorers_log_line_is_short_with_the_weakest_accuracies_first() -> None:
     metrics = {"clip_loss_first": 7.5357, "clip_loss_last": 2.5306, "clip_logit_scale": 16.06}
     metrics |= {f"clip_zero_shot_attribute_number_{i}": 0.99 - i / 100 for i in range(12)}
-    line = _brief(metrics, "clip_")
+    line = brief_metrics(metrics, "clip_")
     assert len(line) <= 155 and line.endswith(", ...")
     assert line.startswith("loss 7.54 -> 2.53, zero_shot_attribute_number_11 0.88, ")
     assert "logit_scale" not in line

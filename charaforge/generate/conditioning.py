@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from charaforge.core.files import derive_seed
+from charaforge.errors import ConfigError
 from charaforge.generate.request import ControlUnit
 
 # Small conditioning encoder: four blocks = three stride-2 steps, i.e. 8x down to latent size.
@@ -98,3 +99,19 @@ def combine_controlnets(models: Sequence[Any]) -> Any:
     from diffusers import MultiControlNetModel
 
     return MultiControlNetModel(list(models))
+
+
+def load_controlnet(control_type: str, path: Path | None, unet: Any, stand_in: bool) -> Any:
+    """The ControlNet for a conditioning type: a local model (`path`, resolved), or beside a
+    stand-in base a stand-in ControlNet built deterministically from its UNet (random weights,
+    the real class)."""
+    if path is not None:
+        from diffusers import ControlNetModel
+
+        return ControlNetModel.from_pretrained(path, dtype=unet.dtype).eval()
+    if stand_in:
+        return build_stand_in_controlnet(unet, control_type).eval()
+    raise ConfigError(
+        f"eval.controlnets.{control_type}: no local ControlNet given for a real base model "
+        "(nothing is downloaded)"
+    )

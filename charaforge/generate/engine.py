@@ -34,9 +34,9 @@ from charaforge.core import layout
 from charaforge.errors import ConfigError
 from charaforge.generate.batching import RenderTimer, split_rows, text_model_shim, timed
 from charaforge.generate.conditioning import (
-    build_stand_in_controlnet,
     combine_controlnets,
     control_arguments,
+    load_controlnet,
 )
 from charaforge.generate.consistent import (
     CHARACTER_MASK_KEY,
@@ -54,7 +54,7 @@ from charaforge.generate.records import (
     batch_key,
     fused_batch_record,
 )
-from charaforge.generate.request import PRESETS, SCHEDULERS, Conditioning, RenderRequest
+from charaforge.generate.request import SCHEDULERS, Conditioning, RenderRequest
 from charaforge.models.base import (
     load_base_pipeline,
     read_base_info,
@@ -187,35 +187,15 @@ class GenerationEngine:
         `preset` fills steps and guidance that are not given; `clip_skip` counts as A1111 does
         (1 = the last text-encoder layer, 2 = the one before it).
         """
-        prompt, seed, clip_skip, preset = (
-            request.prompt,
-            request.seed,
-            request.clip_skip,
-            request.preset,
-        )
+        prompt, seed, clip_skip = request.prompt, request.seed, request.clip_skip
         negative_prompt, conditioning = request.negative_prompt, request.conditioning
         loras = dict(request.loras)
         unknown = sorted(set(loras) - set(self.loras))
         if unknown:
             raise KeyError(f"LoRA(s) not loaded: {unknown}; loaded: {sorted(self.loras)}")
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; one of {list(PRESETS)}")
-        chosen = PRESETS[preset or "standard"]
-        steps = chosen.steps if request.steps is None else int(request.steps)
-        guidance_scale = (
-            chosen.guidance_scale if request.guidance_scale is None else request.guidance_scale
+        steps, guidance_scale, scheduler, width, height = request.settings(
+            self.scheduler, self.base.resolution, self.text_layers
         )
-        scheduler = request.scheduler or self.scheduler
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; one of {sorted(SCHEDULERS)}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if not 1 <= clip_skip <= self.text_layers:
-            raise ValueError(f"clip_skip must be in 1..{self.text_layers}, got {clip_skip}")
-        width = int(request.width or self.base.resolution)
-        height = int(request.height or self.base.resolution)
-        if width % 8 or height % 8 or width <= 0 or height <= 0:
-            raise ValueError(f"width and height must be positive multiples of 8: {width}x{height}")
         triggers = [
             word
             for name in sorted(loras)
@@ -248,8 +228,8 @@ class GenerationEngine:
         }
         # Keys that were added later only appear when they differ from the old behaviour, so
         # sidecars of earlier sweeps still match and resume.
-        if preset is not None:
-            params["preset"] = preset
+        if request.preset is not None:
+            params["preset"] = request.preset
         if clip_skip != 1:
             params["clip_skip"] = clip_skip
         if triggers:
@@ -493,24 +473,15 @@ class GenerationEngine:
         return self._derived[key]
 
     def controlnet(self, control_type: str) -> Any:
-        """The ControlNet for a conditioning type: a local model, or with a stand-in base a
-        stand-in ControlNet built deterministically (random weights, the real class)."""
+        """The ControlNet for a conditioning type (`eval.controlnets`), loaded once."""
         if control_type not in self._controlnets:
-            from diffusers import ControlNetModel
-
             path = self._controlnet_paths.get(control_type)
-            if path:
-                model = ControlNetModel.from_pretrained(
-                    resolve_pretrained(path), dtype=self.pipeline.unet.dtype
-                )
-            elif self.base.stand_in:
-                model = build_stand_in_controlnet(self.pipeline.unet, control_type)
-            else:
-                raise ConfigError(
-                    f"eval.controlnets.{control_type}: no local ControlNet given for a real "
-                    "base model (nothing is downloaded)"
-                )
-            self._controlnets[control_type] = model.eval()
+            self._controlnets[control_type] = load_controlnet(
+                control_type,
+                resolve_pretrained(path) if path else None,
+                self.pipeline.unet,
+                self.base.stand_in,
+            )
         return self._controlnets[control_type]
 
     def _conditioning_arguments(self, conditioning: Conditioning, first: dict) -> dict[str, Any]:

@@ -293,3 +293,25 @@ class RenderRequest:
     def from_options(cls, prompt: str, seed: int, **options: Any) -> RenderRequest:
         """A request from keyword options (a misspelt option is a TypeError naming it)."""
         return cls(prompt=prompt, seed=seed, **options)
+
+    def settings(
+        self, scheduler: str, resolution: int, text_layers: int
+    ) -> tuple[int, float, str, int, int]:
+        """(steps, guidance scale, scheduler, width, height) with the preset's and the engine's
+        defaults (`scheduler`, `resolution`) filled in; a ValueError names a bad one."""
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; one of {list(PRESETS)}")
+        chosen = PRESETS[self.preset or "standard"]
+        steps = chosen.steps if self.steps is None else int(self.steps)
+        guidance = chosen.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        scheduler = self.scheduler or scheduler
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; one of {sorted(SCHEDULERS)}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if not 1 <= self.clip_skip <= text_layers:
+            raise ValueError(f"clip_skip must be in 1..{text_layers}, got {self.clip_skip}")
+        width, height = int(self.width or resolution), int(self.height or resolution)
+        if width % 8 or height % 8 or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of 8: {width}x{height}")
+        return steps, float(guidance), scheduler, width, height

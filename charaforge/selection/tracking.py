@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from charaforge.core import layout
-from charaforge.pipeline.tracking import StageRun, open_child_run
+from charaforge.pipeline.child_runs import open_child_run
+from charaforge.pipeline.tracking import StageRun
 from charaforge.selection.champion import Selection
 
 log = logging.getLogger(__name__)
