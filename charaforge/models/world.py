@@ -233,7 +233,12 @@ def _run_side_by_side(
                     pool.terminate()
                     result.get()  # raises the worker's exception
             time.sleep(0.5)
-        return {name: result.get() for name, result in pending.items()}
+        results = {name: result.get() for name, result in pending.items()}
+        # Let the workers exit on their own: terminated (what leaving the `with` does), they
+        # skip their exit handlers, and the semaphore of tqdm's lock in each is reported leaked.
+        pool.close()
+        pool.join()
+        return results
 
 
 def _is_timing(key: str) -> bool:
