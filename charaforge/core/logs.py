@@ -131,7 +131,7 @@ class LineStream:
         return getattr(self.stream, name)
 
 
-def brief_metrics(metrics: Mapping[str, Any], prefix: str, width: int = 150) -> str:
+def brief_metrics(metrics: Mapping[str, Any], prefix: str, width: int = 90) -> str:
     """Metrics as one short log line (a log line stays under `MAX_LINE` characters; the files
     hold them all): `<prefix>loss_first` -> `<prefix>loss_last`, then the other values, lowest
     first (the weakest accuracies are the news); other losses, logit scales and values that are

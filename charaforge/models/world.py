@@ -286,7 +286,7 @@ def train_world(
                 for key, value in diffusion.items()
                 if key.startswith("base_") and not key.endswith("_seconds")
             }
-            log.info("world base model, judged by the oracle: %s", brief_metrics(verdict, "base_"))
+            log.info("world base model (oracle): %s", brief_metrics(verdict, "base_"))
         payload = {
             "used": True,
             **world_description(),
