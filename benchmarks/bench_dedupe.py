@@ -98,17 +98,23 @@ def cpu_timed(function, *args, **kwargs):  # noqa: ANN001, ANN201 - benchmark he
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def _range_pairs(index, packed: np.ndarray, threshold: int) -> np.ndarray:
+    """Every pair (i < j, distance) a faiss binary index finds within `threshold` of the
+    indexed hashes themselves, sorted."""
+    limits, distances, labels = index.range_search(packed, threshold + 1)  # radius is strict
+    queries = np.repeat(np.arange(len(packed)), np.diff(limits.astype(np.int64)))
+    upper = queries < labels
+    pairs = np.stack([queries[upper], labels[upper], distances[upper]], axis=1).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
 def flat_pairs(packed: np.ndarray, threshold: int) -> np.ndarray:
     """Exhaustive reference in C++: faiss's flat binary index, every pair compared."""
     import faiss
 
     index = faiss.IndexBinaryFlat(packed.shape[1] * 8)
     index.add(packed)
-    limits, distances, labels = index.range_search(packed, threshold + 1)  # radius is strict
-    queries = np.repeat(np.arange(len(packed)), np.diff(limits.astype(np.int64)))
-    upper = queries < labels
-    pairs = np.stack([queries[upper], labels[upper], distances[upper]], axis=1).astype(np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    return _range_pairs(index, packed, threshold)
 
 
 def plain_loop(paths: list[Path]) -> list[imagehash.ImageHash]:
@@ -212,11 +218,7 @@ def faiss_pairs(packed: np.ndarray, threshold: int, blocks: int = 4) -> np.ndarr
     index = faiss.IndexBinaryMultiHash(packed.shape[1] * 8, blocks, packed.shape[1] * 8 // blocks)
     index.nflip = threshold // blocks
     index.add(packed)
-    limits, distances, labels = index.range_search(packed, threshold + 1)  # radius is strict
-    queries = np.repeat(np.arange(len(packed)), np.diff(limits.astype(np.int64)))
-    upper = queries < labels
-    pairs = np.stack([queries[upper], labels[upper], distances[upper]], axis=1).astype(np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    return _range_pairs(index, packed, threshold)
 
 
 def bench_faiss(threshold: int) -> None:

@@ -91,6 +91,10 @@ def test_grid_and_sweep_on_ray_give_the_sequential_bytes(
                              executor=executor, stand_in=True)  # fmt: skip
     assert result.rendered == 54
     assert len(set(executor.worker_pids)) == 2 and os.getpid() not in executor.worker_pids
+    # The embedded Ray's workers run at the driver's niceness (RAY_worker_niceness=0), not the
+    # 15 levels below it that Ray gives them by default.
+    driver = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in executor.worker_pids] == [driver] * 2
     for part in ("train", "plots", "generate"):
         assert _hashes(runs["ray"] / part) == _hashes(runs["sequential"] / part), part
     # The actors are kept: the next sweep of this process finds them warm (no start-up, the

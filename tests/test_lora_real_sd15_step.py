@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from engine_fixtures import one_thread  # noqa: F401  (a fixture: pytest finds it by name)
 from peft.tuners.lora import LoraLayer
 from PIL import Image, ImageDraw
 from safetensors import safe_open
@@ -48,7 +49,7 @@ from charaforge.models.base import (
 from charaforge.models.lora_files import kohya_file_name
 from charaforge.train import train_candidate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # SD1.5's VAE (its vae/config.json).
 SD15_VAE = {
@@ -68,14 +69,6 @@ def _peak_rss_gib() -> float:
 
 def _report(label: str, start: float) -> None:
     print(f"{label}: {time.perf_counter() - start:.1f} s, peak RSS {_peak_rss_gib():.2f} GiB")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

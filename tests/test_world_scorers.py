@@ -13,7 +13,6 @@ from PIL import Image
 
 from charaforge.config import ClipConfig
 from charaforge.config.world import WorldClipConfig, WorldOracleConfig, WorldTaggerConfig
-from charaforge.core.logs import brief_metrics
 from charaforge.evaluate.oracle import (
     identity_score,
     judge_images,
@@ -256,12 +255,3 @@ def test_render_pools_are_deterministic_and_purpose_specific() -> None:
     np.testing.assert_array_equal(first.pixels, again.pixels)
     assert not np.array_equal(first.pixels, other.pixels)
     assert isinstance(Image.fromarray(first.pixels[0]), Image.Image)
-
-
-def test_the_scorers_log_line_is_short_with_the_weakest_accuracies_first() -> None:
-    metrics = {"clip_loss_first": 7.5357, "clip_loss_last": 2.5306, "clip_logit_scale": 16.06}
-    metrics |= {f"clip_zero_shot_attribute_number_{i}": 0.99 - i / 100 for i in range(12)}
-    line = brief_metrics(metrics, "clip_")
-    assert len(line) <= 155 and line.endswith(", ...")
-    assert line.startswith("loss 7.54 -> 2.53, zero_shot_attribute_number_11 0.88, ")
-    assert "logit_scale" not in line

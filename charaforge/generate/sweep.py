@@ -341,15 +341,7 @@ def render_jobs(
                 engine.load_lora(name, checkpoint_path(train_dir / first.candidate, first.step))
             loaded = name
         loras = {name: first.lora_scale} if name is not None else {}
-        conditioning = None
-        if first.pose is not None:
-            conditioning = Conditioning(
-                "control",
-                skeletons[first.pose],
-                control_type=first.pose.control_type,
-                conditioning_scale=eval.pose.conditioning_scale,
-                source=first.pose.image_id,
-            )
+        conditioning = job_conditioning(first, skeletons, eval)
 
         def make_request(
             job: SweepJob,
@@ -358,7 +350,9 @@ def render_jobs(
             loras: dict[str, float] = loras,
             conditioning: Conditioning | None = conditioning,
         ) -> RenderRequest:
-            return _request(job, loras, eval, resolution, conditioning, consistency, image_prompt)
+            return job_request(
+                job, loras, eval, resolution, conditioning, consistency, image_prompt
+            )
 
         render_cell(engine, cell_jobs, make_request, eval, out_dir, done, kept_dir)
     progress.close()
@@ -377,7 +371,22 @@ def _cells(jobs: list[SweepJob]) -> list[list[SweepJob]]:
     return cells
 
 
-def _request(
+def job_conditioning(
+    job: SweepJob, maps: dict[PoseCondition, Image.Image], eval: EvalConfig
+) -> Conditioning | None:
+    """The ControlNet conditioning of a pose-conditioned job (its map from `condition_maps`)."""
+    if job.pose is None:
+        return None
+    return Conditioning(
+        "control",
+        maps[job.pose],
+        control_type=job.pose.control_type,
+        conditioning_scale=eval.pose.conditioning_scale,
+        source=job.pose.image_id,
+    )
+
+
+def job_request(
     job: SweepJob,
     loras: dict[str, float],
     eval: EvalConfig,
@@ -386,6 +395,7 @@ def _request(
     consistency: Consistency | None = None,
     image_prompt: ImagePrompt | None = None,
 ) -> RenderRequest:
+    """The request that renders a sweep job (the sweep, and a served validation of one LoRA)."""
     return RenderRequest(
         prompt=job.prompt.text,
         seed=job.seed,

@@ -34,8 +34,14 @@ from charaforge.evaluate.sweep import SCORERS_FILE, score_sweep
 from charaforge.generate import data_prompts
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.records import write_image
-from charaforge.generate.request import Conditioning, RenderRequest
-from charaforge.generate.sweep import SweepJob, index_of, plan_jobs
+from charaforge.generate.request import RenderRequest
+from charaforge.generate.sweep import (
+    SweepJob,
+    index_of,
+    job_conditioning,
+    job_request,
+    plan_jobs,
+)
 from charaforge.generate.sweep_controls import PoseCondition, condition_maps, pose_conditions
 from charaforge.serve.limits import ServerSettings, check_cost
 from charaforge.serve.registry import RegisteredLora
@@ -108,32 +114,10 @@ def plan_validation(
     # The maps made from photos (control types other than openpose) go to folder/controls/.
     maps = condition_maps([job.pose for job in jobs if job.pose is not None], eval_config, folder)
     loras = {entry.name: scale} if scale > 0 else {}
-    requests = []
-    for job in jobs:
-        conditioning = None
-        if job.pose is not None:
-            conditioning = Conditioning(
-                "control",
-                maps[job.pose],
-                control_type=job.pose.control_type,
-                conditioning_scale=eval_config.pose.conditioning_scale,
-                source=job.pose.image_id,
-            )
-        requests.append(
-            RenderRequest(
-                prompt=job.prompt.text,
-                seed=job.seed,
-                loras=loras,
-                steps=eval_config.steps,
-                guidance_scale=eval_config.guidance_scale,
-                negative_prompt=eval_config.negative_prompt,
-                width=resolution,
-                height=resolution,
-                scheduler=eval_config.scheduler,
-                clip_skip=eval_config.clip_skip,
-                conditioning=conditioning,
-            )
-        )
+    requests = [
+        job_request(job, loras, eval_config, resolution, job_conditioning(job, maps, eval_config))
+        for job in jobs
+    ]
     return ValidationPlan(entry.name, scale, jobs, requests, folder, params, skipped)
 
 
