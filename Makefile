@@ -14,9 +14,11 @@ export DVC_NO_UPDATER := 1
 
 # pip -qq: its errors only. Its warnings are about the machine's pip configuration (e.g. an extra
 # index without some package: "Location ... is ignored"), nothing a user of the demo can act on.
+# --no-compile: pip would byte-compile all 27,000 installed Python files (464 MB of source, about
+# 66 CPU-s measured); Python compiles the few thousand a run imports on first use and caches them.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -qq -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check --no-compile -qq -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install CharaForge with every dependency

@@ -17,6 +17,7 @@ used, so the stand-in pipeline never pays for pretraining.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib
 import importlib.util
 import io
@@ -24,6 +25,8 @@ import logging
 import multiprocessing
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ from charaforge.prepare.world import (
     ATTRIBUTES,
     CHARACTER_ATTRIBUTES,
     DEMO_CHARACTER,
+    Scene,
     caption,
     make_scene,
     sample_scenes,
@@ -93,12 +97,8 @@ def _init_worker(threads: int) -> None:
 @torch.no_grad()
 def contact_sheet(pipeline: Any, config: WorldConfig, seed: int) -> Image.Image:
     """Generations of the pretrained model: one row per sample prompt, one column per seed."""
-    from diffusers import DPMSolverMultistepScheduler
-
     samples = config.samples
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
-    )
+    _use_dpm_solver(pipeline)
     side = SHEET_CELL
     sheet = Image.new("RGB", (side * len(samples.seeds), side * len(samples.prompts)), "white")
     for row, prompt in enumerate(samples.prompts):
@@ -119,48 +119,78 @@ def contact_sheet(pipeline: Any, config: WorldConfig, seed: int) -> Image.Image:
     return sheet
 
 
-def _load_pipeline(folder: Path) -> Any:
+def _use_dpm_solver(pipeline: Any) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+
+
+@functools.cache
+def _saved_pipeline(folder: str) -> Any:
+    """The saved world pipeline, loaded once per worker process (the finishing jobs share it)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    # Loading the five small components takes a second; their progress bars are only noise.
+    # Loading the five small components takes a second; their progress bars, and those of the
+    # sheet's and the evaluation's sampling loops, are only noise in the stage's log.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    return StableDiffusionPipeline.from_pretrained(
+    pipeline = StableDiffusionPipeline.from_pretrained(
         folder, safety_checker=None, requires_safety_checker=False
     )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def base_eval_scenes(config: WorldConfig, seed: int) -> list[Scene]:
+    """The combinations seen in pretraining (never the demo character) the oracle judges."""
+    return sample_scenes(derive_seed(seed, "world", "base-eval"), config.samples.eval_images)
 
 
 @torch.no_grad()
-def base_model_accuracy(pipeline: Any, oracle_dir: Path, config: WorldConfig, seed: int) -> dict:
-    """The oracle's verdict on the base model: prompts naming all six attributes of combinations
-    seen in pretraining (never the demo character), DPM-Solver++ as the contact sheet."""
-    from diffusers import DPMSolverMultistepScheduler
-
+def base_eval_chunk(config: WorldConfig, out_dir: Path, seed: int, start: int) -> np.ndarray:
+    """Worker: the base model's generations for base-eval prompts [start, start + BASE_EVAL_BATCH),
+    DPM-Solver++ as the contact sheet; one sampling loop, so the bytes do not depend on which
+    worker draws which chunk."""
     samples = config.samples
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    scenes = sample_scenes(derive_seed(seed, "world", "base-eval"), samples.eval_images)
-    prompts = [caption(scene) for scene in scenes]
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), BASE_EVAL_BATCH):
-        chunk = prompts[start : start + BASE_EVAL_BATCH]
-        generators = [
-            torch.Generator("cpu").manual_seed(derive_seed(seed, "world", "base-eval", index))
-            for index in range(start, start + len(chunk))
-        ]
-        images += pipeline(
-            chunk,
-            num_inference_steps=samples.steps,
-            guidance_scale=samples.guidance_scale,
-            height=config.image_size,
-            width=config.image_size,
-            generator=generators,
-        ).images
-    pool = RenderPool(scenes, np.stack([np.asarray(image.convert("RGB")) for image in images]))
+    pipeline = _saved_pipeline(str(out_dir / PIPELINE_DIR))
+    _use_dpm_solver(pipeline)
+    scenes = base_eval_scenes(config, seed)[start : start + BASE_EVAL_BATCH]
+    generators = [
+        torch.Generator("cpu").manual_seed(derive_seed(seed, "world", "base-eval", index))
+        for index in range(start, start + len(scenes))
+    ]
+    images = pipeline(
+        [caption(scene) for scene in scenes],
+        num_inference_steps=samples.steps,
+        guidance_scale=samples.guidance_scale,
+        height=config.image_size,
+        width=config.image_size,
+        generator=generators,
+    ).images
+    return np.stack([np.asarray(image.convert("RGB")) for image in images])
+
+
+def sheet_job(config: WorldConfig, out_dir: Path, seed: int) -> dict[str, float]:
+    """Worker: the contact sheet of the saved pipeline; its wall and CPU seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    pipeline = _saved_pipeline(str(out_dir / PIPELINE_DIR))
+    write_png(out_dir / CONTACT_SHEET, contact_sheet(pipeline, config, seed))
+    return {
+        "seconds": round(time.perf_counter() - wall, 3),
+        "cpu_seconds": round(time.process_time() - cpu, 3),
+    }
+
+
+def base_model_accuracy(
+    chunks: Sequence[np.ndarray], oracle_dir: Path, config: WorldConfig, seed: int
+) -> dict:
+    """The oracle's verdict on the base model's generations (`base_eval_chunk`s, in order)."""
+    scenes = base_eval_scenes(config, seed)
+    pool = RenderPool(scenes, np.concatenate(chunks))
     judged = oracle_accuracy(load_world_oracle(oracle_dir), pool)
     # oracle_accuracy_<attribute> / oracle_all_right, named for what was judged: the base model.
     metrics = {key.replace("oracle_", "base_", 1): value for key, value in judged.items()}
@@ -171,15 +201,9 @@ def base_model_accuracy(pipeline: Any, oracle_dir: Path, config: WorldConfig, se
 def diffusion_job(
     config: WorldConfig, out_dir: Path, seed: int, rendezvous: str | None
 ) -> dict[str, Any]:
-    """Worker: pretrain the diffusion model (rank 0 of the VAE phase), save it, draw its sheet."""
+    """Worker: pretrain the diffusion model (rank 0 of the VAE phase) and save it."""
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    pipeline, result = pretrain_diffusion(
-        config, out_dir / PIPELINE_DIR, seed, rendezvous=rendezvous
-    )
-    sample_wall, sample_cpu = time.perf_counter(), time.process_time()
-    write_png(out_dir / CONTACT_SHEET, contact_sheet(pipeline, config, seed))
-    result.seconds["samples"] = round(time.perf_counter() - sample_wall, 3)
-    result.cpu_seconds["samples"] = round(time.process_time() - sample_cpu, 3)
+    _, result = pretrain_diffusion(config, out_dir / PIPELINE_DIR, seed, rendezvous=rendezvous)
     result.seconds["total"] = round(time.perf_counter() - start_wall, 3)
     result.cpu_seconds["total"] = round(time.process_time() - start_cpu, 3)
     buffer = io.StringIO()
@@ -219,26 +243,32 @@ def scorers_job(
     return {"metrics": metrics, "timing": timing}
 
 
-def _run_side_by_side(
-    jobs: dict[str, Any], args: tuple[Any, ...], threads: int | None
-) -> dict[str, Any]:
-    """Each job in its own spawned one-thread process; the first failure stops the others
-    (a rank of the VAE phase would otherwise wait for its dead peer)."""
+@contextmanager
+def _worker_pool(processes: int, threads: int | None) -> Iterator[Any]:
+    """Spawned one-thread worker processes, kept for both rounds of the stage's jobs."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(len(jobs), initializer=_init_worker, initargs=(threads,)) as pool:
-        pending = {name: pool.apply_async(job, args) for name, job in jobs.items()}
-        while not all(result.ready() for result in pending.values()):
-            for result in pending.values():
-                if result.ready() and not result.successful():
-                    pool.terminate()
-                    result.get()  # raises the worker's exception
-            time.sleep(0.5)
-        results = {name: result.get() for name, result in pending.items()}
-        # Let the workers exit on their own: terminated (what leaving the `with` does), they
-        # skip their exit handlers, and the semaphore of tqdm's lock in each is reported leaked.
-        pool.close()
-        pool.join()
-        return results
+    pool = context.Pool(processes, initializer=_init_worker, initargs=(threads,))
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        raise
+    # Let the workers exit on their own: terminated, they skip their exit handlers, and the
+    # semaphore of tqdm's lock in each is reported leaked.
+    pool.close()
+    pool.join()
+
+
+def _side_by_side(pool: Any, jobs: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]) -> dict:
+    """Run every job on the pool, in the order given; the first failure stops the others (a
+    rank of the VAE phase would otherwise wait for its dead peer)."""
+    pending = {name: pool.apply_async(job, args) for name, (job, args) in jobs.items()}
+    while not all(result.ready() for result in pending.values()):
+        for result in pending.values():
+            if result.ready() and not result.successful():
+                result.get()  # raises the worker's exception; _worker_pool terminates the rest
+        time.sleep(0.2)
+    return {name: result.get() for name, result in pending.items()}
 
 
 def _is_timing(key: str) -> bool:
@@ -272,14 +302,26 @@ def train_world(
         # The VAE phase is data-parallel over both workers when both run (world_parallel); the
         # rank count is fixed, so the bytes never depend on the machine.
         rendezvous = str(Path(meeting) / "vae-rendezvous") if "scorers" in jobs else None
-        results = _run_side_by_side(jobs, (config, temp, seed, rendezvous), config.cpu_threads)
-        diffusion = results["diffusion"]
-        scorers = results.get("scorers")
-        if scorers is not None:
+        arguments = (config, temp, seed, rendezvous)
+        with _worker_pool(len(jobs), config.cpu_threads) as pool:
+            results = _side_by_side(pool, {name: (job, arguments) for name, job in jobs.items()})
+            diffusion = results["diffusion"]
+            scorers = results.get("scorers")
+            # Then the saved pipeline's contact sheet and, with the oracle trained, the base
+            # model's evaluation in chunks, spread over both workers (their imports are done).
             watch = time.perf_counter()
-            set_cpu_threads(config.cpu_threads)
-            pipeline = _load_pipeline(temp / PIPELINE_DIR)
-            diffusion.update(base_model_accuracy(pipeline, temp / "oracle", config, seed))
+            finishing: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
+                "sheet": (sheet_job, (config, temp, seed))
+            }
+            if scorers is not None:
+                for start in range(0, config.samples.eval_images, BASE_EVAL_BATCH):
+                    finishing[f"base-{start}"] = (base_eval_chunk, (config, temp, seed, start))
+            finished = _side_by_side(pool, finishing)
+        diffusion["seconds"]["samples"] = finished["sheet"]["seconds"]
+        diffusion["cpu_seconds"]["samples"] = finished["sheet"]["cpu_seconds"]
+        if scorers is not None:
+            chunks = [value for name, value in finished.items() if name.startswith("base-")]
+            diffusion.update(base_model_accuracy(chunks, temp / "oracle", config, seed))
             diffusion["base_eval_seconds"] = round(time.perf_counter() - watch, 3)
             verdict = {
                 key: value
