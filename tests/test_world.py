@@ -30,7 +30,7 @@ from charaforge.models.world_diffusion import (
     train_vae,
     vae_peer,
 )
-from charaforge.models.world_parallel import broadcast_tensors, process_group
+from charaforge.models.world_parallel import process_group
 from charaforge.prepare.world import (
     ATTRIBUTES,
     CHARACTER_ATTRIBUTES,
@@ -184,12 +184,13 @@ def test_data_parallel_vae_matches_one_process_on_the_whole_batch(
 ) -> None:
     """Two ranks, each on half of every batch with averaged gradients, train the weights one
     process trains on the whole batch (up to float rounding) and encode the corpus as it does,
-    half each; the peer is a real spawned process talking gloo over loopback."""
+    half each, after rendering the corpus half each; the peer is a real spawned process talking
+    gloo over loopback."""
     import multiprocessing
 
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned peer: one thread too
-    corpus = render_corpus(24, TINY.image_size, 3)
+    corpus = render_corpus(TINY.corpus_size, TINY.image_size, 7)
 
     single_losses: list[float] = []
     single = train_vae(corpus, TINY, 7, lambda _s, loss: single_losses.append(loss))
@@ -203,7 +204,7 @@ def test_data_parallel_vae_matches_one_process_on_the_whole_batch(
     parallel_losses: list[float] = []
     try:
         with process_group(rendezvous, rank=0) as shard:
-            broadcast_tensors([corpus.pixels], 1)
+            rendered = render_corpus(TINY.corpus_size, TINY.image_size, 7, shard)
             parallel = train_vae(
                 corpus, TINY, 7, lambda _s, loss: parallel_losses.append(loss), shard
             )
@@ -211,6 +212,9 @@ def test_data_parallel_vae_matches_one_process_on_the_whole_batch(
     finally:
         peer.join(timeout=120)
     assert peer.exitcode == 0
+    # The corpus drawn half by each rank is the one process's, byte for byte.
+    assert torch.equal(rendered.pixels, corpus.pixels)
+    assert rendered.captions == corpus.captions
 
     difference = max(
         (a - b).abs().max().item()

@@ -43,7 +43,6 @@ from charaforge.models.objective import min_snr_weights
 from charaforge.models.world_parallel import (
     Shard,
     average_gradients,
-    broadcast_tensors,
     gather_shares,
     process_group,
 )
@@ -137,14 +136,23 @@ class _Phase:
         self.result.cpu_seconds[self.name] = round(time.process_time() - self.cpu, 3)
 
 
-def render_corpus(count: int, size: int, seed: int) -> Corpus:
-    """`count` world renders (never the demo character) with their captions."""
+def render_corpus(count: int, size: int, seed: int, shard: Shard | None = None) -> Corpus:
+    """`count` world renders (never the demo character) with their captions.
+
+    With a `shard` (world_parallel), each rank draws its share of the images and every rank
+    receives all of them: each image depends only on its index, so the bytes are the same.
+    """
     scenes = sample_scenes(derive_seed(seed, "world", "scenes"), count)
-    pixels = np.empty((count, 3, size, size), dtype=np.uint8)
-    for index, scene in enumerate(scenes):
-        image = render(scene, derive_seed(seed, "world", "render", index), size)
-        pixels[index] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    return Corpus(torch.from_numpy(pixels), [caption(scene) for scene in scenes])
+    shares = torch.tensor_split(torch.arange(count), shard.ranks if shard else 1)
+    mine = shares[shard.rank if shard else 0].tolist()
+    pixels = np.empty((len(mine), 3, size, size), dtype=np.uint8)
+    for row, index in enumerate(mine):
+        image = render(scenes[index], derive_seed(seed, "world", "render", index), size)
+        pixels[row] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    rendered = torch.from_numpy(pixels)
+    if shard is not None:
+        rendered = torch.cat(gather_shares(rendered, [len(share) for share in shares], shard))
+    return Corpus(rendered, [caption(scene) for scene in scenes])
 
 
 def _generator(seed: int, purpose: str) -> torch.Generator:
@@ -380,23 +388,22 @@ def pretrain_diffusion(
 
         return step
 
-    with timer.phase("render"):
-        corpus = render_corpus(config.corpus_size, config.image_size, seed)
-        held = render_corpus(
-            min(EVAL_IMAGES, config.corpus_size),
-            config.image_size,
-            derive_seed(seed, "world", "eval"),
-        )
     with ExitStack() as group:
         shard = None
         if rendezvous is not None:
             shard = group.enter_context(process_group(rendezvous, rank=0))
-            broadcast_tensors([corpus.pixels], 1)
+        with timer.phase("render"):
+            corpus = render_corpus(config.corpus_size, config.image_size, seed, shard)
         with timer.phase("vae"):
             vae = train_vae(corpus, config, seed, record("vae", result.vae_losses), shard)
         with timer.phase("encode"):
             latents = encode_corpus(vae, corpus, shard=shard)
     with timer.phase("prepare"):  # reconstruction check, latent scale, token ids
+        held = render_corpus(
+            min(EVAL_IMAGES, config.corpus_size),
+            config.image_size,
+            derive_seed(seed, "world", "eval"),
+        )
         result.reconstruction_mse = reconstruction_error(vae, held)
         # SD's convention: scale latents to unit variance; the pipeline multiplies by it.
         scaling = float(1.0 / latents.std())
@@ -428,15 +435,14 @@ def pretrain_diffusion(
 
 
 def vae_peer(config: WorldConfig, seed: int, rendezvous: str, rank: int) -> None:
-    """Another rank of the data-parallel VAE phase: rank 0's corpus, its rows of every batch,
-    its share of the corpus encoding.
+    """Another rank of the data-parallel VAE phase: its share of the corpus renders, its rows of
+    every batch, its share of the corpus encoding.
 
     Builds the same initial weights from the seed and keeps them in step with rank 0 through the
     averaged gradients; rank 0 keeps the result, so nothing is returned.
     """
     set_determinism()
     with process_group(rendezvous, rank=rank) as shard:
-        (pixels,) = broadcast_tensors(None, 1)
-        corpus = Corpus(pixels, [])
+        corpus = render_corpus(config.corpus_size, config.image_size, seed, shard)
         vae = train_vae(corpus, config, seed, lambda _step, _loss: None, shard)
         encode_corpus(vae, corpus, shard=shard)

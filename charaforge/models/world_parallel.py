@@ -61,23 +61,6 @@ def process_group(rendezvous_file: str, rank: int, ranks: int = WORLD_RANKS) -> 
         dist.destroy_process_group()
 
 
-def broadcast_tensors(tensors: Sequence[torch.Tensor] | None, count: int) -> list[torch.Tensor]:
-    """Rank 0's `count` tensors on every rank (others pass None): shapes first, then data."""
-    import torch.distributed as dist
-
-    sending = dist.get_rank() == 0
-    header = [None]
-    if sending:
-        header = [[(tuple(t.shape), t.dtype) for t in tensors]]
-    dist.broadcast_object_list(header, src=0)
-    received = []
-    for index, (shape, dtype) in enumerate(header[0][:count]):
-        tensor = tensors[index].contiguous() if sending else torch.empty(shape, dtype=dtype)
-        dist.broadcast(tensor, src=0)
-        received.append(tensor)
-    return received
-
-
 def average_gradients(parameters: Sequence[torch.nn.Parameter], loss: torch.Tensor) -> float:
     """Average every gradient and the loss over the ranks in one all-reduce; the mean loss."""
     import torch.distributed as dist
