@@ -16,6 +16,10 @@ already. Two judges, per frame against its group's identity shot:
 - the world oracle's agreement (`--oracle`): the share of the omitted attributes (all character
   attributes when none is omitted) on which the oracle's reading of the frame equals its reading
   of the identity shot. The oracle is trained apart from the CLIP: an independent judge.
+The `limit_` variants are diagnostics, not settings (LIMITS): every frame attends to the
+identity shot only, or takes its self-attention output outright, the upper bounds of any sharing.
+`--seed-offset` shifts every render seed, so `--seed 1 --seed-offset 500000` is an independent
+sample of groups.
 Each variant's mean, its paired difference to the independent renders and a 95% bootstrap
 interval over groups (frames of one group are not independent, so groups are resampled).
 
