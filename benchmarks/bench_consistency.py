@@ -16,6 +16,10 @@ already. Two judges, per frame against its group's identity shot:
 - the world oracle's agreement (`--oracle`): the share of the omitted attributes (all character
   attributes when none is omitted) on which the oracle's reading of the frame equals its reading
   of the identity shot. The oracle is trained apart from the CLIP: an independent judge.
+The `limit_` variants are diagnostics, not settings (LIMITS): every frame attends to the
+identity shot only, or takes its self-attention output outright, the upper bounds of any sharing.
+`--seed-offset` shifts every render seed, so `--seed 1 --seed-offset 500000` is an independent
+sample of groups.
 Each variant's mean, its paired difference to the independent renders and a 95% bootstrap
 interval over groups (frames of one group are not independent, so groups are resampled).
 
@@ -29,12 +33,17 @@ at a world pipeline). On the random stand-ins the images are noise and the diffe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+import charaforge.generate.consistent as consistent_module
 from charaforge.config import ClipConfig
 from charaforge.evaluate.groups import group_consistency
 from charaforge.evaluate.oracle import load_oracle
@@ -79,7 +88,69 @@ VARIANTS: dict[str, dict | None] = {
         "strength": 10.0,
         "window": (0.0, 0.5),
     },
+    # Diagnostic limits (see LIMITS), every identity token shared at every layer and step.
+    "limit_identity_only": {"share_background": True},
+    "limit_identity_output": {"share_background": True},
 }
+
+
+def _attend_identity_only(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    extra: torch.Tensor,
+    allowed: torch.Tensor | None,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """The frame's queries attend to the identity shot's keys and values only (not its own)."""
+    rows = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(extra), attn.to_v(extra)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (
+        tensor.view(rows, -1, attn.heads, head_dim).transpose(1, 2)
+        for tensor in (query, key, value)
+    )
+    output = F.scaled_dot_product_attention(query, key, value)
+    output = output.transpose(1, 2).reshape(rows, -1, attn.heads * head_dim)
+    output = attn.to_out[1](attn.to_out[0](output))
+    if attn.residual_connection:
+        output = output + hidden_states
+    return output / attn.rescale_output_factor
+
+
+def _attend_as_identity(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    extra: torch.Tensor,
+    allowed: torch.Tensor | None,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """The frame's self-attention output is the identity shot's own (queries theirs too)."""
+    return _attend_identity_only(attn, extra, extra, allowed)
+
+
+# The upper bounds of any self-attention sharing: in place of the shared attention's computation
+# (consistent._attend_with, with every identity token shared), a frame attends to the identity
+# shot only, or takes the identity shot's self-attention output outright. If even these hardly
+# raise the score, no setting of the shared attention can: the UNet's self-attention does not
+# carry the character (the world UNet's case, README).
+LIMITS = {
+    "limit_identity_only": _attend_identity_only,
+    "limit_identity_output": _attend_as_identity,
+}
+
+
+@contextlib.contextmanager
+def attention_limit(method: str) -> Iterator[None]:
+    """Swap the shared attention's computation for a LIMITS one while `method` renders."""
+    if method not in LIMITS:
+        yield
+        return
+    original = consistent_module._attend_with
+    consistent_module._attend_with = LIMITS[method]
+    try:
+        yield
+    finally:
+        consistent_module._attend_with = original
 
 
 def character_text(rng: random.Random, omit: set[str]) -> tuple[str, set[str]]:
@@ -165,6 +236,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="draws the characters")
     parser.add_argument(
+        "--seed-offset", type=int, default=0, help="added to every render seed (a new sample)"
+    )
+    parser.add_argument(
         "--omit", default="", help=f"comma-separated of {', '.join(OMITTABLE)}, or all"
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
@@ -195,11 +269,12 @@ def main() -> None:
         backgrounds = rng.sample(list(ATTRIBUTES["background"]), args.frames + 1)
         if args.fixed_background:
             backgrounds = backgrounds[:1] * (args.frames + 1)
-        seeds = [1000 * group + k for k in range(args.frames + 1)]
+        seeds = [args.seed_offset + 1000 * group + k for k in range(args.frames + 1)]
         for method in methods:
-            images = engine.render_batch(
-                group_requests(character, backgrounds, seeds, VARIANTS[method], render)
-            )
+            with attention_limit(method):
+                images = engine.render_batch(
+                    group_requests(character, backgrounds, seeds, VARIANTS[method], render)
+                )
             embeddings = clip.embed_images(images)
             anchors = [True] + [False] * args.frames
             consistency = group_consistency(embeddings, ["g"] * len(images), anchors)
