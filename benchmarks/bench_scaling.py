@@ -170,7 +170,7 @@ def main() -> None:
     results = []
     for count in sizes:
         results.append(measure(count))
-        print(f"  {count} images done, load {results[-1]['load']}", flush=True)
+        print(f"  {count} images done: {json.dumps(results[-1])}", flush=True)
     base = results[0]
     base_total = sum(base["seconds"].values()) / base["count"]
     header = " ".join(f"{stage:>9}" for stage in STAGES)
