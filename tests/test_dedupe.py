@@ -290,6 +290,8 @@ def test_contact_sheet_draws_at_most_max_clusters(
     assert clusters >= 2
     sheet = dedupe.contact_sheet(table, manifest, thumb=64, max_clusters=1)
     assert sheet.height == 1 * (64 + 28 + 8) + 8 + 28
+    narrow = dedupe.contact_sheet(table, manifest, thumb=64, max_members=2)
+    assert narrow.width == 2 * (64 + 8) + 8  # the largest cluster has six members
 
 
 def test_any_mode_hashes_like_its_rgb_version(tmp_path: Path) -> None:

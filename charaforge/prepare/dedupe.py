@@ -86,8 +86,11 @@ EXIF_TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-# Clusters drawn on the contact sheet at most (a 20k folder has ~1000: 160k pixels tall).
-CONTACT_SHEET_CLUSTERS = 200
+# Clusters drawn on the contact sheet at most: with CONTACT_SHEET_MEMBERS, a sheet of at most
+# ~54 MB in memory (uncapped, 5000 generated images made 346 clusters of up to 19: ~440 MB).
+CONTACT_SHEET_CLUSTERS = 100
+# Members of one cluster drawn at most (its row's width).
+CONTACT_SHEET_MEMBERS = 8
 # Fewer hashes than this are hashed in the calling process: a pool costs more than it saves.
 PARALLEL_MIN = 16
 
@@ -318,11 +321,14 @@ def contact_sheet(
     manifest: pd.DataFrame,
     thumb: int = 128,
     max_clusters: int = CONTACT_SHEET_CLUSTERS,
+    max_members: int = CONTACT_SHEET_MEMBERS,
 ) -> Image.Image:
     """One row per cluster with more than one member: the kept image, then the dropped ones.
 
-    The first `max_clusters` clusters only, then a line saying how many more dedupe.parquet has:
-    the sheet is for a person to look at, and its memory would otherwise grow with the folder.
+    The first `max_clusters` clusters only, then a line saying how many more dedupe.parquet has,
+    and the first `max_members` of a cluster, the last cell naming how many more: the sheet is for
+    a person to look at, and its area would otherwise grow with the folder (the rows times the
+    largest cluster, which chains of near-duplicates make larger as the folder grows).
     """
     path_of = dict(zip(manifest["image_id"], manifest["image_path"], strict=False))
     sizes = table.groupby("cluster_id")["image_id"].transform("size")
@@ -331,7 +337,7 @@ def contact_sheet(
     clusters = clusters[:max_clusters]
     font = ImageFont.load_default()
     label = 28
-    columns = max((len(group) for group in clusters), default=1)
+    columns = min(max((len(group) for group in clusters), default=1), max_members)
     footer = label if left_out else 0
     sheet = Image.new(
         "RGB",
@@ -348,7 +354,8 @@ def contact_sheet(
     for row, group in enumerate(clusters):
         group = group.sort_values(["keep", "source_path"], ascending=[False, True])
         kept_hash = group["hash"].iloc[0] if group["keep"].iloc[0] else None
-        for column, member in enumerate(group.itertuples()):
+        hidden = len(group) - max_members
+        for column, member in enumerate(group.head(max_members).itertuples()):
             x, y = 8 + column * (thumb + 8), 8 + row * (thumb + label + 8)
             with Image.open(path_of[member.image_id]) as image:
                 preview = image.convert("RGB")
@@ -363,9 +370,10 @@ def contact_sheet(
                 [x, y, x + thumb - 1, y + thumb - 1], outline="green" if member.keep else "red"
             )
             draw.text((x, y + thumb + 2), status, fill="black", font=font)
-            draw.text(
-                (x, y + thumb + 14), Path(member.source_path).name[:22], fill="black", font=font
-            )
+            name = Path(member.source_path).name[:22]
+            if hidden > 0 and column == max_members - 1:
+                name = f"+{hidden} more"
+            draw.text((x, y + thumb + 14), name, fill="black", font=font)
     return sheet
 
 
