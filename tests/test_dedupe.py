@@ -280,6 +280,20 @@ def test_contact_sheet_shows_every_cluster(planted_manifest: tuple[pd.DataFrame,
     assert sheet.width == 6 * (64 + 8) + 8  # original + five copies
 
 
+def test_contact_sheet_draws_at_most_max_clusters(
+    planted_manifest: tuple[pd.DataFrame, Path],
+) -> None:
+    """Past `max_clusters` the sheet stops growing (a line says how many more there are)."""
+    manifest, _ = planted_manifest
+    table = dedupe.dedupe(manifest, PHASH)
+    clusters = (table.groupby("cluster_id").size() > 1).sum()
+    assert clusters >= 2
+    sheet = dedupe.contact_sheet(table, manifest, thumb=64, max_clusters=1)
+    assert sheet.height == 1 * (64 + 28 + 8) + 8 + 28
+    narrow = dedupe.contact_sheet(table, manifest, thumb=64, max_members=2)
+    assert narrow.width == 2 * (64 + 8) + 8  # the largest cluster has six members
+
+
 def test_any_mode_hashes_like_its_rgb_version(tmp_path: Path) -> None:
     """16-bit, palette and alpha files hash as ingest would normalise them (not clipped)."""
     grey = np.asarray(Image.fromarray(skimage.data.camera()).resize((256, 256)))

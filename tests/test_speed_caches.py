@@ -43,3 +43,16 @@ def test_entries_come_back_equal_and_memory_mapped(tmp_path: Path) -> None:
     # Writes to a mapped entry are private (copy-on-write): the file keeps its bytes.
     again["parameters"].add_(1.0)
     assert torch.equal(load_mapped(file)["parameters"], computed["parameters"])
+
+
+def test_mapped_entries_hold_no_open_files(tmp_path: Path) -> None:
+    """A 20k-image dataset maps 20k latent and 20k text entries: one descriptor per map would
+    pass the open-files limit, so a mapped entry must keep none open."""
+    cache = TensorCache(tmp_path, "latents")
+    cache.get_or_compute("cd" * 16, lambda: {"parameters": torch.ones(8, 4, 4)})
+    open_before = len(list(Path("/proc/self/fd").iterdir()))
+    entries = [
+        TensorCache(tmp_path, "latents").get_or_compute("cd" * 16, lambda: {}) for _ in range(50)
+    ]
+    assert len(list(Path("/proc/self/fd").iterdir())) <= open_before + 1
+    assert all(backing_file(entry["parameters"]) is not None for entry in entries)

@@ -48,6 +48,7 @@ from charaforge.core.files import (
     write_parquet,
     write_text,
 )
+from charaforge.core.progress import progress
 from charaforge.errors import ConfigError
 from charaforge.prepare.dataset_card import write_card
 from charaforge.prepare.ingest import portable_path
@@ -268,29 +269,30 @@ def build_dataset(
     if uncaptioned and not allow_trigger_only_captions:
         raise ConfigError(uncaptioned_message(len(uncaptioned), len(table)))
     source_of = dict(zip(rows["image_id"], rows["image_path"], strict=True))
-    payload = {image_id: Path(source_of[image_id]).read_bytes() for image_id in table["image_id"]}
-
-    with atomic_path(out_dir / "images") as folder:
-        folder.mkdir(parents=True)
-        for image_id, data in payload.items():
-            write_bytes(folder / f"{image_id}.png", data)
-    with atomic_path(out_dir / "kohya") as folder:
-        concept = folder / f"{config.kohya_repeats}_{trigger}"
+    # One image's bytes at a time, written to each export as it is read: memory stays flat.
+    lines: dict[str, list[dict]] = {"train": [], "val": []}
+    with (
+        atomic_path(out_dir / "images") as images,
+        atomic_path(out_dir / "kohya") as kohya,
+        atomic_path(out_dir / "imagefolder") as imagefolder,
+    ):
+        images.mkdir(parents=True)
+        concept = kohya / f"{config.kohya_repeats}_{trigger}"
         concept.mkdir(parents=True)
-        for row in table[table["split"] == "train"].itertuples():
-            write_bytes(concept / f"{row.image_id}.png", payload[row.image_id])
-            for extension in CAPTION_EXTENSIONS:
-                write_text(concept / f"{row.image_id}{extension}", row.caption + "\n")
-    with atomic_path(out_dir / "imagefolder") as folder:
-        for split in ("train", "val"):
-            (folder / split).mkdir(parents=True)
-            part = table[table["split"] == split]
-            for row in part.itertuples():
-                write_bytes(folder / split / f"{row.image_id}.png", payload[row.image_id])
-            lines = [
-                {"file_name": f"{r.image_id}.png", "text": r.caption} for r in part.itertuples()
-            ]
-            write_text(folder / split / "metadata.jsonl", _jsonl(lines))
+        for split in lines:
+            (imagefolder / split).mkdir(parents=True)
+        for row in progress(table.itertuples(), len(table), "dataset"):
+            data = Path(source_of[row.image_id]).read_bytes()
+            name = f"{row.image_id}.png"
+            write_bytes(images / name, data)
+            if row.split == "train":
+                write_bytes(concept / name, data)
+                for extension in CAPTION_EXTENSIONS:
+                    write_text(concept / f"{row.image_id}{extension}", row.caption + "\n")
+            write_bytes(imagefolder / row.split / name, data)
+            lines[row.split].append({"file_name": name, "text": row.caption})
+        for split, records in lines.items():
+            write_text(imagefolder / split / "metadata.jsonl", _jsonl(records))
     write_parquet(out_dir / "metadata.parquet", table)
     ingest_summary = Path(ingest_dir) / "summary.json"
     counts = {

@@ -32,6 +32,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from charaforge.config import IngestConfig
 from charaforge.core.files import atomic_path, sha256_bytes, write_bytes, write_json, write_parquet
+from charaforge.core.progress import progress
 from charaforge.errors import ConfigError
 from charaforge.prepare.scan import (
     SCAN_KINDS,
@@ -315,7 +316,8 @@ def ingest_folder(
         images_dir = staging / "images"
         images_dir.mkdir(parents=True)
         written: set[str] = set()
-        for entry in scan[scan["status"] == "kept"].itertuples():
+        kept = scan[scan["status"] == "kept"]
+        for entry in progress(kept.itertuples(), len(kept), "ingest"):
             relative = os.fsdecode(entry.raw_relative_path)
             try:
                 data = read_listed(source / relative, entry.sha256, config.max_file_bytes)

@@ -6,10 +6,12 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from charaforge.config import TaggerConfig
 from charaforge.core.contracts import kept_rows, tag_frequency
 from charaforge.core.files import write_csv, write_parquet
+from charaforge.core.progress import PROGRESS_MIN, progress
 from charaforge.tagging.base import (
     TAG_COLUMNS,
     Tagger,
@@ -36,9 +38,33 @@ def build_tagger(config: TaggerConfig, backend: str | None = None) -> Tagger:
     raise ValueError(f"tagger.backend {backend!r} is not implemented")
 
 
+# Images per tagger call: bounds the decoded images and score rows held at once (a WD14 row is
+# ~10k floats) whatever the folder's size.
+TAG_CHUNK = 512
+
+
 def _run_tagger(tagger: Tagger, requests: list[TagRequest]) -> list[TagResult]:
+    """Results in request order, `TAG_CHUNK` images at a time (a multiple of the tagger's own
+    batch size, so batches hold the same images as in one call: the same scores)."""
     many = getattr(tagger, "tag_many", None)
-    return many(requests) if many else [tagger.tag(request) for request in requests]
+    if many is None:
+        return [tagger.tag(request) for request in progress(requests, len(requests), "tag")]
+    batch = max(1, int(getattr(tagger, "batch_size", 1)))
+    chunk = max(batch, TAG_CHUNK // batch * batch)
+    starts = range(0, len(requests), chunk)
+    bar = tqdm(
+        total=len(requests),
+        desc=f"tag ({tagger.name})",
+        unit="img",
+        disable=len(requests) < PROGRESS_MIN,
+    )
+    results: list[TagResult] = []
+    for start in starts:
+        part = requests[start : start + chunk]
+        results.extend(many(part))
+        bar.update(len(part))
+    bar.close()
+    return results
 
 
 def tag_images(

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from charaforge.core.files import atomic_path, sha256_file
@@ -62,14 +61,21 @@ def load_mapped(path: str | Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors as views of a copy-on-write memory map of the file.
 
     The format is an 8-byte little-endian header length, a JSON header (dtype, shape, byte
-    offsets into the data that follows), then the raw data.
+    offsets into the data that follows), then the raw data. The file is mapped by
+    `torch.from_file` (MAP_PRIVATE: writes stay private), which closes its descriptor once
+    mapped; numpy's memmap keeps one open per map, and 20k latents plus 20k text entries would
+    pass the usual limit of open files.
     """
     with open(path, "rb") as handle:
         header_size = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(header_size))
     data_start = 8 + header_size
-    total = Path(path).stat().st_size - data_start
-    mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start) if total else None
+    size = Path(path).stat().st_size
+    mapped = (
+        torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        if size > data_start
+        else None
+    )
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -79,9 +85,10 @@ def load_mapped(path: str | Path) -> dict[str, torch.Tensor]:
         if end == start or mapped is None:
             tensors[name] = torch.empty(info["shape"], dtype=dtype)
             continue
-        # mode="c" maps writable pages (torch wants a writable buffer); writes stay private.
-        flat = torch.frombuffer(memoryview(mapped[start:end]), dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])
+        raw = mapped[data_start + start : data_start + end]
+        if (data_start + start) % dtype.itemsize:
+            raw = raw.clone()  # a view needs aligned elements; save_file aligns, others may not
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
     return tensors
 
 
