@@ -53,6 +53,7 @@ from charaforge.generate.devices import apply_memory, check_memory_mode, resolve
 from charaforge.generate.ip_adapter import image_prompt_arguments, load_for_engine
 from charaforge.generate.loras import (
     LoadedLora,
+    copy_lora_weights,
     describe_lora,
     hotswappable,
     load_peft_only_adapter,
@@ -205,9 +206,7 @@ class GenerationEngine:
             return self.load_lora(name, file, trigger_words)
         slot = self._slots.pop(old)
         del self.loras[old]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            self.pipeline.load_lora_weights(str(file), adapter_name=slot, hotswap=True)
+        copy_lora_weights(self.pipeline.unet, slot, file)
         loaded = describe_lora(name, file, tuple(trigger_words))
         self.loras[name], self._slots[name], self._active = loaded, slot, None
         log.debug("swapped LoRA %s for %s (adapter %s) from %s", old, name, slot, file)

@@ -146,11 +146,14 @@ def load_peft_only_adapter(pipeline: Any, name: str, file: str | Path) -> bool:
     return True
 
 
+_PLAIN_LORA = (".lora_A.weight", ".lora_B.weight")
+
+
 def hotswappable(loaded: str | Path, new: str | Path) -> bool:
     """Whether the LoRA file `new` can take over the peft layers that `loaded` built (diffusers'
     hotswap: its tensors copied into them, nothing re-injected): the same tensor names, shapes and
     dtypes, the same metadata and alphas (so the same config and scaling), UNet keys only
-    (diffusers cannot hotswap a text encoder's adapter) and neither file LoHa or LoKr."""
+    with plain LoRA keys (`unet.<module>.lora_A.weight`, `.lora_B.weight`: no DoRA, LoHa, LoKr)."""
     from safetensors import safe_open
 
     def layout(file: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -166,11 +169,23 @@ def hotswappable(loaded: str | Path, new: str | Path) -> bool:
     return (
         old_metadata == new_metadata
         and old_tensors == new_tensors
-        and all(key.startswith("unet.") for key in new_tensors)
+        and all(key.startswith("unet.") and key.endswith(_PLAIN_LORA) for key in new_tensors)
         and old_alphas.keys() == new_alphas.keys()
         and all(bool((old_alphas[k] == new_alphas[k]).all()) for k in old_alphas)
         and peft_only_configs(new) is None
     )
+
+
+def copy_lora_weights(unet: Any, adapter: str, file: str | Path) -> None:
+    """Copy a `hotswappable` file's tensors into the UNet's peft adapter `adapter` (in place, so
+    the layers, their scaling and everything holding them stay as they are)."""
+    import torch
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        for key, tensor in load_file(str(file)).items():
+            module, _, leaf = key.removeprefix("unet.").rpartition(".")  # ...to_q.lora_A, weight
+            getattr(unet.get_submodule(f"{module}.{adapter}"), leaf).copy_(tensor)
 
 
 def text_encoders_patched(pipeline: Any) -> bool:
