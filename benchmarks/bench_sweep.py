@@ -111,8 +111,10 @@ def build_real_shape_workspace(root: Path, checkpoints: int) -> None:
             )
     del pipeline, unet
     gc.collect()
-    model = ModelConfig(family="sd15", source="pretrained", path=str(root / "weights"))
-    write_base(model.model_copy(update={"resolution": 64}), root / "base")
+    model = ModelConfig(
+        family="sd15", source="pretrained", path=str(root / "weights"), resolution=64
+    )
+    write_base(model, root / "base")
     summary = {"candidates": [{"name": "real", "checkpoints": steps}]}
     (root / "train" / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
 
