@@ -70,6 +70,38 @@ def test_loading_and_unloading_a_lora_leaves_the_base_untouched(
         engine.render(PROMPT, 0, loras={"r4": 1.0}, **RENDER)
 
 
+def test_swapping_a_checkpoint_reuses_the_peft_layers_and_renders_the_same_bytes(
+    engine: GenerationEngine, workspace: Path
+) -> None:
+    folder = workspace / "train" / "r4"
+    engine.load_lora("fresh", checkpoint_path(folder, 4))
+    try:
+        fresh = engine.render(PROMPT, 5, loras={"fresh": 1.0}, **RENDER)
+    finally:
+        engine.unload_lora("fresh")
+    engine.load_lora("r4-2", checkpoint_path(folder, 2))
+    layer = engine.pipeline.unet.get_submodule(_ATTENTION_QUERY)
+    try:
+        engine.render(PROMPT, 5, loras={"r4-2": 1.0}, **RENDER)
+        engine.swap_lora("r4-2", "r4-4", checkpoint_path(folder, 4))
+        assert sorted(engine.loras) == ["r4-4"]
+        # The sweep's point: checkpoint 4's weights went into checkpoint 2's layers.
+        assert engine.pipeline.unet.get_submodule(_ATTENTION_QUERY) is layer
+        swapped = engine.render(PROMPT, 5, loras={"r4-4": 1.0}, **RENDER)
+        assert _pixels(swapped) == _pixels(fresh)
+        assert json.loads(swapped.info["charaforge"])["loras"][0]["name"] == "r4-4"
+        # A kohya file has other tensor names: it is loaded afresh, under its own name.
+        engine.swap_lora("r4-4", "kohya", folder / "checkpoint-4" / "r4-000004.safetensors")
+        assert sorted(engine.loras) == ["kohya"]
+        assert engine.pipeline.unet.get_submodule(_ATTENTION_QUERY) is not layer
+    finally:
+        for name in list(engine.loras):
+            engine.unload_lora(name)
+
+
+_ATTENTION_QUERY = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
 def test_kohya_file_renders_like_the_diffusers_file(
     engine: GenerationEngine, workspace: Path
 ) -> None:

@@ -94,6 +94,16 @@ def split_rows(
     return call
 
 
+def step_end_callback(callback: Callable[[int, int], None]) -> Callable[..., dict]:
+    """A diffusers `callback_on_step_end` that reports (step done, steps) to `callback`."""
+
+    def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        callback(step + 1, int(pipeline.num_timesteps))
+        return tensors
+
+    return on_step_end
+
+
 def timed(function: Any, timer: RenderTimer | None, label: str) -> Any:
     if timer is None:
         return function
@@ -107,3 +117,47 @@ def timed(function: Any, timer: RenderTimer | None, label: str) -> Any:
             timer.calls[label] = timer.calls.get(label, 0) + 1
 
     return call
+
+
+@contextlib.contextmanager
+def per_image(
+    pipeline: Any,
+    count: int,
+    do_cfg: bool,
+    exact: bool,
+    timer: RenderTimer | None,
+    state: Any = None,
+) -> Iterator[None]:
+    """In exact mode, run the UNet, ControlNet and VAE decoder one image at a time; always
+    time them (the benchmark's share of time outside UNet and VAE). A consistent group (`state`,
+    consistent.SharedAttention) always runs image by image, identity first, telling the shared
+    attention which image runs."""
+    exact = exact or state is not None
+    groups = [[k, count + k] if do_cfg else [k] for k in range(count)]
+    patched = [
+        (pipeline.unet, "forward", "unet"),
+        (pipeline.vae, "decode", "vae"),
+    ]
+    if getattr(pipeline, "controlnet", None) is not None:
+        patched.append((pipeline.controlnet, "forward", "unet"))
+    originals = []
+    for module, method, label in patched:
+        original = module.__dict__.get(method)
+        bound = getattr(module, method)
+        groups_here = groups if label == "unet" else [[k] for k in range(count)]
+        size = count * (2 if do_cfg and label == "unet" else 1)
+        follow = state.begin_image if state is not None and module is pipeline.unet else None
+        split = exact and (count > 1 or follow is not None)
+        wrapped = timed(
+            split_rows(bound, groups_here, size, follow) if split else bound, timer, label
+        )
+        setattr(module, method, wrapped)
+        originals.append((module, method, original))
+    try:
+        yield
+    finally:
+        for module, method, original in originals:
+            if original is None:
+                delattr(module, method)
+            else:
+                setattr(module, method, original)

@@ -19,11 +19,12 @@ full parameters.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +33,12 @@ from PIL import Image
 
 from charaforge.core import layout
 from charaforge.errors import ConfigError
-from charaforge.generate.batching import RenderTimer, split_rows, text_model_shim, timed
+from charaforge.generate.batching import (
+    RenderTimer,
+    per_image,
+    step_end_callback,
+    text_model_shim,
+)
 from charaforge.generate.conditioning import (
     combine_controlnets,
     control_arguments,
@@ -40,13 +46,20 @@ from charaforge.generate.conditioning import (
 )
 from charaforge.generate.consistent import (
     CHARACTER_MASK_KEY,
-    SharedAttention,
     group_state,
     shared_attention,
 )
 from charaforge.generate.devices import apply_memory, check_memory_mode, resolve_device
 from charaforge.generate.ip_adapter import image_prompt_arguments, load_for_engine
-from charaforge.generate.loras import LoadedLora, describe_lora, load_peft_only_adapter, lora_file
+from charaforge.generate.loras import (
+    LoadedLora,
+    copy_lora_weights,
+    describe_lora,
+    hotswappable,
+    load_peft_only_adapter,
+    lora_file,
+    text_encoders_patched,
+)
 from charaforge.generate.records import (
     PARAMETERS_KEY,
     SIDECAR_KEY,
@@ -113,6 +126,11 @@ class GenerationEngine:
         self.ip_adapter_loaded = False
         self._derived: dict[tuple[str, str], Any] = {}
         self.loras: dict[str, LoadedLora] = {}
+        # The peft adapter holding each LoRA: its own name, or, after `swap_lora`, the name of the
+        # LoRA whose layers it took over.
+        self._slots: dict[str, str] = {}
+        self._active: tuple | None = None  # the adapter state `_activate` last set
+        self._schedulers: dict[str, Any] = {}  # a fresh one per name, copied for each render
         self._embeddings: dict[tuple, tuple] = {}
         self.timer: RenderTimer | None = None
         # Called as (step done, steps) after every sampling step (the server's progress and
@@ -140,8 +158,12 @@ class GenerationEngine:
 
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r}; one of {sorted(SCHEDULERS)}")
-        class_name, extra, _ = SCHEDULERS[name]
-        return getattr(diffusers, class_name).from_config(self._scheduler_config, **extra)
+        if name not in self._schedulers:
+            class_name, extra, _ = SCHEDULERS[name]
+            built = getattr(diffusers, class_name).from_config(self._scheduler_config, **extra)
+            self._schedulers[name] = built
+        # A copy of the untouched one: a render never sees state another render left behind.
+        return copy.deepcopy(self._schedulers[name])
 
     # --- LoRAs --------------------------------------------------------------------------------
 
@@ -163,8 +185,31 @@ class GenerationEngine:
             if not load_peft_only_adapter(self.pipeline, name, file):  # LoHa, LoKr
                 self.pipeline.load_lora_weights(str(file), adapter_name=name)
         loaded = describe_lora(name, file, tuple(trigger_words))
-        self.loras[name] = loaded
+        self.loras[name], self._slots[name], self._active = loaded, name, None
         log.debug("loaded LoRA %s from %s", name, file)
+        return loaded
+
+    def swap_lora(
+        self, old: str | None, name: str, path: str | Path, trigger_words: Sequence[str] = ()
+    ) -> LoadedLora:
+        """Replace the loaded LoRA `old` (None: none) by the file at `path`, loaded as `name`.
+
+        When the files differ only in their weights (`hotswappable`: a sweep's checkpoints), the
+        weights are copied into old's peft layers instead of building new ones (the slowest part
+        of a load: peft walks the UNet and wraps every target module); the result is the same
+        tensors, so the same bytes. Otherwise old is unloaded and `name` loaded."""
+        file = lora_file(path)
+        swappable = old in self.loras and name not in self.loras and _ADAPTER_NAME.match(name)
+        if old is None or not swappable or not hotswappable(self.loras[old].file, file):
+            if old in self.loras:
+                self.unload_lora(old)
+            return self.load_lora(name, file, trigger_words)
+        slot = self._slots.pop(old)
+        del self.loras[old]
+        copy_lora_weights(self.pipeline.unet, slot, file)
+        loaded = describe_lora(name, file, tuple(trigger_words))
+        self.loras[name], self._slots[name], self._active = loaded, slot, None
+        log.debug("swapped LoRA %s for %s (adapter %s) from %s", old, name, slot, file)
         return loaded
 
     def unload_lora(self, name: str) -> None:
@@ -172,10 +217,11 @@ class GenerationEngine:
         if name not in self.loras:
             raise KeyError(f"LoRA {name!r} is not loaded")
         del self.loras[name]
+        slot, self._active = self._slots.pop(name), None
         if self.loras:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*which is now deleted.*")
-                self.pipeline.delete_adapters([name])
+                self.pipeline.delete_adapters([slot])
         else:
             self.pipeline.unload_lora_weights()
 
@@ -290,11 +336,12 @@ class GenerationEngine:
             first["steps"],
         )
         if self.step_callback is not None:
-            extra["callback_on_step_end"] = self._step_end(self.step_callback)
+            extra["callback_on_step_end"] = step_end_callback(self.step_callback)
+        exact = self.batch_mode == "exact"
         with torch.no_grad():
             extra.update(self._encode(pipeline, params, do_cfg))
             with (
-                self._per_image(pipeline, len(params), do_cfg, state),
+                per_image(pipeline, len(params), do_cfg, exact, self.timer, state),
                 shared_attention(pipeline.unet, state) if state else contextlib.nullcontext(),
             ):
                 images = pipeline(
@@ -326,14 +373,6 @@ class GenerationEngine:
             image.info[SIDECAR_KEY] = json.dumps(item, sort_keys=True)
         return images
 
-    @staticmethod
-    def _step_end(callback: Callable[[int, int], None]) -> Callable[..., dict]:
-        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
-            callback(step + 1, int(pipeline.num_timesteps))
-            return tensors
-
-        return on_step_end
-
     def _encode(self, pipeline: Any, params: list[dict], do_cfg: bool) -> dict[str, Any]:
         """Each prompt encoded on its own (a batch must not change a single image's bytes)."""
         # `_execution_device` walks every module (10 ms a call): only offloading needs it.
@@ -359,7 +398,7 @@ class GenerationEngine:
         # A sweep encodes each prompt once per seed and per LoRA cell; the text encoders only
         # change when a LoRA patches them, so the embeddings are reused until then (the same
         # tensors the encoder would compute again: bytes do not change).
-        cacheable = not self._text_encoders_patched()
+        cacheable = not text_encoders_patched(self.pipeline)
         encoded = self._embeddings.get(key) if cacheable else None
         if encoded is None:
             clip_skip = diffusers_clip_skip(item.get("clip_skip", 1))
@@ -379,61 +418,19 @@ class GenerationEngine:
             if tensor is not None:
                 parts.setdefault(name, []).append(tensor)
 
-    def _text_encoders_patched(self) -> bool:
-        """Whether a loaded LoRA reaches into a text encoder (then embeddings depend on it)."""
-        encoders = (
-            getattr(self.pipeline, "text_encoder", None),
-            getattr(self.pipeline, "text_encoder_2", None),
-        )
-        return any(getattr(encoder, "peft_config", None) for encoder in encoders)
-
-    @contextlib.contextmanager
-    def _per_image(
-        self, pipeline: Any, count: int, do_cfg: bool, state: SharedAttention | None = None
-    ) -> Iterator[None]:
-        """In exact mode, run the UNet, ControlNet and VAE decoder one image at a time; always
-        time them (the benchmark's share of time outside UNet and VAE). A consistent group always
-        runs image by image, identity first, telling the shared attention which image runs."""
-        exact = self.batch_mode == "exact" or state is not None
-        groups = [[k, count + k] if do_cfg else [k] for k in range(count)]
-        patched = [
-            (pipeline.unet, "forward", "unet"),
-            (pipeline.vae, "decode", "vae"),
-        ]
-        if getattr(pipeline, "controlnet", None) is not None:
-            patched.append((pipeline.controlnet, "forward", "unet"))
-        originals = []
-        for module, method, label in patched:
-            original = module.__dict__.get(method)
-            bound = getattr(module, method)
-            groups_here = groups if label == "unet" else [[k] for k in range(count)]
-            size = count * (2 if do_cfg and label == "unet" else 1)
-            follow = state.begin_image if state is not None and module is pipeline.unet else None
-            split = exact and (count > 1 or follow is not None)
-            wrapped = timed(
-                split_rows(bound, groups_here, size, follow) if split else bound,
-                self.timer,
-                label,
-            )
-            setattr(module, method, wrapped)
-            originals.append((module, method, original))
-        try:
-            yield
-        finally:
-            for module, method, original in originals:
-                if original is None:
-                    delattr(module, method)
-                else:
-                    setattr(module, method, original)
-
     def _activate(self, scales: dict[str, float]) -> None:
-        if not self.loras:
+        # set_adapters walks every module: skip it when the last render left the same state
+        # (every load, swap and unload forgets that state).
+        wanted = tuple(scales.items())
+        if not self.loras or wanted == self._active:
             return
         if not scales:
             self.pipeline.disable_lora()
-            return
-        self.pipeline.enable_lora()
-        self.pipeline.set_adapters(list(scales), list(scales.values()))
+        else:
+            self.pipeline.enable_lora()
+            slots = [self._slots[name] for name in scales]
+            self.pipeline.set_adapters(slots, list(scales.values()))
+        self._active = wanted
 
     # --- IP-Adapter ---------------------------------------------------------------------------
 

@@ -146,6 +146,57 @@ def load_peft_only_adapter(pipeline: Any, name: str, file: str | Path) -> bool:
     return True
 
 
+_PLAIN_LORA = (".lora_A.weight", ".lora_B.weight")
+
+
+def hotswappable(loaded: str | Path, new: str | Path) -> bool:
+    """Whether the LoRA file `new` can take over the peft layers that `loaded` built (diffusers'
+    hotswap: its tensors copied into them, nothing re-injected): the same tensor names, shapes and
+    dtypes, the same metadata and alphas (so the same config and scaling), UNet keys only
+    with plain LoRA keys (`unet.<module>.lora_A.weight`, `.lora_B.weight`: no DoRA, LoHa, LoKr)."""
+    from safetensors import safe_open
+
+    def layout(file: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        with safe_open(str(file), "pt") as handle:
+            names = handle.keys()  # a safetensors handle is not iterable
+            shapes = {key: handle.get_slice(key) for key in names}
+            described = {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in shapes.items()}
+            alphas = {key: handle.get_tensor(key) for key in described if key.endswith("alpha")}
+            return handle.metadata() or {}, described, alphas
+
+    old_metadata, old_tensors, old_alphas = layout(loaded)
+    new_metadata, new_tensors, new_alphas = layout(new)
+    return (
+        old_metadata == new_metadata
+        and old_tensors == new_tensors
+        and all(key.startswith("unet.") and key.endswith(_PLAIN_LORA) for key in new_tensors)
+        and old_alphas.keys() == new_alphas.keys()
+        and all(bool((old_alphas[k] == new_alphas[k]).all()) for k in old_alphas)
+        and peft_only_configs(new) is None
+    )
+
+
+def copy_lora_weights(unet: Any, adapter: str, file: str | Path) -> None:
+    """Copy a `hotswappable` file's tensors into the UNet's peft adapter `adapter` (in place, so
+    the layers, their scaling and everything holding them stay as they are)."""
+    import torch
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        for key, tensor in load_file(str(file)).items():
+            module, _, leaf = key.removeprefix("unet.").rpartition(".")  # ...to_q.lora_A, weight
+            getattr(unet.get_submodule(f"{module}.{adapter}"), leaf).copy_(tensor)
+
+
+def text_encoders_patched(pipeline: Any) -> bool:
+    """Whether a loaded LoRA reaches into a text encoder (then prompt embeddings depend on it)."""
+    encoders = (
+        getattr(pipeline, "text_encoder", None),
+        getattr(pipeline, "text_encoder_2", None),
+    )
+    return any(getattr(encoder, "peft_config", None) for encoder in encoders)
+
+
 def lora_file(path: str | Path) -> Path:
     """A LoRA file given as a .safetensors file or a checkpoint folder holding one."""
     path = Path(path)

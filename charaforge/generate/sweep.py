@@ -24,6 +24,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Protocol
 
@@ -336,9 +337,11 @@ def render_jobs(
         if first.candidate != BASE_CANDIDATE:
             name = adapter_name(f"{first.candidate}-{first.step}")
         if loaded != name:
-            _release(engine, loaded)
-            if name is not None:
-                engine.load_lora(name, checkpoint_path(train_dir / first.candidate, first.step))
+            if name is None:
+                _release(engine, loaded)
+            else:  # the checkpoint's weights into the last one's peft layers where they fit
+                lora = checkpoint_path(train_dir / first.candidate, first.step)
+                engine.swap_lora(loaded, name, lora)
             loaded = name
         loras = {name: first.lora_scale} if name is not None else {}
         conditioning = job_conditioning(first, skeletons, eval)
@@ -362,13 +365,7 @@ def render_jobs(
 
 
 def _cells(jobs: list[SweepJob]) -> list[list[SweepJob]]:
-    cells: list[list[SweepJob]] = []
-    for job in jobs:
-        if cells and cells[-1][0].cell() == job.cell():
-            cells[-1].append(job)
-        else:
-            cells.append([job])
-    return cells
+    return [list(cell) for _, cell in groupby(jobs, key=SweepJob.cell)]
 
 
 def job_conditioning(

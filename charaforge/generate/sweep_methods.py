@@ -16,6 +16,8 @@ Jobs are the sweep's `SweepJob`s (duck-typed here: `prompt`, `sample`, `seed`, `
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,18 +92,63 @@ def _render(
         else:
             pending.append((job, request))
     waiting = {job for job, _ in pending}
-    for batch in _batches(pending, requests, eval.batch_size, fused):
-        images = engine.render_batch([request for _, request in batch])
-        for (job, _), image in zip(batch, images, strict=True):
-            if job not in waiting:
-                continue  # an identity shot rendered again only for its frames
-            if work is not None:
-                write_image(work / job.relative_path(), image)
-                _copy_image(work / job.relative_path(), out_dir / job.relative_path())
-            else:
-                write_image(out_dir / job.relative_path(), image)
-            _write_mask(out_dir, job, image, eval)
-            on_done(job, True)
+
+    def store(job: Any, image: Image.Image) -> None:
+        if work is not None:
+            write_image(work / job.relative_path(), image)
+            _copy_image(work / job.relative_path(), out_dir / job.relative_path())
+        else:
+            write_image(out_dir / job.relative_path(), image)
+        _write_mask(out_dir, job, image, eval)
+        on_done(job, True)
+
+    # PNG encoding and the files on a thread: a batch's images are written while the next one
+    # renders; all are on disk when this returns (a frame pass reads its identity shot back).
+    with ImageWriter() as writer:
+        for batch in _batches(pending, requests, eval.batch_size, fused):
+            images = engine.render_batch([request for _, request in batch])
+            for (job, _), image in zip(batch, images, strict=True):
+                if job in waiting:  # else an identity shot rendered again only for its frames
+                    writer.submit(store, job, image)
+
+
+class ImageWriter:
+    """One thread that runs `submit`ted writes in order. After a failed one (a full disk, or a
+    callback that interrupts the sweep) it runs no more, and the error is raised in the caller
+    at its next `submit` or on leaving the `with`: the files on disk are exactly those whose
+    write and callback ran, as when writing inline."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sweep-writer", daemon=True)
+
+    def __enter__(self) -> ImageWriter:
+        self._thread.start()
+        return self
+
+    def submit(self, function: Callable[..., None], *args: Any) -> None:
+        self._raise()
+        self._queue.put((function, args))
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_info[0] is None:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    item[0](*item[1])
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+                    self._error = error
 
 
 def is_independent(job: Any, eval: EvalConfig) -> bool:
