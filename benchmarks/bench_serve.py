@@ -1,13 +1,25 @@
 """Serving overhead: images/s through the HTTP API and the batch queue against the engine called
 directly, measured in the same run on the same engine.
 
-The three paths render the same images (batch 4, the same seeds), in interleaved rounds:
-`direct` calls `GenerationEngine.render_batch`; `http` posts `/txt2img` with `batch_size` 4 to a
-real uvicorn on loopback (JSON, base64 PNGs); `batch` submits a job of 4 rows to `/api/v1/batch`
-and waits for it (SQLite, PNG + JSON written per image; rows that share their settings render up
-to `max_batch` = 4 per engine call, one commit per call). Stand-in models (random weights); the
-numbers are ratios on this machine, not absolute speeds of real models. Target: overhead under
-10% at batch 4.
+Every path renders batches of 4 (the same seeds), in interleaved rounds:
+- `direct` calls `GenerationEngine.render_batch` once (4 images);
+- `http` posts `/txt2img` with `batch_size` 4 to a real uvicorn on loopback (JSON, base64 PNGs);
+- `batch4` submits a 4-row job to `/api/v1/batch` and waits for it to end (SQLite, PNG + JSON
+  written per image; the 4 rows share their settings, so they are one engine call of
+  `max_batch` = 4 and one commit);
+- `direct16` calls `render_batch` 4 times (16 images, 4 per call) and `batch16` submits those 16
+  rows as one job: the shape a batch queue is for. A 4-row job is one engine call, so its fixed
+  per-job costs (the submit, SQLite, the last group's files, the client learning of the end)
+  are spread over one render only; over 16 rows they are spread over four, and the queue
+  writes a group's files while the next group renders. Both are printed, each against the
+  direct path that renders the same images.
+
+The client waits with `GET /api/v1/batch/status/{id}?wait=30` (a long poll: the answer comes the
+moment the job ends); `--client poll` asks every 50 ms instead, as a client without the long poll
+does (each poll also takes the server's GIL from the render in this one-process setup). Stand-in
+models (random weights); the numbers are ratios on this machine, not absolute speeds of real
+models. Target: overhead under 10% at batch 4. The load average is printed beside the numbers
+(the machine is shared).
 
     .venv/bin/python benchmarks/bench_serve.py [--steps 8] [--size 128] [--rounds 4]
 """
@@ -36,17 +48,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serve_fixtures import running  # noqa: E402
 
 PROMPT = "aoi_cf, 1girl, red hair"
+BATCH = 4
+LONG_ROWS = 16
 
 
-def run_batch(url: str, rows: list[dict]) -> None:
-    """Submit a job and wait for it (polled every 50 ms: a tighter loop would take CPU from
-    the worker on a 2-core machine)."""
+def run_batch(url: str, rows: list[dict], client: str) -> None:
+    """Submit a job and wait for its end: a long poll, or a poll every 50 ms."""
     job = requests.post(f"{url}/api/v1/batch/submit", json=rows, timeout=60).json()
+    status_url = f"{url}/api/v1/batch/status/{job['job_id']}"
     while True:
-        status = requests.get(f"{url}/api/v1/batch/status/{job['job_id']}", timeout=60).json()
+        params = {"wait": 30} if client == "wait" else None
+        status = requests.get(status_url, params=params, timeout=90).json()
         if status["state"] not in ("running", "queued"):
             break
-        time.sleep(0.05)
+        if client == "poll":
+            time.sleep(0.05)
     assert status["done"] == len(rows), status
 
 
@@ -55,6 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--client", choices=("wait", "poll"), default="wait")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
@@ -67,59 +84,68 @@ def main() -> None:
             devices=["cpu"],
             cpu_threads=1,
             outputs_dir=root / "outputs",
-            max_cost=args.size**2 * args.steps * 4,
+            max_batch=BATCH,
+            max_cost=args.size**2 * args.steps * BATCH,
         )
         app = create_app(settings)
         engine = app.state.service.engine
-        requests_direct = [
-            RenderRequest(
-                prompt=PROMPT, seed=seed, steps=args.steps, width=args.size, height=args.size
-            )
-            for seed in range(4)
-        ]
-        engine.render_batch(requests_direct)  # warm-up
-        images = 4 * args.rounds
-        with running(app) as url:
-            body = {
-                "prompt": PROMPT,
-                "steps": args.steps,
-                "width": args.size,
-                "height": args.size,
-                "batch_size": 4,
-            }
-            assert requests.post(f"{url}/txt2img", json=body, timeout=600).ok  # warm-up
-            rows = [
-                {
-                    "prompt": PROMPT,
-                    "seed": seed,
-                    "steps": args.steps,
-                    "width": args.size,
-                    "height": args.size,
-                }
-                for seed in range(4)
+
+        def direct_requests(seeds: range) -> list[RenderRequest]:
+            return [
+                RenderRequest(
+                    prompt=PROMPT, seed=seed, steps=args.steps, width=args.size, height=args.size
+                )
+                for seed in seeds
             ]
-            run_batch(url, rows)  # warm-up
-            # Interleaved rounds (direct, http, batch, direct, ...): a load change on a shared
-            # machine then hits every path alike.
-            timings = {"direct": 0.0, "http": 0.0, "batch": 0.0}
-            for _ in range(args.rounds):
-                start = time.perf_counter()
-                engine.render_batch(requests_direct)
-                timings["direct"] += time.perf_counter() - start
-                start = time.perf_counter()
+
+        def rows(count: int) -> list[dict]:
+            shape = {"steps": args.steps, "width": args.size, "height": args.size}
+            return [{"prompt": PROMPT, "seed": seed, **shape} for seed in range(count)]
+
+        short, long = direct_requests(range(BATCH)), direct_requests(range(LONG_ROWS))
+        body = {"prompt": PROMPT, "steps": args.steps, "width": args.size, "height": args.size}
+        body["batch_size"] = BATCH
+        engine.render_batch(short)  # warm-up
+        with running(app) as url:
+            assert requests.post(f"{url}/txt2img", json=body, timeout=600).ok  # warm-up
+            run_batch(url, rows(BATCH), args.client)  # warm-up
+
+            def http() -> None:
                 response = requests.post(f"{url}/txt2img", json=body, timeout=600)
                 assert response.ok, response.text
-                timings["http"] += time.perf_counter() - start
-                start = time.perf_counter()
-                run_batch(url, rows)
-                timings["batch"] += time.perf_counter() - start
+
+            paths = {
+                "direct": lambda: engine.render_batch(short),
+                "http": http,
+                "batch4": lambda: run_batch(url, rows(BATCH), args.client),
+                "direct16": lambda: [
+                    engine.render_batch(long[i : i + BATCH]) for i in range(0, LONG_ROWS, BATCH)
+                ],
+                "batch16": lambda: run_batch(url, rows(LONG_ROWS), args.client),
+            }
+            # Interleaved rounds (every path once per round): a load change on a shared machine
+            # then hits every path alike.
+            timings = dict.fromkeys(paths, 0.0)
+            load_before = os.getloadavg()
+            for _ in range(args.rounds):
+                for name, path in paths.items():
+                    start = time.perf_counter()
+                    path()
+                    timings[name] += time.perf_counter() - start
+            load_after = os.getloadavg()
         app.state.batches.stop()
         app.state.service.stop()
-    print(f"{images} images, {args.size} px, {args.steps} steps, batch 4, stand-in SD1.5, 1 thread")
-    print(f"{'path':<8}{'images/s':>10}{'overhead':>10}")
+    print(
+        f"{args.rounds} rounds, {args.size} px, {args.steps} steps, batch {BATCH}, stand-in SD1.5, "
+        f"1 thread, client {args.client}; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after"
+    )
+    print(f"{'path':<9}{'images':>7}{'images/s':>10}{'overhead':>10}  against")
     for name, seconds in timings.items():
-        overhead = seconds / timings["direct"] - 1
-        print(f"{name:<8}{images / seconds:>10.2f}{overhead:>+10.1%}")
+        images = args.rounds * (LONG_ROWS if name.endswith("16") else BATCH)
+        baseline = "direct16" if name.endswith("16") else "direct"
+        overhead = seconds / timings[baseline] - 1
+        print(f"{name:<9}{images:>7}{images / seconds:>10.2f}{overhead:>+10.1%}  {baseline}")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ missing image."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +28,10 @@ from serve_fixtures import free_port, running
 
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.records import png_bytes
+from charaforge.generate.request import RenderRequest
+from charaforge.serve import batch
 from charaforge.serve.app import create_app
+from charaforge.serve.batch_store import BatchRow
 from charaforge.serve.limits import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,6 +144,140 @@ def test_cancel_stops_a_job(server: tuple[str, object]) -> None:
     status = requests.get(f"{url}/api/v1/batch/status/{job_id}", timeout=30).json()
     assert status["state"] == "cancelled" and status["done"] == 0
     assert requests.get(f"{url}/api/v1/batch/status/nope", timeout=30).status_code == 404
+
+
+def test_status_waits_for_the_end_of_the_job(server: tuple[str, object]) -> None:
+    url, app = server
+    worker = app.state.service.workers[0]
+    row = {"prompt": PROMPT, "seed": 1, "width": 64, "height": 64, "steps": 2}
+    worker.lock.acquire()  # released a second later: the job cannot end before it is asked for
+    threading.Timer(1.0, worker.lock.release).start()
+    job_id = requests.post(f"{url}/api/v1/batch/submit", json=[row], timeout=30).json()["job_id"]
+    status = requests.get(
+        f"{url}/api/v1/batch/status/{job_id}", params={"wait": 30}, timeout=120
+    ).json()
+    assert (status["state"], status["done"]) == ("done", 1)
+    too_long = requests.get(f"{url}/api/v1/batch/status/{job_id}", params={"wait": 31}, timeout=30)
+    assert too_long.status_code == 422
+    unknown = requests.get(f"{url}/api/v1/batch/status/nope", params={"wait": 1}, timeout=30)
+    assert unknown.status_code == 404
+
+
+class _Spies:
+    """What the queue did: the seeds of each engine call, and per commit the rows it marked
+    done, whether their PNG and JSON were complete at that moment, and the thread."""
+
+    def __init__(self, engine: GenerationEngine, store: object) -> None:
+        self.calls: list[list[int]] = []
+        self.commits: list[tuple[list[int], str]] = []
+        self.problems: list[str] = []
+        self.second_render = threading.Event()
+        self.commit_bytes: dict[str, bytes] = {}
+        self._render, self._finish = engine.render_batch, store.finish_rows
+
+    def render_batch(self, requests_: list) -> list:
+        self.calls.append([request.seed for request in requests_])
+        if len(self.calls) == 2:
+            self.second_render.set()
+        return self._render(requests_)
+
+    def finish_rows(self, job_id: str, images: list[tuple[int, str]]) -> None:
+        for idx, path in images:
+            png, sidecar = Path(path), Path(path).with_suffix(".json")
+            if not (png.is_file() and sidecar.is_file()):
+                self.problems.append(f"row {idx} committed before its files")
+                continue
+            self.commit_bytes[path] = png.read_bytes()
+            if json.loads(sidecar.read_text())["seed"] != idx:
+                self.problems.append(f"row {idx}: another row's sidecar")
+        # The first group is committed only once the second renders: written on a thread of
+        # its own while the next group renders (a sequential queue never gets here).
+        if not self.commits and not self.second_render.wait(timeout=300):
+            self.problems.append("the next group did not render while a group was written")
+        self.commits.append(([idx for idx, _ in images], threading.current_thread().name))
+        self._finish(job_id, images)
+
+
+class _SeenWaiting(threading.Event):
+    """The runner's wake-up event, telling when the runner first waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+@pytest.fixture
+def quiet_runner(server: tuple[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A runner of its own on the server's device queue, whose idle fallback poll never comes
+    during the test: a job runs only if `submit` wakes it. Yields it with its spies."""
+    _, app = server
+    monkeypatch.setattr(batch, "IDLE_POLL_S", 3600.0)
+    settings = dataclasses.replace(app.state.batches.settings, outputs_dir=tmp_path / "out")
+    runner = batch.BatchRunner(app.state.service, settings)
+    runner.wake = _SeenWaiting()
+    store = runner.store  # the runner thread starts, finds no job and waits to be woken
+    assert runner.wake.waiting.wait(timeout=300)
+    spies = _Spies(app.state.service.engine, store)
+    monkeypatch.setattr(app.state.service.engine, "render_batch", spies.render_batch)
+    monkeypatch.setattr(store, "finish_rows", spies.finish_rows)
+    yield runner, spies
+    runner.stop()
+
+
+def _ended(runner: batch.BatchRunner, job_id: str) -> dict:
+    """The status once the job ends, through the long poll; a wake-up or end notice that never
+    comes fails the outer bound."""
+    return asyncio.run(asyncio.wait_for(runner.wait_job(job_id, 3600), timeout=300))
+
+
+def test_a_woken_pipelined_queue_commits_rows_after_their_files_with_the_engines_bytes(
+    quiet_runner: tuple[batch.BatchRunner, _Spies], workspace: Path
+) -> None:
+    runner, spies = quiet_runner
+    rows = [BatchRow(prompt=PROMPT, seed=seed, width=64, height=64, steps=2) for seed in range(10)]
+    status = _ended(runner, runner.submit(rows))
+    assert (status["state"], status["done"], status["failed"]) == ("done", 10, 0)
+    assert spies.problems == []
+    assert spies.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # every row rendered once
+    assert [rows for rows, _ in spies.commits] == spies.calls
+    assert all(thread.startswith("batch-writer") for _, thread in spies.commits)
+    folder = Path(status["images"][0]).parent
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == sorted(f"{i:05d}.{suffix}" for i in range(10) for suffix in ("png", "json"))
+    engine = GenerationEngine(workspace / "base", device="cpu")
+    for seeds in spies.calls:
+        requests_ = [
+            RenderRequest(prompt=PROMPT, seed=seed, width=64, height=64, steps=2) for seed in seeds
+        ]
+        for seed, image in zip(seeds, engine.render_batch(requests_), strict=True):
+            path = folder / f"{seed:05d}.png"
+            assert path.read_bytes() == png_bytes(image) == spies.commit_bytes[str(path)]
+
+
+def test_a_job_cancelled_while_a_group_is_written_keeps_only_whole_rows(
+    quiet_runner: tuple[batch.BatchRunner, _Spies],
+) -> None:
+    runner, spies = quiet_runner
+    rows = [BatchRow(prompt=PROMPT, seed=seed, width=64, height=64, steps=2) for seed in range(10)]
+
+    def cancel_at_the_first_commit(job: str, images: list[tuple[int, str]]) -> None:
+        if spies.second_render.wait(timeout=300):
+            runner.cancel(job)  # while the second group renders
+        spies.finish_rows(job, images)
+
+    runner.store.finish_rows = cancel_at_the_first_commit
+    status = _ended(runner, runner.submit(rows))
+    assert status["state"] == "cancelled" and spies.problems == []
+    # Group 2 was stopped mid-render or finished and written; group 3 never started.
+    assert status["done"] in (4, 8) and len(spies.calls) == 2
+    folder = Path(status["images"][0]).parent
+    done = [Path(image).name for image in status["images"]]
+    expected = sorted(done + [name.replace(".png", ".json") for name in done])
+    assert sorted(path.name for path in folder.iterdir()) == expected  # whole rows only
 
 
 # Generous deadlines for the kill-and-restart test: on shared, loaded cores a server start

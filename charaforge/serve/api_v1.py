@@ -24,7 +24,8 @@ from charaforge.config import CONTROL_TYPES
 from charaforge.core.files import sha256_bytes
 from charaforge.generate.records import png_bytes, write_image
 from charaforge.generate.request import SCHEDULERS, Conditioning, RenderRequest
-from charaforge.serve.batch import BatchRunner, parse_job_file
+from charaforge.serve.batch import MAX_STATUS_WAIT_S, BatchRunner
+from charaforge.serve.batch_store import parse_job_file
 from charaforge.serve.features import control_conditioning, plan_edit, plan_suite
 from charaforge.serve.limits import Body, ServerSettings, decode_image
 from charaforge.serve.registry import LoraNotFound, RegisteredLora
@@ -309,9 +310,21 @@ def router(
         return {"job_id": job_id, "total": len(rows)}
 
     @api.get("/batch/status/{job_id}", dependencies=guarded)
-    def batch_status(job_id: str) -> dict[str, Any]:
+    async def batch_status(
+        job_id: str,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0,
+                le=MAX_STATUS_WAIT_S,
+                description="Seconds to wait for the job to end (done, failed or cancelled) "
+                "before answering: the answer comes the moment it ends (a long poll). "
+                "0 answers at once.",
+            ),
+        ] = 0,
+    ) -> dict[str, Any]:
         """State, done/total, failed rows with their errors, the images written."""
-        status = batches.job(job_id[:64])
+        status = await batches.wait_job(job_id[:64], wait)
         if status is None:
             raise HTTPException(404, "no such batch job")
         status["folder"] = str((batches.root / status.pop("day") / status["job_id"]).resolve())

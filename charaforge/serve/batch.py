@@ -1,41 +1,43 @@
 """Batch jobs (seed 001's `/api/v1/batch/*`): a CSV or JSON job file, persisted in SQLite.
 
-A job is its rows (`prompt,negative,pose_image,lora,seed,width,height,steps`), rendered
-through the shared device queue (consecutive rows that differ only in prompt and seed in one
-engine call of up to `max_batch` images: the engine gives each the bytes it gives it alone) and
-written as `<index>.png` + `<index>.json` under `<outputs>/<date>/<job_id>/`. Every row's state
-is in SQLite (stdlib sqlite3), committed (once per engine call) only after its files are written
-atomically: a server killed mid-job resumes after a restart with the
-rows not yet done (a row killed between its write and its commit is rendered again into the same
-file name with the same bytes, so nothing is duplicated or missing). A failing row is retried
-MAX_ATTEMPTS times, then recorded as failed, and the job goes on. Rows are seeded, so the same
-job file gives the same bytes.
+A job is its rows (`prompt,negative,pose_image,lora,seed,width,height,steps`; the format and the
+store are in batch_store.py), rendered through the shared device queue (consecutive rows that
+differ only in prompt and seed in one engine call of up to `max_batch` images: the engine gives
+each the bytes it gives it alone) and written as `<index>.png` + `<index>.json` under
+`<outputs>/<date>/<job_id>/`. Every row's state is in SQLite, committed (once per engine call)
+only after its files are written atomically: a server killed mid-job resumes after a restart
+with the rows not yet done (a row killed between its write and its commit is rendered again into
+the same file name with the same bytes, so nothing is duplicated or missing). A failing row is
+retried MAX_ATTEMPTS times, then recorded as failed, and the job goes on. Rows are seeded, so
+the same job file gives the same bytes.
+
+Latency, not only throughput: the runner thread sleeps on an event that `submit` sets (the
+IDLE_POLL_S timeout is only a fallback), one group's files are written and committed on a
+writer thread while the next group renders, and `wait_job` lets the status route answer the
+moment a job ends (a long poll) instead of clients polling it.
 """
 
 from __future__ import annotations
 
-import csv
+import asyncio
+import contextlib
 import dataclasses
-import io
-import json
 import logging
 import os
-import sqlite3
 import threading
-import time
-import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from pydantic import Field, ValidationError
 
 from charaforge.core.files import sha256_bytes
 from charaforge.generate.records import write_image
 from charaforge.generate.request import PRESETS, Conditioning, RenderRequest
-from charaforge.serve.limits import Body, ServerSettings, decode_image, open_image_bytes
+from charaforge.serve.batch_store import ACTIVE_STATES, BatchRow, BatchStore, JobEndWaiters
+from charaforge.serve.limits import ServerSettings, decode_image, open_image_bytes
 from charaforge.serve.registry import RegisteredLora
 from charaforge.serve.render import PlanError, plan
 from charaforge.serve.worker import Job, RenderCancelled, Service
@@ -43,11 +45,14 @@ from charaforge.serve.worker import Job, RenderCancelled, Service
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-MAX_ROWS = 10_000
+# The idle runner's wait for `submit`'s wake-up; it looks for work this often anyway (a safety
+# net only: a job submitted while it waits wakes it at once).
+IDLE_POLL_S = 1.0
+# The longest `?wait=` a status request may ask for (seconds): a long poll holds a connection.
+MAX_STATUS_WAIT_S = 30.0
 # How base64 PNG, JPEG and WebP data begin (their magic bytes encoded): such a pose_image is
 # image data, not a path.
 BASE64_IMAGE_STARTS = ("iVBORw0KGgo", "/9j/", "UklGR")
-COLUMNS = ("prompt", "negative", "pose_image", "lora", "seed", "width", "height", "steps")
 
 
 def outputs_root(settings: ServerSettings) -> Path:
@@ -56,59 +61,6 @@ def outputs_root(settings: ServerSettings) -> Path:
         return Path(settings.outputs_dir)
     cache = os.environ.get("AI_CACHE_ROOT")
     return (Path(cache) / "outputs" if cache else Path("outputs")) / "charaforge"
-
-
-class BatchRow(Body):
-    """One row of a job file."""
-
-    prompt: str = Field(min_length=1, max_length=2000, description="Prompt; `<lora:...>` tags.")
-    negative: str = Field(default="", max_length=2000, description="Negative prompt.")
-    pose_image: str = Field(
-        default="",
-        max_length=24 * 1024 * 1024,
-        description="An OpenPose skeleton image: a path in the working folder, or base64.",
-    )
-    lora: str = Field(default="", description="`NAME` or `NAME:SCALE` (';' between several).")
-    seed: int = Field(default=0, ge=0, lt=2**63, description="The row's seed.")
-    width: int | None = Field(default=None, ge=8, description="Width (model default).")
-    height: int | None = Field(default=None, ge=8, description="Height (model default).")
-    steps: int | None = Field(default=None, ge=1, description="Steps (preset default).")
-
-
-def parse_job_file(data: bytes, filename: str = "") -> list[BatchRow]:
-    """A CSV (header `prompt,negative,pose_image,lora,seed,width,height,steps`, only `prompt`
-    required) or a JSON list of row objects (or `{"rows": [...]}`); ValueError with the row."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValueError("job file: not UTF-8 text") from None
-    stripped = text.lstrip()
-    if filename.endswith(".json") or stripped.startswith(("[", "{")):
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"job file: invalid JSON ({error.msg}, line {error.lineno})") from None
-        raw = raw.get("rows") if isinstance(raw, dict) else raw
-        if not isinstance(raw, list):
-            raise ValueError('job file: JSON must be a list of rows or {"rows": [...]}')
-        records = raw
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        unknown = sorted(set(reader.fieldnames or ()) - set(COLUMNS))
-        if "prompt" not in (reader.fieldnames or ()) or unknown:
-            raise ValueError(f"job file: CSV columns must be among {list(COLUMNS)} with prompt")
-        records = [{k: v for k, v in row.items() if v not in ("", None)} for row in reader]
-    if not records or len(records) > MAX_ROWS:
-        raise ValueError(f"job file: 1 to {MAX_ROWS} rows, got {len(records)}")
-    rows = []
-    for index, record in enumerate(records):
-        try:
-            rows.append(BatchRow.model_validate(record))
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise ValueError(f"job file row {index}: {where}: {first['msg']}") from None
-    return rows
 
 
 def _lora_column(text: str) -> dict[str, float | None]:
@@ -134,115 +86,6 @@ class PlannedRow:
     cost: int
 
 
-class BatchStore:
-    """Jobs and rows in one SQLite file (one connection per call: any thread may use it)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS jobs (
-                    id TEXT PRIMARY KEY, created REAL, day TEXT, state TEXT, total INTEGER);
-                CREATE TABLE IF NOT EXISTS rows (
-                    job_id TEXT, idx INTEGER, spec TEXT, state TEXT, attempts INTEGER,
-                    error TEXT, image TEXT, PRIMARY KEY (job_id, idx));
-                """
-            )
-
-    def _db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30, isolation_level=None)
-
-    def create(self, rows: list[BatchRow]) -> str:
-        job_id = uuid.uuid4().hex[:16]
-        with self._db() as db:
-            db.execute("BEGIN")
-            db.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, 'queued', ?)",
-                (job_id, time.time(), time.strftime("%Y-%m-%d"), len(rows)),
-            )
-            db.executemany(
-                "INSERT INTO rows VALUES (?, ?, ?, 'pending', 0, '', '')",
-                [(job_id, i, row.model_dump_json()) for i, row in enumerate(rows)],
-            )
-            db.execute("COMMIT")
-        return job_id
-
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        with self._db() as db:
-            found = db.execute(
-                "SELECT id, day, state, total FROM jobs WHERE id = ?", (job_id,)
-            ).fetchone()
-            if found is None:
-                return None
-            rows = db.execute(
-                "SELECT idx, state, attempts, error, image FROM rows WHERE job_id = ? ORDER BY idx",
-                (job_id,),
-            ).fetchall()
-        return {
-            "job_id": found[0],
-            "day": found[1],
-            "state": found[2],
-            "total": found[3],
-            "done": sum(1 for row in rows if row[1] == "done"),
-            "failed": sum(1 for row in rows if row[1] == "failed"),
-            "errors": [{"row": row[0], "error": row[3]} for row in rows if row[1] == "failed"],
-            "images": [row[4] for row in rows if row[1] == "done"],
-        }
-
-    def next_job(self) -> str | None:
-        with self._db() as db:
-            found = db.execute(
-                "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created LIMIT 1"
-            ).fetchone()
-        return found[0] if found else None
-
-    def pending_rows(self, job_id: str) -> list[tuple[int, BatchRow, int]]:
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT idx, spec, attempts FROM rows WHERE job_id = ? AND state = 'pending' "
-                "ORDER BY idx",
-                (job_id,),
-            ).fetchall()
-        return [(idx, BatchRow.model_validate_json(spec), tries) for idx, spec, tries in rows]
-
-    def set_job(self, job_id: str, state: str, only_if: tuple[str, ...] = ()) -> bool:
-        with self._db() as db:
-            if only_if:
-                marks = ",".join("?" * len(only_if))
-                cursor = db.execute(
-                    f"UPDATE jobs SET state = ? WHERE id = ? AND state IN ({marks})",
-                    (state, job_id, *only_if),
-                )
-            else:
-                cursor = db.execute("UPDATE jobs SET state = ? WHERE id = ?", (state, job_id))
-        return cursor.rowcount == 1
-
-    def state(self, job_id: str) -> str | None:
-        with self._db() as db:
-            found = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return found[0] if found else None
-
-    def finish_rows(self, job_id: str, images: list[tuple[int, str]]) -> None:
-        """Mark rows done in one transaction (one commit per engine call, not per row)."""
-        with self._db() as db:
-            db.execute("BEGIN")
-            db.executemany(
-                "UPDATE rows SET state = 'done', image = ? WHERE job_id = ? AND idx = ?",
-                [(image, job_id, idx) for idx, image in images],
-            )
-            db.execute("COMMIT")
-
-    def fail_row(self, job_id: str, idx: int, error: str, final: bool) -> None:
-        with self._db() as db:
-            db.execute(
-                "UPDATE rows SET attempts = attempts + 1, error = ?, state = ? "
-                "WHERE job_id = ? AND idx = ?",
-                (error[:500], "failed" if final else "pending", job_id, idx),
-            )
-
-
 # Renders a job's pending rows elsewhere (distributed.ray_batch.RayBatchRows: Ray engine actors):
 # (rows, plan_row, on_done(idx, image), on_error(idx, error, attempts), keep_going()).
 RemoteRows = Callable[..., None]
@@ -261,6 +104,7 @@ class BatchRunner:
         self.root = outputs_root(settings)
         self.db_path = Path(settings.jobs_db or self.root / "jobs.sqlite")
         self.wake = threading.Event()
+        self.ends = JobEndWaiters()
         self.stopping = threading.Event()
         self.current: Job | None = None
         self._store: BatchStore | None = None
@@ -274,7 +118,7 @@ class BatchRunner:
         job writes nothing)."""
         with self._start_lock:
             if self._store is None:
-                self._store = BatchStore(self.db_path)
+                self._store = BatchStore(self.db_path, on_end=self.ends.ended)
                 self.thread.start()
             return self._store
 
@@ -284,6 +128,21 @@ class BatchRunner:
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         return self._store.job(job_id) if self._store is not None else None
+
+    async def wait_job(self, job_id: str, wait_s: float) -> dict[str, Any] | None:
+        """The job's status once it has ended or `wait_s` seconds have passed (a long poll:
+        woken by the store the moment the job ends); None for an unknown job. The SQLite reads
+        run in threads, never on the event loop."""
+        ended = self.ends.watch(job_id)  # before the read: an end right after it still wakes
+        try:
+            status = await asyncio.to_thread(self.job, job_id)
+            if status is None or status["state"] not in ACTIVE_STATES or wait_s <= 0:
+                return status
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended, timeout=wait_s)
+            return await asyncio.to_thread(self.job, job_id)
+        finally:
+            self.ends.forget(job_id, ended)
 
     def submit(self, rows: list[BatchRow]) -> str:
         job_id = self.store.create(rows)
@@ -307,7 +166,7 @@ class BatchRunner:
         while not self.stopping.is_set():
             job_id = self.store.next_job()
             if job_id is None:
-                self.wake.wait(timeout=1.0)
+                self.wake.wait(timeout=IDLE_POLL_S)
                 self.wake.clear()
                 continue
             try:
@@ -322,8 +181,25 @@ class BatchRunner:
         folder = self.root / day / job_id
         if self.remote_rows is not None:
             self._run_rows_remotely(job_id, folder)
+        # The with waits for the last group's files and commit on every way out (a cancel, a
+        # stop, an error): the job is marked done only after them.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer") as writer:
+            self._render_rows(job_id, folder, writer)
+        if not self.store.pending_rows(job_id):
+            self.store.set_job(job_id, "done", only_if=("running",))
+
+    def _render_rows(self, job_id: str, folder: Path, writer: ThreadPoolExecutor) -> None:
+        """The job's pending rows, group by group, pipelined: a group's files are written and
+        its rows committed on `writer` while the next group renders. At most one group waits
+        for its files (bounded memory; a write error such as a full disk is raised here, before
+        another group is handed over). Its rows are still pending in the store until that
+        commit, so they are left out of the next group."""
+        writing: Future | None = None
+        being_written: set[int] = set()
         while not self.stopping.is_set():
-            pending = self.store.pending_rows(job_id)
+            pending = [
+                row for row in self.store.pending_rows(job_id) if row[0] not in being_written
+            ]
             if not pending or self.store.state(job_id) != "running":
                 break
             group, failures = self._next_group(pending)
@@ -344,9 +220,12 @@ class BatchRunner:
                     job_id, idx, str(error).strip("'\""), attempts + 1 >= MAX_ATTEMPTS
                 )
                 continue
-            self._write(job_id, folder, group, images)
-        if not self.store.pending_rows(job_id):
-            self.store.set_job(job_id, "done", only_if=("running",))
+            if writing is not None:
+                writing.result()
+            writing = writer.submit(self._write, job_id, folder, group, images)
+            being_written = {planned.idx for planned in group}
+        if writing is not None:
+            writing.result()
 
     def _run_rows_remotely(self, job_id: str, folder: Path) -> None:
         """The job's pending rows through `remote_rows`; rows that end up pending again (an
@@ -439,6 +318,8 @@ class BatchRunner:
         entries = {name: e for planned in group for name, e in planned.entries.items()}
         job = self.service.submit(requests, entries, label=f"batch:{job_id}", block=True)
         self.current = job
+        if self.store.state(job_id) != "running":  # cancelled before `current` named this job
+            job.cancel("the batch job was cancelled")
         try:
             return job.future.result()
         finally:

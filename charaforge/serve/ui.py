@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from charaforge.generate.request import PRESETS, SCHEDULERS, RenderRequest
-from charaforge.serve.batch import BatchRunner, parse_job_file
+from charaforge.serve.batch import BatchRunner
+from charaforge.serve.batch_store import parse_job_file
 from charaforge.serve.ui_tabs import (
     LOSSLESS,
     NO_LORA,
