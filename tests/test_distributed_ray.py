@@ -97,6 +97,15 @@ def test_grid_and_sweep_on_ray_give_the_sequential_bytes(
     assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in executor.worker_pids] == [driver] * 2
     for part in ("train", "plots", "generate"):
         assert _hashes(runs["ray"] / part) == _hashes(runs["sequential"] / part), part
+    # The actors render those bytes without what diffusers imports only because it is installed
+    # (skip_unused_imports: bitsandbytes), and they time their start-up in order.
+    actors, _ = kept_pool(config, base_dir, ENGINE_OPTIONS).ready(2)
+    assert ray_cluster.get(actors[0].imported.remote(["diffusers", "bitsandbytes"])) == {
+        "diffusers": True,
+        "bitsandbytes": False,
+    }
+    times = ray_cluster.get(actors[0].start_times.remote())
+    assert times["imported"] <= times["init"] <= times["libraries"] <= times["loaded"]
     # The actors are kept: the next sweep of this process finds them warm (no start-up, the
     # same processes); everything is on disk already, so nothing is rendered again.
     pids = list(executor.worker_pids)
@@ -155,6 +164,44 @@ def test_ray_section_is_validated(params_dict: dict) -> None:
     params_dict["train"].update(processes=2, executor="ray")
     with pytest.raises(ConfigError, match="train: .*executor: ray trains each candidate in one"):
         validate_params(params_dict)
+
+
+def test_engine_actors_skip_bitsandbytes_only_before_diffusers_decides() -> None:
+    """diffusers and transformers decide at import whether bitsandbytes is there; hidden before,
+    they leave it out (its import compiles kernels); once diffusers is in, nothing is hidden."""
+    script = (
+        "import sys\n"
+        "from charaforge.distributed.engine_pool import skip_unused_imports\n"
+        "print(skip_unused_imports())\n"
+        "from diffusers.utils import is_bitsandbytes_available\n"
+        "from transformers.utils import is_bitsandbytes_available as in_transformers\n"
+        "print(is_bitsandbytes_available(), in_transformers(), 'bitsandbytes' in sys.modules)\n"
+        "del sys.modules['bitsandbytes']\n"
+        "print(skip_unused_imports())\n"
+    )
+    import subprocess
+
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True).stdout.splitlines()  # fmt: skip
+    assert lines == ["['bitsandbytes']", "False False True", "[]"]
+
+
+def test_generate_stage_starts_the_ray_actors_before_tracking(
+    params_dict: dict, monkeypatch
+) -> None:
+    """The pool starts in `before` (ahead of the MLflow set-up), not in the body."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import stages.generate as stage
+
+    started: list[int] = []
+    monkeypatch.setattr(RaySweepExecutor, "start", lambda self: started.append(self.workers))
+    monkeypatch.setattr(stage.prompts, "check_suites", lambda eval: None)
+    params_dict["eval"].update(executor="ray", workers=2)
+    stage.before(validate_params(params_dict))
+    assert started == [2]
+    params_dict["eval"].update(executor="local", workers=1)
+    stage.before(validate_params(params_dict))
+    assert started == [2]
 
 
 class GatedActor(EngineActor):
