@@ -79,6 +79,7 @@ class EngineActor:
             "init": started,
             "libraries": libraries,
             "loaded": time.time(),
+            "cpu": time.process_time(),  # the CPU seconds it took (whatever the load)
         }
         self.images = 0  # rendered by this actor since it started (observable by tests)
         self.busy_seconds = 0.0  # inside render_unit since it started
@@ -90,7 +91,8 @@ class EngineActor:
     def start_times(self) -> dict[str, float]:
         """Wall-clock times (time.time()) of the process's start, this module imported (torch,
         the engine's modules), the actor's __init__ entered, diffusers and transformers
-        imported, the engine loaded (the base pipeline from its saved folder)."""
+        imported, the engine loaded (the base pipeline from its saved folder); and "cpu", the
+        process's CPU seconds by then."""
         return self.started
 
     def imported(self, names: list[str]) -> dict[str, bool]:
