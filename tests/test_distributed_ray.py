@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -253,3 +254,23 @@ def test_a_worker_that_is_held_up_takes_one_unit_the_other_pulls_the_rest(
     pulled, expected = _hashes(tmp_path / "pulled"), _hashes(tmp_path / "sequential")
     del pulled["index.parquet"], expected["index.parquet"]  # they name their folders
     assert pulled == expected
+
+
+def test_a_sweep_removes_the_temporary_folders_a_killed_actor_left(tmp_path: Path) -> None:
+    """SIGKILL mid-write skips atomic_path's clean-up; once every unit is done, the executor
+    removes such folders (the retry wrote the image), and nothing else."""
+    from charaforge.core.files import atomic_path
+    from charaforge.distributed.ray_sweep import _remove_stale_temps
+
+    cell = tmp_path / "images" / "base" / "step-000000" / "scale-0"
+    cell.mkdir(parents=True)
+    (cell / "p02_s0.png").write_bytes(b"png")
+    (cell / ".keep").write_bytes(b"")
+    with pytest.raises(RuntimeError), atomic_path(cell / "p03_s0.png") as temp:
+        temp.write_bytes(b"")
+        stale = temp.parent
+        (cell / ".copy").mkdir()
+        shutil.copytree(stale, cell / stale.name.replace(stale.name[-8:], "abcd1234"))
+        raise RuntimeError("killed")
+    _remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in cell.iterdir()) == [".copy", ".keep", "p02_s0.png"]
