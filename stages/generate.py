@@ -1,6 +1,6 @@
 """DVC stage `generate`: render the evaluation sweep with the generation engine."""
 
-from charaforge.config import EvalConfig
+from charaforge.config import EvalConfig, Params
 from charaforge.core import layout
 from charaforge.distributed.accelerate_sweep import AccelerateSweepExecutor
 from charaforge.distributed.devices_sweep import DevicesSweepExecutor, check_device_ids
@@ -21,6 +21,23 @@ def engine_options(eval: EvalConfig) -> dict:
     }
 
 
+def ray_executor(params: Params) -> RaySweepExecutor:
+    """The sweep's Ray executor; its actors are the process's kept pool (engine_pool.py), so
+    every call for the same params finds the same actors."""
+    options = engine_options(params.eval)
+    return RaySweepExecutor(params.ray, params.eval.workers, layout.BASE_DIR, options)
+
+
+def before(params: Params) -> None:
+    """After validation, before tracking: the suite files are checked (placeholders included)
+    before any model loads; with eval.executor ray the actors start here, so that their start-up
+    (a new process importing torch and diffusers, loading the base) overlaps this process's
+    MLflow set-up (importing mlflow, opening the store) instead of following it."""
+    prompts.check_suites(params.eval)
+    if params.eval.executor == "ray":
+        ray_executor(params).start()
+
+
 def body(ctx: StageContext) -> None:
     params = ctx.params
     ctx.tag_data_hash(f"{layout.TRAIN_DIR}/summary.json")
@@ -28,8 +45,8 @@ def body(ctx: StageContext) -> None:
     devices = check_device_ids("eval.devices", params.eval.devices or [])
     executor, engine = None, None
     if params.eval.executor == "ray":
-        executor = RaySweepExecutor(params.ray, params.eval.workers, layout.BASE_DIR, options)
-        executor.start()  # the actors load the base model while this process goes on
+        executor = ray_executor(params)
+        executor.start()  # started by `before` already: the kept pool's actors
         # The engines live in the actors: one here would only take CPU from their start-up.
         stand_in = read_base_info(layout.BASE_DIR).stand_in
     else:
@@ -74,10 +91,4 @@ def body(ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    # The suite files are checked (placeholders included) before the engine loads the model.
-    run_stage(
-        "generate",
-        body,
-        sections=("model", "eval"),
-        before=lambda params: prompts.check_suites(params.eval),
-    )
+    run_stage("generate", body, sections=("model", "eval"), before=before)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -97,6 +98,15 @@ def test_grid_and_sweep_on_ray_give_the_sequential_bytes(
     assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in executor.worker_pids] == [driver] * 2
     for part in ("train", "plots", "generate"):
         assert _hashes(runs["ray"] / part) == _hashes(runs["sequential"] / part), part
+    # The actors render those bytes without what diffusers imports only because it is installed
+    # (skip_unused_imports: bitsandbytes), and they time their start-up in order.
+    actors, _ = kept_pool(config, base_dir, ENGINE_OPTIONS).ready(2)
+    assert ray_cluster.get(actors[0].imported.remote(["diffusers", "bitsandbytes"])) == {
+        "diffusers": True,
+        "bitsandbytes": False,
+    }
+    times = ray_cluster.get(actors[0].start_times.remote())
+    assert times["imported"] <= times["init"] <= times["libraries"] <= times["loaded"]
     # The actors are kept: the next sweep of this process finds them warm (no start-up, the
     # same processes); everything is on disk already, so nothing is rendered again.
     pids = list(executor.worker_pids)
@@ -157,6 +167,44 @@ def test_ray_section_is_validated(params_dict: dict) -> None:
         validate_params(params_dict)
 
 
+def test_engine_actors_skip_bitsandbytes_only_before_diffusers_decides() -> None:
+    """diffusers and transformers decide at import whether bitsandbytes is there; hidden before,
+    they leave it out (its import compiles kernels); once diffusers is in, nothing is hidden."""
+    script = (
+        "import sys\n"
+        "from charaforge.distributed.engine_pool import skip_unused_imports\n"
+        "print(skip_unused_imports())\n"
+        "from diffusers.utils import is_bitsandbytes_available\n"
+        "from transformers.utils import is_bitsandbytes_available as in_transformers\n"
+        "print(is_bitsandbytes_available(), in_transformers(), 'bitsandbytes' in sys.modules)\n"
+        "del sys.modules['bitsandbytes']\n"
+        "print(skip_unused_imports())\n"
+    )
+    import subprocess
+
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True).stdout.splitlines()  # fmt: skip
+    assert lines == ["['bitsandbytes']", "False False True", "[]"]
+
+
+def test_generate_stage_starts_the_ray_actors_before_tracking(
+    params_dict: dict, monkeypatch
+) -> None:
+    """The pool starts in `before` (ahead of the MLflow set-up), not in the body."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import stages.generate as stage
+
+    started: list[int] = []
+    monkeypatch.setattr(RaySweepExecutor, "start", lambda self: started.append(self.workers))
+    monkeypatch.setattr(stage.prompts, "check_suites", lambda eval: None)
+    params_dict["eval"].update(executor="ray", workers=2)
+    stage.before(validate_params(params_dict))
+    assert started == [2]
+    params_dict["eval"].update(executor="local", workers=1)
+    stage.before(validate_params(params_dict))
+    assert started == [2]
+
+
 class GatedActor(EngineActor):
     """An engine actor that is slow for a while: the first to get a unit holds it until every
     other image of the sweep is on disk (gate.json in the working directory: how many images
@@ -206,3 +254,23 @@ def test_a_worker_that_is_held_up_takes_one_unit_the_other_pulls_the_rest(
     pulled, expected = _hashes(tmp_path / "pulled"), _hashes(tmp_path / "sequential")
     del pulled["index.parquet"], expected["index.parquet"]  # they name their folders
     assert pulled == expected
+
+
+def test_a_sweep_removes_the_temporary_folders_a_killed_actor_left(tmp_path: Path) -> None:
+    """SIGKILL mid-write skips atomic_path's clean-up; once every unit is done, the executor
+    removes such folders (the retry wrote the image), and nothing else."""
+    from charaforge.core.files import atomic_path
+    from charaforge.distributed.ray_sweep import _remove_stale_temps
+
+    cell = tmp_path / "images" / "base" / "step-000000" / "scale-0"
+    cell.mkdir(parents=True)
+    (cell / "p02_s0.png").write_bytes(b"png")
+    (cell / ".keep").write_bytes(b"")
+    with pytest.raises(RuntimeError), atomic_path(cell / "p03_s0.png") as temp:
+        temp.write_bytes(b"")
+        stale = temp.parent
+        (cell / ".copy").mkdir()
+        shutil.copytree(stale, cell / stale.name.replace(stale.name[-8:], "abcd1234"))
+        raise RuntimeError("killed")
+    _remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in cell.iterdir()) == [".copy", ".keep", "p02_s0.png"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,33 @@ from charaforge.distributed.pools import KEPT, release_pools
 from charaforge.generate import sweep
 from charaforge.generate.engine import GenerationEngine
 from charaforge.generate.sweep import SweepJob, SweepWork
+from charaforge.models.base import pipeline_class, read_base_info
 
 log = logging.getLogger(__name__)
+
+# When this module finished importing (torch and the engine's own modules): in an actor's
+# process, the end of the start-up's first part (EngineActor.start_times).
+MODULE_IMPORTED_AT = time.time()
+
+# Packages that diffusers and transformers import only because they are installed. An engine
+# renders a float32 pipeline and never quantizes, and importing bitsandbytes compiles its kernels
+# (its `torch.compile` decorators import torch._inductor): about 1.4 of the ~9 CPU seconds an
+# actor's start-up took (benchmarks/bench_distributed.py). The trainer's 8-bit AdamW runs in
+# training processes, never in an engine actor's.
+UNUSED_BY_ENGINE_ACTORS = ("bitsandbytes",)
+
+
+def skip_unused_imports() -> list[str]:
+    """Hide UNUSED_BY_ENGINE_ACTORS from this process (a `None` in sys.modules: find_spec says
+    absent, import raises ImportError), so diffusers and transformers leave them out. Only
+    before diffusers is imported (it decides once, at import) and only for a package not yet
+    imported: a process that already uses it keeps it. Returns the names hidden."""
+    if "diffusers" in sys.modules:
+        return []
+    hidden = [name for name in UNUSED_BY_ENGINE_ACTORS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    return hidden
 
 
 class EngineActor:
@@ -39,12 +65,22 @@ class EngineActor:
         import psutil  # a Ray dependency
 
         # Where an actor's start-up goes (benchmarks/bench_distributed.py prints it): the
-        # process's start, its imports (torch, diffusers: this module's), the engine's load.
-        created = psutil.Process().create_time()
-        imported = time.time()
+        # process's start (a worker Ray prestarted at `ray.init` is older than the actor), this
+        # module's imports, diffusers' and transformers', the pipeline's load.
+        started = time.time()
+        self.hidden_modules = skip_unused_imports()
         os.chdir(cwd)
+        pipeline_class(read_base_info(base_dir).family)  # diffusers, transformers: timed apart
+        libraries = time.time()
         self.engine = GenerationEngine(base_dir, **engine_options)
-        self.started = {"process": created, "imported": imported, "loaded": time.time()}
+        self.started = {
+            "process": psutil.Process().create_time(),
+            "imported": MODULE_IMPORTED_AT,
+            "init": started,
+            "libraries": libraries,
+            "loaded": time.time(),
+            "cpu": time.process_time(),  # the CPU seconds it took (whatever the load)
+        }
         self.images = 0  # rendered by this actor since it started (observable by tests)
         self.busy_seconds = 0.0  # inside render_unit since it started
         self.current_sweep: SweepWork | None = None  # whose LoRA the engine may hold (render_unit)
@@ -53,8 +89,15 @@ class EngineActor:
         return os.getpid()
 
     def start_times(self) -> dict[str, float]:
-        """Wall-clock times (time.time()) of the process's start, imports done, engine loaded."""
+        """Wall-clock times (time.time()) of the process's start, this module imported (torch,
+        the engine's modules), the actor's __init__ entered, diffusers and transformers
+        imported, the engine loaded (the base pipeline from its saved folder); and "cpu", the
+        process's CPU seconds by then."""
         return self.started
+
+    def imported(self, names: list[str]) -> dict[str, bool]:
+        """Which of these modules this actor's process has imported (tests: skip_unused_imports)."""
+        return {name: sys.modules.get(name) is not None for name in names}
 
     def rendered(self) -> int:
         return self.images

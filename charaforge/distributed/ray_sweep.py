@@ -20,7 +20,10 @@ repository on a shared filesystem at the same path on every node).
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from charaforge.config.resources import RayConfig
@@ -62,6 +65,7 @@ class RaySweepExecutor:
             actors, self.startup_seconds = pool.ready(self.workers)
             self.worker_pids = pool.pids[: self.workers]
             counts = self._dispatch(ray, actors, jobs, work)
+            _remove_stale_temps(Path(work.out_dir))
         except BaseException:
             release_pools()  # an actor out of restarts: the next sweep starts afresh
             raise
@@ -99,3 +103,18 @@ class RaySweepExecutor:
             free.append(actor)
         ray.get([actor.end_sweep.remote() for actor in actors])
         return totals[0], totals[1]
+
+
+# core/files.atomic_path's temporary folder: "." + the file's name + "." + 8 random characters.
+_TEMP_FOLDER = re.compile(r"\..+\.[a-z0-9_]{8}")
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """The temporary folders that a SIGKILLed actor left mid-write (its retry wrote the image
+    again). Only once every unit is done: then no live actor writes there."""
+    images = out_dir / "images"
+    if not images.is_dir():
+        return
+    for folder in sorted(images.rglob(".*")):
+        if _TEMP_FOLDER.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
