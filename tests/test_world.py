@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from charaforge.config import ModelConfig, WorldConfig
+from charaforge.models import world_diffusion
 from charaforge.models.base import (
     build_clip_tokenizer,
     load_base_pipeline,
@@ -204,7 +205,14 @@ def test_data_parallel_vae_matches_one_process_on_the_whole_batch(
     parallel_losses: list[float] = []
     try:
         with process_group(rendezvous, rank=0) as shard:
+            drawn: list[int] = []  # the renders this rank draws itself: its half of the corpus
+            draw = world_diffusion.render
+            monkeypatch.setattr(
+                world_diffusion, "render", lambda *args: drawn.append(1) or draw(*args)
+            )
             rendered = render_corpus(TINY.corpus_size, TINY.image_size, 7, shard)
+            monkeypatch.setattr(world_diffusion, "render", draw)
+            assert len(drawn) == TINY.corpus_size // 2
             parallel = train_vae(
                 corpus, TINY, 7, lambda _s, loss: parallel_losses.append(loss), shard
             )
