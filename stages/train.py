@@ -9,10 +9,10 @@ from pathlib import Path
 
 from charaforge.config import Params
 from charaforge.core import layout
-from charaforge.core.layout import LORA_WEIGHTS
+from charaforge.core.layout import LORA_WEIGHTS, kohya_file_name
 from charaforge.distributed.ray_grid import train_grid
 from charaforge.models import base
-from charaforge.models.lora_files import kohya_file_name, stamp_metadata
+from charaforge.models.lora_files import stamp_metadata
 from charaforge.pipeline.child_runs import ChildRun, open_child_run
 from charaforge.pipeline.stage import StageContext, run_stage
 from charaforge.pipeline.tracking import git_commit, repository_root

@@ -2,9 +2,10 @@
 mid-ingest, mid-sweep and mid-score (once its MLflow run is open), and of the `dvc` parent alone
 mid-training (its stage process lives on, then is SIGKILLed in turn), in one workspace. Each kill
 waits for a sign of progress (a file, a checkpoint, an open run), never for a time. The next
-`dvc repro` finishes with the outputs (dvc.lock hashes) of an uninterrupted run in a second copy;
-a second run beside the orphaned stage refuses in one line; no MLflow run is left RUNNING (each
-killed stage's run is marked KILLED) and no temporary folder of a killed atomic write is left.
+`dvc repro` finishes with the outputs (dvc.lock hashes) of an uninterrupted run in a second copy
+(the session's stand-in reference run); a second run beside the orphaned stage refuses in one
+line; no MLflow run is left RUNNING (each killed stage's run is marked KILLED) and no temporary
+folder of a killed atomic write is left.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _statuses(workdir: Path) -> dict[str, set[str]]:
 
 
 def test_kills_at_several_points_then_repro_gives_the_uninterrupted_bytes(
-    repo_root: Path, tmp_path_factory: pytest.TempPathFactory
+    repo_root: Path, tmp_path_factory: pytest.TempPathFactory, stand_in_reference_run: Path
 ) -> None:
     workdir = _fresh_copy(repo_root, tmp_path_factory.mktemp("killed"))
     logs = tmp_path_factory.mktemp("logs")
@@ -157,8 +158,7 @@ def test_kills_at_several_points_then_repro_gives_the_uninterrupted_bytes(
     output = _run([DVC, "repro"], workdir, timeout=3600)  # a loaded CI machine is slow
     assert "already running" not in output and "Running stage 'report'" in output
 
-    reference = _fresh_copy(repo_root, tmp_path_factory.mktemp("uninterrupted"))
-    _run([DVC, "repro"], reference, timeout=3600)
+    reference = stand_in_reference_run  # the same fresh copy, uninterrupted
     killed, expected = _lock_outputs(workdir / "dvc.lock"), _lock_outputs(reference / "dvc.lock")
     assert killed.keys() == expected.keys()
     differing = sorted(key for key in expected if killed[key] != expected[key])

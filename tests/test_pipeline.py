@@ -327,10 +327,9 @@ def test_new_character_from_a_folder_without_captions(
 
 
 def test_two_runs_from_scratch_are_byte_identical(
-    pipeline_repo: dict, repo_root: Path, tmp_path_factory: pytest.TempPathFactory
+    pipeline_repo: dict, stand_in_reference_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    second = _fresh_copy(repo_root, tmp_path_factory.mktemp("clone_b"))
-    _dvc(second, "repro")
+    second = stand_in_reference_run  # a second fresh copy, its own `dvc repro` from scratch
     first_lock = tmp_path_factory.mktemp("locks") / "dvc.lock"
     first_lock.write_text(pipeline_repo["first_lock"], encoding="utf-8")
     first, again = _lock_outputs(first_lock), _lock_outputs(second / "dvc.lock")

@@ -36,7 +36,13 @@ BASE_CANDIDATE = "base"
 
 # The diffusers LoRA file of a checkpoint (the name `load_lora_weights` looks for).
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def kohya_file_name(candidate: str, step: int) -> str:
+    """The kohya/A1111-format copy of a checkpoint, beside LORA_WEIGHTS (a `<lora:name:w>` name)."""
+    return f"{candidate}-{step:06d}.safetensors"
 
 
 def checkpoint_dir(candidate_dir: str | Path, step: int) -> Path:

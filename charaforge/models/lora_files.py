@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from charaforge.core.layout import kohya_file_name
 from charaforge.models.base import pipeline_class
 from charaforge.models.sgm_names import (
     TEXT_MODEL_CHILDREN,
@@ -59,10 +60,6 @@ class LoraExport:
     @property
     def kohya_stem(self) -> str:
         return kohya_file_name(self.name, self.step).removesuffix(".safetensors")
-
-
-def kohya_file_name(candidate: str, step: int) -> str:
-    return f"{candidate}-{step:06d}.safetensors"
 
 
 def canonical_safetensors(data: bytes) -> bytes:

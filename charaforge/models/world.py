@@ -40,6 +40,13 @@ from charaforge.core.logs import brief_metrics, configure_logging
 from charaforge.models.base import set_cpu_threads, set_determinism
 from charaforge.models.world_common import RenderPool
 from charaforge.models.world_diffusion import pretrain_diffusion, vae_peer
+from charaforge.models.world_files import (
+    CONTACT_SHEET,
+    LOSSES_CSV,
+    PIPELINE_DIR,
+    WORLD_JSON,
+    write_unused,
+)
 from charaforge.models.world_oracle import load_world_oracle, oracle_accuracy
 from charaforge.prepare.world import (
     ATTRIBUTES,
@@ -53,10 +60,6 @@ from charaforge.prepare.world import (
 
 log = logging.getLogger(__name__)
 
-WORLD_JSON = "world.json"
-PIPELINE_DIR = "pipeline"
-LOSSES_CSV = "losses.csv"
-CONTACT_SHEET = "samples/contact_sheet.png"
 SCORERS_MODULE = "charaforge.models.world_scorers"
 BASE_EVAL_BATCH = 25  # prompts per sampling loop when the oracle judges the base model
 SHEET_CELL = 96  # contact-sheet cell side: 32 px images upscaled 3x (nearest) to be looked at
@@ -71,19 +74,6 @@ def world_description() -> dict[str, Any]:
         "held_out_character": dict(DEMO_CHARACTER),
         "held_out_caption": caption(demo_scene),
     }
-
-
-def write_unused(out_dir: str | Path, model_source: str) -> dict[str, Any]:
-    """data/world when the pipeline does not use the world: one small file, no training."""
-    payload = {
-        "used": False,
-        "reason": f"model.source is {model_source!r}; the world models are built only with "
-        "model=world",
-    }
-    with atomic_path(out_dir) as temp:
-        temp.mkdir(parents=True)
-        write_json(temp / WORLD_JSON, payload)
-    return payload
 
 
 def _init_worker(threads: int) -> None:

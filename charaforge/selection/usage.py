@@ -19,7 +19,7 @@ import yaml
 
 from charaforge.core import layout
 from charaforge.core.files import atomic_path, write_text
-from charaforge.models.lora_files import kohya_file_name
+from charaforge.core.layout import kohya_file_name
 from charaforge.selection.champion import Selection
 
 CHAMPION_DIR = "champion"  # under the report folder

@@ -19,9 +19,7 @@ from charaforge.tagging.base import (
     TagResult,
     postprocess,
 )
-from charaforge.tagging.clip import ClipZeroShotTagger
 from charaforge.tagging.sidecar import SidecarTagger
-from charaforge.tagging.wd14 import Wd14Tagger
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +27,17 @@ log = logging.getLogger(__name__)
 def build_tagger(config: TaggerConfig, backend: str | None = None) -> Tagger:
     """The tagger `backend` (default `config.backend`) names; model backends load weights here."""
     backend = backend or config.backend
+    # The model backends import where they are used: CLIP pulls in torch (~3 s), WD14
+    # onnxruntime; the sidecar backend and the WD14 stage need neither torch nor the other.
     if backend == "sidecar":
         return SidecarTagger()
     if backend == "clip":
+        from charaforge.tagging.clip import ClipZeroShotTagger
+
         return ClipZeroShotTagger.from_config(config)
     if backend == "wd14":
+        from charaforge.tagging.wd14 import Wd14Tagger
+
         return Wd14Tagger.from_config(config)
     raise ValueError(f"tagger.backend {backend!r} is not implemented")
 
