@@ -122,9 +122,9 @@ def stand_in_reference_run(
     repo_root: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str
 ) -> Path:
     """A fresh copy of the project after one uninterrupted `dvc repro` of the stand-in pipeline,
-    made once per test session and shared by the xdist workers: the byte-identity tests (two
-    runs from scratch, a run killed at several points) compare against it, and the DVC queue
-    test starts from a copy of it. Read-only: a test that changes a workspace copies it first.
+    made once per test session and shared by the xdist workers: a second run from scratch,
+    killed at several points, must give its bytes; the pipeline tests and the DVC queue test go
+    on from copies of it. Read-only: a test that changes a workspace copies it first.
 
     The first worker that asks builds it under a file lock in the session's shared temporary
     folder; the other waits for it, then reuses it (an attempt that failed is built again)."""
@@ -133,11 +133,17 @@ def stand_in_reference_run(
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base  # workers: .../pytest-N/popen-gwK
-    workdir, done = shared / "stand_in_reference", shared / "stand_in_reference.done"
+    workdir = shared / "stand_in_reference"
+    log = reference_repro_log(workdir)  # written last: the run is complete
     with FileLock(str(shared / "stand_in_reference.lock")):
-        if not done.exists():
+        if not log.exists():
             shutil.rmtree(workdir, ignore_errors=True)
             _fresh_copy(repo_root, workdir)
-            _dvc(workdir, "repro")
-            done.touch()
+            output = _dvc(workdir, "repro")
+            log.write_text(output, encoding="utf-8")
     return workdir
+
+
+def reference_repro_log(workdir: Path) -> Path:
+    """What the reference run's `dvc repro` printed (beside its workspace, not in it)."""
+    return workdir.with_name(workdir.name + ".repro.log")

@@ -16,12 +16,11 @@ from the cache and runs only `train` (the target), for 4 steps.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-from test_pipeline import _dvc, _run
+from test_pipeline import _copy_workspace, _dvc, _run
 
 pytestmark = pytest.mark.slow
 
@@ -65,12 +64,7 @@ def test_queued_experiments_run_two_at_a_time_into_dvc_and_mlflow(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    # Without the MLflow store: its experiment records the reference's absolute artifact root.
-    workdir = tmp_path / "repo"
-    shutil.copytree(
-        stand_in_reference_run, workdir, symlinks=True,
-        ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"),
-    )  # fmt: skip
+    workdir = _copy_workspace(stand_in_reference_run, tmp_path / "repo")
     _run(["git", "add", "-A"], workdir)
     _run(["git", "commit", "-q", "-m", "the data and the base model"], workdir)
     for name, overrides in EXPERIMENTS.items():

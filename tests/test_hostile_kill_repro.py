@@ -3,9 +3,10 @@ mid-ingest, mid-sweep and mid-score (once its MLflow run is open), and of the `d
 mid-training (its stage process lives on, then is SIGKILLed in turn), in one workspace. Each kill
 waits for a sign of progress (a file, a checkpoint, an open run), never for a time. The next
 `dvc repro` finishes with the outputs (dvc.lock hashes) of an uninterrupted run in a second copy
-(the session's stand-in reference run); a second run beside the orphaned stage refuses in one
-line; no MLflow run is left RUNNING (each killed stage's run is marked KILLED) and no temporary
-folder of a killed atomic write is left.
+(the session's stand-in reference run): two runs from scratch give the same bytes, also when one
+of them is killed along the way. A second run beside the orphaned stage refuses in one line; no
+MLflow run is left RUNNING (each killed stage's run is marked KILLED) and no temporary folder of
+a killed atomic write is left.
 """
 
 from __future__ import annotations
