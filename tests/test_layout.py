@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import copy
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +218,21 @@ def test_stage_outputs_are_the_layout_folders(dvc_yaml: dict) -> None:
     for path in (ROOT / "stages").glob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert '"data/' not in text, f"{path.name} spells a stage folder: use core.layout"
+
+
+def test_small_stages_and_the_sidecar_tagger_do_not_import_torch() -> None:
+    """The report and tag stages, the world stage's module and a sidecar tagger leave torch out
+    (about 3 s a process); a top-level import of a torch module brings it back and fails here."""
+    code = (
+        "import sys\n"
+        "import stages.report, stages.tag, stages.world\n"
+        "from charaforge.config import TaggerConfig\n"
+        "from charaforge.tagging.run import build_tagger\n"
+        "build_tagger(TaggerConfig.model_construct(backend='sidecar'))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "False"
