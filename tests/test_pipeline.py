@@ -190,6 +190,19 @@ def test_repro_runs_every_stage_and_writes_the_report(pipeline_repo: dict) -> No
     assert "stand-in" in (workdir / "reports" / "selection.md").read_text().lower()
 
 
+def test_the_copy_logs_into_its_own_store(pipeline_repo: dict) -> None:
+    """_copy_workspace moves the store's absolute paths: the copy's runs and artifact root are
+    its own, so new runs never write into the shared reference run's folders."""
+    from mlflow.tracking import MlflowClient
+
+    workdir: Path = pipeline_repo["path"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("charaforge-aoi")
+    assert str(workdir / "mlartifacts") in experiment.artifact_location
+    for run in client.search_runs([experiment.experiment_id]):
+        assert str(workdir / "mlartifacts") in run.info.artifact_uri, run.info.artifact_uri
+
+
 def test_second_repro_runs_no_stage(pipeline_repo: dict) -> None:
     output = _dvc(pipeline_repo["path"], "repro")
     assert _stages_run(output) == set(), output
