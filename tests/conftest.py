@@ -81,6 +81,19 @@ def _restore_torch_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+_REGISTER_PARAMETER = torch.nn.Module.register_parameter
+
+
+@pytest.fixture(autouse=True)
+def _torch_modules_build_on_the_cpu() -> Iterator[None]:
+    """A load that leaves accelerate's or peft's meta-device swap of register_parameter in place
+    breaks every later test in the worker; fail the test that left it, not the ones after."""
+    yield
+    assert torch.nn.Module.register_parameter is _REGISTER_PARAMETER, (
+        "torch.nn.Module.register_parameter was left swapped (a model load raced another)"
+    )
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -5,9 +5,11 @@ here); GPU ids the machine lacks, or devices with another executor, fail with on
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 from test_models_train import tiny_train
 
 from charaforge.config import validate_params
@@ -59,6 +61,54 @@ def test_sweep_on_two_engines_gives_the_in_process_bytes(
     assert two == one
     columns = [c for c in expected.index.columns if c != "image_path"]
     assert result.index[columns].equals(expected.index[columns])
+
+
+def test_loras_loading_in_two_threads_at_once_take_turns(
+    base_dir: Path, dataset_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """diffusers builds a LoRA's layers under peft's `init_empty_weights`, which swaps
+    `torch.nn.Module.register_parameter` for the whole process and puts back what it found. Two
+    loads at once (one engine per device, each in its own thread) can each put back the other's
+    swap, leaving every module built afterwards on the meta device (seen in CI). So two threads
+    must never be building modules at the same time: the first call in each thread waits here
+    for one in the other thread, which comes only if the loads overlap."""
+    monkeypatch.chdir(tmp_path)
+    train = tiny_train(max_steps=1, checkpoint_every=1, cpu_threads=1)
+    train_all(base_dir, dataset_dir, train, 64, 5, "train", "plots")
+    checkpoints = sorted(p.parent for p in (tmp_path / "train").rglob("*.safetensors"))
+    assert len(checkpoints) >= 2
+    engines = [GenerationEngine(base_dir, **OPTIONS) for _ in range(2)]
+    unpatched = torch.nn.Module.register_parameter
+    both_building, overlapped = threading.Barrier(2, timeout=2), []
+
+    def watched_register_parameter(module, name, param):
+        if not overlapped and not both_building.broken:
+            try:
+                both_building.wait()
+                overlapped.append(threading.get_ident())
+            except threading.BrokenBarrierError:
+                pass  # the other thread is not building: the loads take turns
+        unpatched(module, name, param)
+
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", watched_register_parameter)
+    start = threading.Barrier(2)
+
+    def load(engine: GenerationEngine, folder: Path) -> None:
+        start.wait()
+        engine.load_lora("c", folder)
+
+    threads = [
+        threading.Thread(target=load, args=pair)
+        for pair in zip(engines, checkpoints[:2], strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not overlapped
+    assert torch.nn.Module.register_parameter is watched_register_parameter
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    assert all(list(engine.loras) == ["c"] for engine in engines)
 
 
 def test_devices_are_checked(params_dict: dict) -> None:

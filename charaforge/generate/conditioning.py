@@ -18,6 +18,7 @@ from PIL import Image
 from charaforge.core.files import derive_seed
 from charaforge.errors import ConfigError
 from charaforge.generate.request import ControlUnit
+from charaforge.models.loading import WEIGHTS_LOADING_LOCK
 
 # Small conditioning encoder: four blocks = three stride-2 steps, i.e. 8x down to latent size.
 STAND_IN_EMBEDDING_CHANNELS = (8, 16, 16, 16)
@@ -108,9 +109,11 @@ def load_controlnet(control_type: str, path: Path | None, unet: Any, stand_in: b
     if path is not None:
         from diffusers import ControlNetModel
 
-        return ControlNetModel.from_pretrained(path, dtype=unet.dtype).eval()
+        with WEIGHTS_LOADING_LOCK:
+            return ControlNetModel.from_pretrained(path, dtype=unet.dtype).eval()
     if stand_in:
-        return build_stand_in_controlnet(unet, control_type).eval()
+        with WEIGHTS_LOADING_LOCK:  # no load in another thread may be patching Module meanwhile
+            return build_stand_in_controlnet(unet, control_type).eval()
     raise ConfigError(
         f"eval.controlnets.{control_type}: no local ControlNet given for a real base model "
         "(nothing is downloaded)"

@@ -75,6 +75,7 @@ from charaforge.models.base import (
     set_cpu_threads,
 )
 from charaforge.models.clip_skip import diffusers_clip_skip
+from charaforge.models.loading import WEIGHTS_LOADING_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class GenerationEngine:
         file = lora_file(path)
         if name in self.loras:
             self.unload_lora(name)
-        with warnings.catch_warnings():
+        with WEIGHTS_LOADING_LOCK, warnings.catch_warnings():
             # peft warns whenever a second adapter joins the first: that is the point here.
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             if not load_peft_only_adapter(self.pipeline, name, file):  # LoHa, LoKr

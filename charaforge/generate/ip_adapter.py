@@ -20,6 +20,7 @@ from PIL import Image
 
 from charaforge.core.files import derive_seed
 from charaforge.errors import ConfigError
+from charaforge.models.loading import WEIGHTS_LOADING_LOCK
 
 STAND_IN_WEIGHT_NAME = "ip-adapter_stand-in.safetensors"
 IMAGE_ENCODER_DIR = "image_encoder"
@@ -103,13 +104,14 @@ def load_ip_adapter(pipeline: Any, weights: str | Path) -> None:
             f"ip_adapter: no {IMAGE_ENCODER_DIR}/ beside {weights} (a CLIPVisionModelWithProjection"
             " folder, as in the IP-Adapter repositories)"
         )
-    pipeline.load_ip_adapter(
-        str(weights.parent),
-        subfolder="",
-        weight_name=weights.name,
-        image_encoder_folder=IMAGE_ENCODER_DIR,
-        local_files_only=True,
-    )
+    with WEIGHTS_LOADING_LOCK:
+        pipeline.load_ip_adapter(
+            str(weights.parent),
+            subfolder="",
+            weight_name=weights.name,
+            image_encoder_folder=IMAGE_ENCODER_DIR,
+            local_files_only=True,
+        )
 
 
 def load_for_engine(pipeline: Any, weights: str | Path | None, stand_in: bool) -> None:
@@ -118,7 +120,7 @@ def load_for_engine(pipeline: Any, weights: str | Path | None, stand_in: bool) -
     if weights:
         load_ip_adapter(pipeline, weights)
     elif stand_in:
-        with tempfile.TemporaryDirectory() as folder:
+        with WEIGHTS_LOADING_LOCK, tempfile.TemporaryDirectory() as folder:
             load_ip_adapter(pipeline, build_stand_in_ip_adapter(pipeline.unet, folder))
     else:
         raise ConfigError(

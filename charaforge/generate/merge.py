@@ -18,6 +18,7 @@ from charaforge.core.files import atomic_path
 from charaforge.generate.loras import describe_lora, load_peft_only_adapter, lora_file
 from charaforge.models.base import load_base_pipeline, read_base_info
 from charaforge.models.checkpoint_layout import original_state_dict
+from charaforge.models.loading import WEIGHTS_LOADING_LOCK
 from charaforge.models.lora_files import MODELSPEC_ARCHITECTURE, save_safetensors
 
 DIFFUSERS_DIR = "diffusers"
@@ -46,8 +47,9 @@ def merge_lora(
     before = {
         key: value.clone() for key, value in original_state_dict(pipeline, info.family).items()
     }
-    if not load_peft_only_adapter(pipeline, _ADAPTER, file):
-        pipeline.load_lora_weights(str(file), adapter_name=_ADAPTER)
+    with WEIGHTS_LOADING_LOCK:
+        if not load_peft_only_adapter(pipeline, _ADAPTER, file):
+            pipeline.load_lora_weights(str(file), adapter_name=_ADAPTER)
     # fuse_lora scales each adapter's delta by lora_scale on top of its alpha / rank, as
     # set_adapters(weights=scale) does when rendering; unloading keeps the fused weights.
     pipeline.fuse_lora(lora_scale=scale, adapter_names=[_ADAPTER])

@@ -25,6 +25,7 @@ from charaforge.core import layout
 from charaforge.core.files import atomic_path, derive_seed, write_json
 from charaforge.core.layout import WORLD_DIR
 from charaforge.errors import ConfigError
+from charaforge.models.loading import WEIGHTS_LOADING_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -448,11 +449,9 @@ def load_base_pipeline(
     device: torch.device | None = None,
     device_map: str | None = None,
 ) -> Any:
-    """The base pipeline in float32, progress bars off.
-
-    StableDiffusionPipeline (safety checker off) for sd15, StableDiffusionXLPipeline for sdxl.
-    `device_map` ("balanced") lets accelerate place the models over the GPUs instead of `device`.
-    """
+    """The base pipeline in float32, progress bars off: StableDiffusionPipeline (safety checker
+    off) for sd15, StableDiffusionXLPipeline for sdxl. `device_map` ("balanced") lets accelerate
+    place the models over the GPUs instead of `device`."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -465,7 +464,8 @@ def load_base_pipeline(
     kwargs = _load_kwargs(info.family)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    pipeline = pipeline_class(info.family).from_pretrained(location, **kwargs)
+    with WEIGHTS_LOADING_LOCK:
+        pipeline = pipeline_class(info.family).from_pretrained(location, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     if info.scheduler_overrides:
         # The trainer's DDPM and the engine's samplers are all built from this config.

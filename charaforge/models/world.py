@@ -38,6 +38,7 @@ from charaforge.config import WorldConfig
 from charaforge.core.files import atomic_path, derive_seed, write_json, write_png, write_text
 from charaforge.core.logs import brief_metrics, configure_logging
 from charaforge.models.base import set_cpu_threads, set_determinism
+from charaforge.models.loading import WEIGHTS_LOADING_LOCK
 from charaforge.models.world_common import RenderPool
 from charaforge.models.world_diffusion import pretrain_diffusion, vae_peer
 from charaforge.models.world_files import (
@@ -128,9 +129,10 @@ def _saved_pipeline(folder: str) -> Any:
     # sheet's and the evaluation's sampling loops, are only noise in the stage's log.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False
-    )
+    with WEIGHTS_LOADING_LOCK:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
