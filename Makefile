@@ -16,6 +16,10 @@ export DVC_NO_UPDATER := 1
 # index without some package: "Location ... is ignored"), nothing a user of the demo can act on.
 # --no-compile: pip would byte-compile all 27,000 installed Python files (464 MB of source, about
 # 66 CPU-s measured); Python compiles the few thousand a run imports on first use and caches them.
+# It caches them only if PYTHONDONTWRITEBYTECODE is unset. Machines here set it, so every stage,
+# CLI call and worker process compiled its imports again: 4.9 of a small stage's 8.9 CPU-s (the
+# scan stage: 10.2 s -> 2.9 s wall once cached). The caches never change a result.
+unexport PYTHONDONTWRITEBYTECODE
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check --no-compile -qq -c constraints.txt -e '.[dev]'
