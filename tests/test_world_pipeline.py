@@ -28,7 +28,7 @@ from test_pipeline import _fresh_copy, _run
 
 from charaforge.prepare.world import DEMO_CHARACTER
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.world_demo]
 
 
 # Judge an existing run instead of making one (e.g. after `make demo` in a fresh clone):
