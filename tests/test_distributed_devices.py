@@ -17,6 +17,7 @@ from charaforge.distributed.devices_sweep import DevicesSweepExecutor, check_dev
 from charaforge.errors import ConfigError
 from charaforge.generate import sweep
 from charaforge.generate.engine import GenerationEngine
+from charaforge.models.base import load_base_pipeline
 from charaforge.train import train_all
 
 OPTIONS = {"scheduler": "euler", "controlnets": {}, "cpu_threads": 1}
@@ -63,23 +64,12 @@ def test_sweep_on_two_engines_gives_the_in_process_bytes(
     assert result.index[columns].equals(expected.index[columns])
 
 
-def test_loras_loading_in_two_threads_at_once_take_turns(
-    base_dir: Path, dataset_dir: Path, tmp_path: Path, monkeypatch
-) -> None:
-    """diffusers builds a LoRA's layers under peft's `init_empty_weights`, which swaps
-    `torch.nn.Module.register_parameter` for the whole process and puts back what it found. Two
-    loads at once (one engine per device, each in its own thread) can each put back the other's
-    swap, leaving every module built afterwards on the meta device (seen in CI). So two threads
-    must never be building modules at the same time: the first call in each thread waits here
-    for one in the other thread, which comes only if the loads overlap."""
-    monkeypatch.chdir(tmp_path)
-    train = tiny_train(max_steps=1, checkpoint_every=1, cpu_threads=1)
-    train_all(base_dir, dataset_dir, train, 64, 5, "train", "plots")
-    checkpoints = sorted(p.parent for p in (tmp_path / "train").rglob("*.safetensors"))
-    assert len(checkpoints) >= 2
-    engines = [GenerationEngine(base_dir, **OPTIONS) for _ in range(2)]
+def _loads_overlap(monkeypatch, loads: list) -> bool:
+    """Run the loads in threads started together; True if two threads were ever building modules
+    at once. Each thread's first `register_parameter` call waits at a barrier for one in the other
+    thread, which comes only if the loads overlap (otherwise the barrier times out)."""
     unpatched = torch.nn.Module.register_parameter
-    both_building, overlapped = threading.Barrier(2, timeout=2), []
+    both_building, overlapped = threading.Barrier(len(loads), timeout=2), []
 
     def watched_register_parameter(module, name, param):
         if not overlapped and not both_building.broken:
@@ -91,24 +81,53 @@ def test_loras_loading_in_two_threads_at_once_take_turns(
         unpatched(module, name, param)
 
     monkeypatch.setattr(torch.nn.Module, "register_parameter", watched_register_parameter)
-    start = threading.Barrier(2)
+    start = threading.Barrier(len(loads))
 
-    def load(engine: GenerationEngine, folder: Path) -> None:
+    def run(load) -> None:
         start.wait()
-        engine.load_lora("c", folder)
+        load()
 
-    threads = [
-        threading.Thread(target=load, args=pair)
-        for pair in zip(engines, checkpoints[:2], strict=True)
-    ]
+    threads = [threading.Thread(target=run, args=(load,)) for load in loads]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert not overlapped
     assert torch.nn.Module.register_parameter is watched_register_parameter
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    return bool(overlapped)
+
+
+def test_loras_loading_in_two_threads_at_once_take_turns(
+    base_dir: Path, dataset_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """diffusers builds a LoRA's layers under peft's `init_empty_weights`, which swaps
+    `torch.nn.Module.register_parameter` for the whole process and puts back what it found. Two
+    loads at once (one engine per device, each in its own thread) can each put back the other's
+    swap, leaving every module built afterwards on the meta device (seen in CI). So two threads
+    must never be building modules at the same time."""
+    monkeypatch.chdir(tmp_path)
+    train = tiny_train(max_steps=1, checkpoint_every=1, cpu_threads=1)
+    train_all(base_dir, dataset_dir, train, 64, 5, "train", "plots")
+    checkpoints = sorted(p.parent for p in (tmp_path / "train").rglob("*.safetensors"))
+    assert len(checkpoints) >= 2
+    engines = [GenerationEngine(base_dir, **OPTIONS) for _ in range(2)]
+    loads = [
+        lambda engine=engine, folder=folder: engine.load_lora("c", folder)
+        for engine, folder in zip(engines, checkpoints[:2], strict=True)
+    ]
+    assert not _loads_overlap(monkeypatch, loads)
     assert all(list(engine.loras) == ["c"] for engine in engines)
+
+
+def test_base_pipelines_loading_in_two_threads_at_once_take_turns(
+    base_dir: Path, monkeypatch
+) -> None:
+    """The same for `from_pretrained` (accelerate's `init_empty_weights`): engines built for two
+    devices, or two server workers, load their base pipelines in their own threads."""
+    pipelines: list = []
+    loads = [lambda: pipelines.append(load_base_pipeline(base_dir)) for _ in range(2)]
+    assert not _loads_overlap(monkeypatch, loads)
+    assert len(pipelines) == 2
 
 
 def test_devices_are_checked(params_dict: dict) -> None:

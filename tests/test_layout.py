@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -236,3 +237,15 @@ def test_small_stages_and_the_sidecar_tagger_do_not_import_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "False"
+
+
+def test_make_recipes_let_python_cache_bytecode(repo_root: Path) -> None:
+    """Machines here set PYTHONDONTWRITEBYTECODE; without the Makefile's unexport every stage,
+    CLI call and worker of `make demo` / `make test` compiles its imports again (seconds each)."""
+    probe = 'probe: ; @echo "[$$PYTHONDONTWRITEBYTECODE]"'
+    result = subprocess.run(
+        ["make", "-s", "-f", "Makefile", "--eval", probe, "probe"],
+        cwd=repo_root, capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )  # fmt: skip
+    assert result.stdout.strip() == "[]", result.stdout
