@@ -30,15 +30,22 @@ def tokenizers(pipeline: Any) -> list[Any]:
 
 
 def encode_captions(
-    pipeline: Any, family: str, captions: list[str], clip_skip: int = 1
+    pipeline: Any,
+    family: str,
+    captions: list[str],
+    clip_skip: int = 1,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Text conditioning as the pipelines compute it at an A1111 `clip_skip` (1 = last layer):
     SD1.5's hidden state through the final layer norm; SDXL's two hidden states side by side
     (penultimate at clip skip 1) plus text_encoder_2's pooled projection (never skipped).
 
     One caption at a time, so a batch gives the very bits the cache holds per caption.
+    `device`: where the ids go (default: the UNet's). The trainer passes its own, because
+    diffusers' `ModelMixin.device` walks every module for offload hooks, which was 5% of a world
+    LoRA step when asked per batch.
     """
-    device = pipeline.unet.device
+    device = pipeline.unet.device if device is None else device
     states, pooled = [], []
     for caption in captions:
         parts = []

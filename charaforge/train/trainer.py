@@ -390,7 +390,9 @@ class CandidateTrainer:
         captions = [augmented[position] for position in share.positions]
         grad = contextlib.nullcontext() if train.text_encoder_lora else torch.no_grad()
         with grad:
-            return encode_captions(self.base.pipeline, self.base.family, captions, train.clip_skip)
+            return encode_captions(
+                self.base.pipeline, self.base.family, captions, train.clip_skip, self.device
+            )
 
     # --- validation, checkpoints, the record ---------------------------------------------------
 
