@@ -9,12 +9,15 @@ Printed for each: the share of wall time inside the UNet (+ControlNet) and the V
 timed by the engine's hooks, and what the rest is: loading the base pipeline, loading/swapping
 LoRAs, and everything else (text encoding, schedulers, image conversion, PNG files, Python).
 
-Two sweep sizes by default: 54 images (3 prompts x 2 seeds x 9 cells) and 216 (8 seeds), closer
-to what the stage renders (the world demo: 680). Stand-in models (random weights, 64 px) unless
-`--real-shape`: SD1.5's real UNet (860M), CLIP ViT-L and VAE with seeded random weights, 64 px,
-few images (one candidate, two checkpoints, a few seeds) because it is slow on a CPU.
+Three sweep sizes by default: 54 images (3 prompts x 2 seeds x 9 cells), 216 (8 seeds) and 648
+(24 seeds), about what the stage renders (the world demo: 680). Stand-in models (random
+weights, 64 px) unless `--real-shape`: SD1.5's real UNet (860M), CLIP ViT-L and VAE with seeded
+random weights, 64 px, few images (one candidate, two checkpoints, a few seeds) because it is slow
+on a CPU.
 
-    .venv/bin/python benchmarks/bench_sweep.py [--steps 6] [--seeds 2 8] [--real-shape]
+    .venv/bin/python benchmarks/bench_sweep.py [--steps 6] [--seeds 2 8 24] [--real-shape]
+
+`--batch-size` defaults to the generate stage's (params.yaml: the world eval config's 20, fused).
 """
 
 from __future__ import annotations
@@ -221,12 +224,26 @@ def measure(root: Path, evaluation: EvalConfig, label: str) -> None:
         report(name, images, clock, baseline)
 
 
+def stage_batch_size() -> int:
+    """eval.batch_size of the composed default config: what the generate stage renders with."""
+    from charaforge.config import load_params
+
+    return load_params(Path(__file__).resolve().parents[1] / "params.yaml").eval.batch_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--candidates", type=int, default=2)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[2, 8], help="seeds per prompt")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[2, 8, 24], help="seeds per prompt (24: ~the stage)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=stage_batch_size(),
+        help="images per forward (default: the generate stage's, params.yaml eval.batch_size)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (as the demo)")
     parser.add_argument("--real-shape", action="store_true", help="SD1.5's real shapes")
     args = parser.parse_args()
