@@ -107,6 +107,10 @@ class BatchRunner:
         self.ends = JobEndWaiters()
         self.stopping = threading.Event()
         self.current: Job | None = None
+        # The job `_run_job` is on, under `_end_lock` with the cancel: a cancelled running job's
+        # end is told only once its last group's files and rows are committed.
+        self._running: str | None = None
+        self._end_lock = threading.Lock()
         self._store: BatchStore | None = None
         self._start_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -152,7 +156,11 @@ class BatchRunner:
     def cancel(self, job_id: str) -> bool:
         if self._store is None:
             return False
-        cancelled = self.store.set_job(job_id, "cancelled", only_if=("queued", "running"))
+        with self._end_lock:
+            draining = self._running == job_id  # `_run_job` tells the end after its last commit
+            cancelled = self.store.set_job(
+                job_id, "cancelled", only_if=("queued", "running"), notify=not draining
+            )
         current = self.current
         if cancelled and current is not None and current.label == f"batch:{job_id}":
             current.cancel("the batch job was cancelled")
@@ -176,6 +184,17 @@ class BatchRunner:
                 self.store.set_job(job_id, "failed")
 
     def _run_job(self, job_id: str) -> None:
+        with self._end_lock:
+            self._running = job_id
+        try:
+            self._work_on(job_id)
+        finally:
+            with self._end_lock:
+                self._running = None
+                if self.store.state(job_id) == "cancelled":
+                    self.ends.ended(job_id)  # a cancel during the job: now its commits are in
+
+    def _work_on(self, job_id: str) -> None:
         self.store.set_job(job_id, "running", only_if=("queued",))
         day = self.store.job(job_id)["day"]  # type: ignore[index]
         folder = self.root / day / job_id

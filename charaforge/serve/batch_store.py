@@ -156,7 +156,11 @@ class BatchStore:
             ).fetchall()
         return [(idx, BatchRow.model_validate_json(spec), tries) for idx, spec, tries in rows]
 
-    def set_job(self, job_id: str, state: str, only_if: tuple[str, ...] = ()) -> bool:
+    def set_job(
+        self, job_id: str, state: str, only_if: tuple[str, ...] = (), notify: bool = True
+    ) -> bool:
+        """Set the job's state (only from one of `only_if`, when given); an end is told to
+        `on_end` unless `notify` is off (the runner tells it once the job's last commit is in)."""
         with self._db() as db:
             if only_if:
                 marks = ",".join("?" * len(only_if))
@@ -167,7 +171,7 @@ class BatchStore:
             else:
                 cursor = db.execute("UPDATE jobs SET state = ? WHERE id = ?", (state, job_id))
         changed = cursor.rowcount == 1
-        if changed and state not in ACTIVE_STATES and self.on_end is not None:
+        if changed and notify and state not in ACTIVE_STATES and self.on_end is not None:
             self.on_end(job_id)  # after the commit: a woken waiter reads the new state
         return changed
 
